@@ -1,0 +1,1 @@
+"""Stage server: holds a contiguous slice of a model's layers and serves it over gRPC."""

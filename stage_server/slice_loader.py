@@ -1,0 +1,270 @@
+"""Load layers [start, end) of a Hugging Face checkpoint — and nothing else — into memory.
+
+Owns: building a weightless skeleton of the *sliced* model with accelerate, choosing
+the checkpoint tensors the slice needs (embeddings only on the first stage, final
+norm + head only on the last, tied heads served from the embedding matrix), reading
+exactly those from single-file or sharded safetensors, converting them to the target
+dtype/device one at a time, and the model fingerprint every stage of one model shares.
+
+Does not own: running the slice (architectures, stage_model) or the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stage_server.architectures import Architecture, architecture_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SliceLoadError(ValueError):
+    """The slice cannot be loaded; the message says why and what to do."""
+
+
+class LayerRangeError(SliceLoadError):
+    """The requested layer range does not fit the model."""
+
+
+@dataclass
+class LoadedSlice:
+    """A loaded slice, ready to run."""
+
+    architecture: Architecture
+    config: object  # the full model's config
+    sliced_config: object  # config of the slice (num_hidden_layers = end - start)
+    layer_start: int
+    layer_end: int
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str
+    parameter_bytes: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def is_first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layer_end == self.config.num_hidden_layers
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """'A:B' → (A, B). Raises LayerRangeError on anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
+    if not match:
+        raise LayerRangeError(f"layer range {text!r} is not of the form START:END, e.g. 0:10")
+    return int(match.group(1)), int(match.group(2))
+
+
+def resolve_dtype(name: str, config) -> torch.dtype:
+    """'auto' takes the checkpoint's dtype (float32 when it names none)."""
+    if name == "auto":
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, torch.dtype):
+            return declared
+        return DTYPES.get(str(declared).replace("torch.", ""), torch.float32)
+    if name not in DTYPES:
+        raise SliceLoadError(f"dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'cpu', 'cuda' or 'cuda:N', checked against what this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SliceLoadError(f"device {name!r} is not valid: use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SliceLoadError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SliceLoadError(f"device {name} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    elif device.type != "cpu":
+        raise SliceLoadError(f"device {name!r} is not supported: use cpu, cuda or cuda:N")
+    return device
+
+
+def slice_config(config, start: int, end: int):
+    """A copy of `config` describing only layers [start, end)."""
+    sliced = copy.deepcopy(config)
+    layer_types = getattr(config, "layer_types", None)
+    sliced.num_hidden_layers = end - start
+    if layer_types is not None:
+        sliced.layer_types = list(layer_types[start:end])
+    return sliced
+
+
+class CheckpointIndex:
+    """Which safetensors file holds which tensor, for single-file and sharded checkpoints."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        index_file = model_dir / "model.safetensors.index.json"
+        self.file_of: dict[str, str] = {}
+        if index_file.exists():
+            self.file_of = dict(json.loads(index_file.read_text())["weight_map"])
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+            if not files:
+                raise SliceLoadError(
+                    f"{model_dir} holds no *.safetensors file; layerline loads safetensors checkpoints only "
+                    "(convert with `save_pretrained(..., safe_serialization=True)`)")
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    for key in handle.keys():
+                        self.file_of[key] = file.name
+
+    def find(self, *candidates: str) -> str | None:
+        """The first candidate name the checkpoint holds."""
+        return next((name for name in candidates if name in self.file_of), None)
+
+    def describe(self) -> str:
+        """Names, shapes and dtypes of every tensor, as a stable string (for the fingerprint)."""
+        rows = []
+        by_file: dict[str, list[str]] = {}
+        for key, file in self.file_of.items():
+            by_file.setdefault(file, []).append(key)
+        for file, keys in sorted(by_file.items()):
+            with safe_open(self.model_dir / file, framework="pt") as handle:
+                for key in sorted(keys):
+                    piece = handle.get_slice(key)
+                    rows.append(f"{key}:{piece.get_dtype()}:{piece.get_shape()}")
+        return "\n".join(sorted(rows))
+
+
+def checkpoint_name_candidates(name: str) -> list[str]:
+    """Names a parameter may have in a checkpoint: as is, or without/with the base prefix."""
+    candidates = [name]
+    head, _, rest = name.partition(".")
+    if head in ("model", "transformer") and rest:
+        candidates.append(rest)
+    return candidates
+
+
+def model_fingerprint(config, index: CheckpointIndex) -> str:
+    """A short hash shared by every stage of one model: config plus tensor names/shapes/dtypes."""
+    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    digest = hashlib.sha256(config_json.encode())
+    digest.update(index.describe().encode())
+    return digest.hexdigest()[:16]
+
+
+def _needed(name: str, layout, is_first: bool, is_last: bool) -> bool:
+    if name.startswith(layout.layers_prefix):
+        return True
+    if is_first and name.startswith(layout.embedding_prefixes):
+        return True
+    return is_last and name.startswith(layout.head_prefixes)
+
+
+def _checkpoint_key(name: str, start: int, layout, index: CheckpointIndex, tied: bool) -> str:
+    if tied and name == layout.tied_head:
+        name = layout.tied_embedding
+    elif name.startswith(layout.layers_prefix):
+        local, _, rest = name[len(layout.layers_prefix):].partition(".")
+        name = f"{layout.layers_prefix}{start + int(local)}.{rest}"
+    key = index.find(*checkpoint_name_candidates(name))
+    if key is None:
+        raise SliceLoadError(
+            f"the checkpoint has no tensor for {name!r}; is it complete and of model_type it declares?")
+    return key
+
+
+def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "auto",
+               device: str = "cpu", progress: bool = True) -> LoadedSlice:
+    """Load layers [start, end) of the checkpoint in `model_dir`.
+
+    Example:
+        >>> piece = load_slice("/models/smollm2", 0, 10, dtype="bfloat16")  # doctest: +SKIP
+        >>> piece.is_first, piece.is_last
+        (True, False)
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise SliceLoadError(f"{model_dir} has no config.json: pass a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(model_dir)
+    adapter_class = architecture_for(config.model_type)
+    total = config.num_hidden_layers
+    if not (0 <= start < end <= total):
+        raise LayerRangeError(
+            f"layer range {start}:{end} is outside the model, which has layers 0:{total} "
+            "(START must be < END, END at most the number of layers)")
+    torch_dtype = resolve_dtype(dtype, config)
+    torch_device = resolve_device(device)
+
+    sliced = slice_config(config, start, end)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(sliced, dtype=torch_dtype)
+    model.eval()
+    layout = adapter_class.layout
+    is_first, is_last = start == 0, end == total
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+
+    index = CheckpointIndex(model_dir)
+    wanted = [name for name, _ in model.named_parameters(remove_duplicate=False)
+              if _needed(name, layout, is_first, is_last)]
+    # A tied head on a stage that also holds the embedding shares its tensor.
+    share_tied = tied and is_first and is_last and layout.tied_head in wanted
+    to_read = [n for n in wanted if not (share_tied and n == layout.tied_head)]
+    keys = {name: _checkpoint_key(name, start, layout, index, tied) for name in to_read}
+
+    by_file: dict[str, list[str]] = {}
+    for name in to_read:
+        by_file.setdefault(index.file_of[keys[name]], []).append(name)
+    bar = tqdm(total=len(to_read), desc=f"loading layers {start}:{end}", unit="tensor", disable=not progress)
+    for file, names in by_file.items():
+        with safe_open(model_dir / file, framework="pt") as handle:
+            for name in names:
+                value = handle.get_tensor(keys[name])
+                set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
+                bar.update(1)
+    bar.close()
+    if share_tied:
+        _tie_head_to_embedding(model, layout)
+    _move_buffers(model, torch_device)
+
+    parameter_bytes = _parameter_bytes(model)
+    return LoadedSlice(
+        architecture=adapter_class(model, sliced), config=config, sliced_config=sliced,
+        layer_start=start, layer_end=end, dtype=torch_dtype, device=torch_device,
+        fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes)
+
+
+def _tie_head_to_embedding(model: nn.Module, layout) -> None:
+    embedding = model.get_parameter(layout.tied_embedding)
+    owner_name, _, attr = layout.tied_head.rpartition(".")
+    setattr(model.get_submodule(owner_name), attr, embedding)
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    for name, buffer in list(model.named_buffers()):
+        if buffer.device.type != "meta" and buffer.device != device:
+            set_module_tensor_to_device(model, name, device, value=buffer)
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for param in model.parameters():
+        if param.device.type == "meta" or param.data_ptr() in seen:
+            continue
+        seen.add(param.data_ptr())
+        total += param.numel() * param.element_size()
+    return total

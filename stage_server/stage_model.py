@@ -1,0 +1,98 @@
+"""One forward step of a stage's slice for one session, with input checks.
+
+Owns: turning a decoded micro-batch (token ids or hidden states, positions, mask)
+into this stage's output (hidden states, or last-position logits on the last
+stage), validating shapes and lengths against the session's cache first.
+
+Does not own: decoding bytes (protos.codec), the session table (sessions), the
+network or the route (servicer).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from stage_server.errors import InvalidRequest, OutOfRange
+from stage_server.sessions import Session
+from stage_server.slice_loader import LoadedSlice
+
+
+class StageModel:
+    """Runs micro-batches through one loaded slice."""
+
+    def __init__(self, loaded: LoadedSlice) -> None:
+        self.loaded = loaded
+        config = loaded.config
+        self.hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.max_positions = getattr(config, "max_position_embeddings", None) or (1 << 20)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV-cache bytes one position of one row costs on this stage (keys + values, all layers)."""
+        config = self.loaded.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers = self.loaded.layer_end - self.loaded.layer_start
+        element = torch.empty((), dtype=self.loaded.dtype).element_size()
+        return 2 * layers * heads * head_dim * element
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.loaded.sliced_config)
+
+    def check_step(self, session: Session, activations: torch.Tensor, position_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> int:
+        """Validate one step against the session; returns the number of new positions T."""
+        if self.loaded.is_first:
+            if activations.dim() != 2 or activations.dtype not in (torch.int64, torch.int32):
+                raise InvalidRequest(
+                    f"stage 0 takes token ids as an int64 tensor [batch, tokens]; got {activations.dtype} "
+                    f"{list(activations.shape)}")
+            if activations.numel() and (activations.min() < 0 or activations.max() >= self.vocab_size):
+                raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})")
+        elif activations.dim() != 3 or activations.shape[-1] != self.hidden_size \
+                or not activations.dtype.is_floating_point:
+            raise InvalidRequest(
+                f"this stage takes hidden states [batch, tokens, {self.hidden_size}] of a float dtype; "
+                f"got {activations.dtype} {list(activations.shape)}")
+        batch, new_tokens = activations.shape[0], activations.shape[1]
+        if batch != session.batch_size:
+            raise InvalidRequest(f"session {session.session_id!r} holds {session.batch_size} rows, "
+                                 f"this step has {batch}")
+        if new_tokens == 0:
+            raise InvalidRequest("a step must carry at least one token")
+        if list(position_ids.shape) != [batch, new_tokens] or position_ids.dtype not in (torch.int64, torch.int32):
+            raise InvalidRequest(
+                f"position_ids must be int64 [{batch}, {new_tokens}]; got {position_ids.dtype} "
+                f"{list(position_ids.shape)}")
+        total = session.tokens_seen + new_tokens
+        if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= self.max_positions):
+            raise OutOfRange(f"positions must lie in [0, {self.max_positions}) for this model")
+        if total > self.max_positions:
+            raise OutOfRange(
+                f"the sequence would reach {total} positions; this model handles {self.max_positions}")
+        if attention_mask is not None and list(attention_mask.shape) != [batch, total]:
+            raise InvalidRequest(
+                f"attention_mask must be [{batch}, {total}] (cached {session.tokens_seen} + new {new_tokens}); "
+                f"got {list(attention_mask.shape)}")
+        return new_tokens
+
+    @torch.inference_mode()
+    def forward(self, session: Session, activations: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Run one checked step; returns hidden states [B, T, D] or, on the last stage, logits [B, V] fp32."""
+        loaded, arch = self.loaded, self.loaded.architecture
+        device = loaded.device
+        position_ids = position_ids.to(device=device, dtype=torch.long)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if loaded.is_first:
+            hidden = arch.embed(activations.to(device=device, dtype=torch.long), position_ids)
+        else:
+            hidden = activations.to(device=device, dtype=loaded.dtype)
+        hidden = arch.run_layers(hidden, position_ids, attention_mask, session.cache)
+        session.tokens_seen += activations.shape[1]
+        if loaded.is_last:
+            return arch.head(hidden[:, -1, :]).float()  # [B, V]
+        return hidden  # [B, T, D]
