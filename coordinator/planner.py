@@ -1,0 +1,55 @@
+"""Partition planning: which contiguous layers each stage holds.
+
+Owns: a pure function from (number of layers, number of stages, optional relative
+weights such as measured speed or memory) to contiguous ranges that cover every
+layer exactly once. Knows nothing about processes, models or the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class PlanError(ValueError):
+    """The split asked for is impossible."""
+
+
+def plan_partition(num_layers: int, num_stages: int,
+                   weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+    """Split layers [0, num_layers) into `num_stages` contiguous, non-empty ranges.
+
+    With `weights`, stage i gets a share of the layers proportional to weights[i]
+    (rounded to the nearest split, every stage at least one layer).
+
+    Example:
+        >>> plan_partition(30, 3)
+        [(0, 10), (10, 20), (20, 30)]
+        >>> plan_partition(10, 2, weights=[3, 1])
+        [(0, 8), (8, 10)]
+    """
+    if num_layers < 1:
+        raise PlanError(f"the model must have at least one layer, not {num_layers}")
+    if num_stages < 1:
+        raise PlanError(f"at least one stage is needed, not {num_stages}")
+    if num_stages > num_layers:
+        raise PlanError(f"{num_stages} stages cannot split {num_layers} layers: each stage needs a layer")
+    if weights is None:
+        weights = [1.0] * num_stages
+    if len(weights) != num_stages:
+        raise PlanError(f"{len(weights)} weights given for {num_stages} stages")
+    if any(not (w > 0) for w in weights):
+        raise PlanError(f"weights must be positive numbers, got {list(weights)}")
+
+    total = float(sum(weights))
+    ideal = [num_layers * w / total for w in weights]
+    counts = [max(1, int(x)) for x in ideal]
+    while sum(counts) < num_layers:  # give a layer to the stage furthest below its share
+        counts[max(range(num_stages), key=lambda i: ideal[i] - counts[i])] += 1
+    while sum(counts) > num_layers:  # take one from the stage furthest above its share
+        counts[max((i for i in range(num_stages) if counts[i] > 1), key=lambda i: counts[i] - ideal[i])] -= 1
+
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count))
+        start += count
+    return ranges

@@ -1,0 +1,56 @@
+"""`stage-server`: serve layers A:B of a model over gRPC.
+
+Owns: argument parsing, logging setup and turning errors into exit messages that say
+what to do next. Everything else lives in server.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from stage_server.model_store import ModelNotFoundError, resolve_model
+from stage_server.server import StageServer, StageServerConfig, run_until_signalled
+from stage_server.slice_loader import SliceLoadError, parse_layer_range
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stage-server", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="a local Hugging Face model directory, or a known name such as smollm2-135m")
+    parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--max-sessions", type=int, default=64, help="live KV-cache sessions (default 64)")
+    parser.add_argument("--max-cache-mb", type=int, default=2048, help="KV-cache budget in MiB (default 2048)")
+    parser.add_argument("--session-timeout", type=float, default=300.0,
+                        help="seconds before an idle session's cache is freed (default 300)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        start, end = parse_layer_range(args.layers)
+        model_dir = resolve_model(args.model)
+        config = StageServerConfig(
+            model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
+            dtype=args.dtype, device=args.device, max_sessions=args.max_sessions,
+            max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
+            threads=args.threads, progress=not args.quiet)
+        run_until_signalled(StageServer(config))
+    except (SliceLoadError, ModelNotFoundError, OSError) as err:
+        print(f"stage-server: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Links from a stage to the next stage of a route.
+
+Owns: one persistent channel per next-hop address (shared by every stream of this
+stage), and per upstream stream one outgoing `Forward` stream per next hop whose
+answers are handed back to the upstream stream. When a next hop fails, every
+micro-batch still waiting on it is answered with UNAVAILABLE naming the hop, so the
+coordinator can re-route or replay.
+
+Does not own: computing anything, or the upstream side of the stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from protos import stage_pb2, stage_pb2_grpc
+from protos.channel_options import channel_options
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+
+
+class ChannelPool:
+    """One gRPC channel per address, created on first use and kept."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(address, options=channel_options())
+                self._channels[address] = channel
+            return channel
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+
+class DownstreamLink:
+    """An outgoing Forward stream to one next hop, on behalf of one upstream stream."""
+
+    def __init__(self, address: str, channel: grpc.Channel,
+                 deliver: Callable[[stage_pb2.ForwardResponse], None], on_closed: Callable[[], None]) -> None:
+        self.address = address
+        self._deliver = deliver
+        self._on_closed = on_closed
+        self._outbox: queue.Queue = queue.Queue()
+        self._pending: dict[tuple[str, int], int] = {}  # (session, micro-batch) → bytes we sent
+        self._lock = threading.Lock()
+        self._call = stage_pb2_grpc.StageStub(channel).Forward(iter(self._outbox.get, _CLOSE))
+        self._reader = threading.Thread(target=self._read, name=f"downstream-{address}", daemon=True)
+        self._reader.start()
+
+    def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> None:
+        with self._lock:
+            self._pending[(request.session_id, request.micro_batch_id)] = sent_bytes
+        self._outbox.put(request)
+
+    def close(self) -> None:
+        """No more requests; answers still in flight are delivered before the link ends."""
+        self._outbox.put(_CLOSE)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def _read(self) -> None:
+        try:
+            for response in self._call:
+                with self._lock:
+                    sent = self._pending.pop((response.session_id, response.micro_batch_id), 0)
+                hops = [sent, *response.hop_bytes]
+                del response.hop_bytes[:]
+                response.hop_bytes.extend(hops)
+                self._deliver(response)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.CANCELLED:
+                log.warning("next stage %s failed: %s", self.address, err.details())
+            self._fail_pending(err)
+        finally:
+            self._fail_pending(None)
+            self._on_closed()
+
+    def _fail_pending(self, err: grpc.RpcError | None) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        detail = err.details() if err is not None else "stream ended before answering"
+        for session_id, micro_batch_id in pending:
+            self._deliver(stage_pb2.ForwardResponse(
+                session_id=session_id, micro_batch_id=micro_batch_id,
+                status_code=grpc.StatusCode.UNAVAILABLE.value[0],
+                error_message=f"next stage {self.address} is unreachable or failed: {detail}",
+                failed_stage=self.address))

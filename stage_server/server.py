@@ -1,0 +1,133 @@
+"""Process lifecycle of a stage server: bind, load, report health, drain, stop.
+
+Owns: the gRPC server object, the health service (NOT_SERVING until the weights are
+loaded, and again while draining), reflection, the idle-session reaper and SIGTERM
+handling. Does not own: request handling (servicer) or argument parsing (cli).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from protos import stage_pb2, stage_pb2_grpc
+from protos.channel_options import channel_options
+from protos.reflection import enable_reflection
+from stage_server.servicer import StageService
+from stage_server.sessions import SessionStore
+from stage_server.slice_loader import load_slice
+from stage_server.stage_model import StageModel
+
+log = logging.getLogger(__name__)
+STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+
+
+@dataclass(frozen=True)
+class StageServerConfig:
+    """Everything a stage process is started with; built once by the CLI."""
+
+    model_dir: str
+    layer_start: int
+    layer_end: int
+    host: str = "127.0.0.1"
+    port: int = 50051
+    dtype: str = "auto"
+    device: str = "cpu"
+    max_sessions: int = 64
+    max_cache_bytes: int = 2 << 30
+    session_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    progress: bool = True
+
+
+class StageServer:
+    """A running stage: `start()` binds and loads, `stop()` drains and stops."""
+
+    def __init__(self, config: StageServerConfig) -> None:
+        self.config = config
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
+        self.health = health.HealthServicer()
+        self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}")
+        stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = 0
+        self._stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for service in ("", STAGE_SERVICE):
+            self.health.set(service, status)
+
+    def start(self) -> None:
+        """Bind the port (health NOT_SERVING), load the slice, then report SERVING."""
+        cfg = self.config
+        self.port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: is the port in use?")
+        self.service.name = f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{self.port}"
+        self.grpc_server.start()
+        log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
+                 cfg.layer_start, cfg.layer_end, cfg.model_dir)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        try:
+            loaded = load_slice(cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype,
+                                device=cfg.device, progress=cfg.progress)
+        except Exception:
+            self.grpc_server.stop(0)
+            raise
+        model = StageModel(loaded)
+        sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
+                                max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
+                                idle_timeout_s=cfg.session_timeout_s)
+        self.service.attach(model, sessions)
+        threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %s, %s on %s, %.1f MiB of weights, fingerprint %s", self.service.name,
+                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.fingerprint)
+
+    def _reap_idle_sessions(self) -> None:
+        while not self._stopped.wait(min(10.0, self.config.session_timeout_s / 2)):
+            sessions = self.service.sessions
+            if sessions is not None and sessions.expire_idle():
+                log.info("expired idle sessions")
+
+    def stop(self) -> None:
+        """Refuse new micro-batches, let those in flight finish (up to drain_timeout_s), stop."""
+        if self._stopped.is_set():
+            return
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.draining = True
+        if not self.service.wait_idle(self.config.drain_timeout_s):
+            log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
+        self._stopped.set()
+        self.grpc_server.stop(grace=1.0).wait()
+        self.service.close()
+
+    def wait(self) -> None:
+        self.grpc_server.wait_for_termination()
+
+
+def run_until_signalled(server: StageServer) -> None:
+    """Start `server`, print a ready line, and drain + stop on SIGTERM or Ctrl-C."""
+
+    def on_signal(signum, _frame):
+        log.info("received %s: draining", signal.Signals(signum).name)
+        threading.Thread(target=server.stop, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    print(f"stage-server ready on {server.config.host}:{server.port} "
+          f"({server.service.name})", file=sys.stderr, flush=True)
+    server.wait()

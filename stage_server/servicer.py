@@ -1,0 +1,243 @@
+"""The gRPC boundary of a stage: Forward streams, EndSession and Info.
+
+Owns: decoding requests, mapping errors to status codes (in-band on Forward, so one
+bad micro-batch never tears down a stream other sessions share), pushing outputs to
+the next stage of the route and relaying its answers back, and counting in-flight
+work so a shutdown can drain it.
+
+Does not own: the math (stage_model), the session table (sessions), process
+lifecycle (server).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from importlib import metadata
+
+import grpc
+import psutil
+import torch
+
+from protos import codec, stage_pb2, stage_pb2_grpc
+from stage_server.downstream import ChannelPool, DownstreamLink
+from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
+from stage_server.sessions import SessionStore
+from stage_server.stage_model import StageModel
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+def _status_value(code_name: str) -> int:
+    return getattr(grpc.StatusCode, code_name).value[0]
+
+
+def error_response(request: stage_pb2.ForwardRequest, code_name: str, message: str,
+                   stage: str) -> stage_pb2.ForwardResponse:
+    return stage_pb2.ForwardResponse(session_id=request.session_id, micro_batch_id=request.micro_batch_id,
+                                     status_code=_status_value(code_name), error_message=message,
+                                     failed_stage=stage)
+
+
+class StageService(stage_pb2_grpc.StageServicer):
+    """Serves one slice. Until `attach` is called (weights loading) Forward answers UNAVAILABLE."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name  # "layers A:B @ host:port", used in error messages
+        self.model: StageModel | None = None
+        self.sessions: SessionStore | None = None
+        self.draining = False
+        self._compute_lock = threading.Lock()
+        self._channels = ChannelPool()
+        self._inflight = 0
+        self._inflight_changed = threading.Condition()
+
+    def attach(self, model: StageModel, sessions: SessionStore) -> None:
+        self.model, self.sessions = model, sessions
+
+    # ---- Forward -------------------------------------------------------------------------
+
+    def Forward(self, request_iterator, context):
+        answers: queue.Queue = queue.Queue()
+        links: dict[str, DownstreamLink] = {}
+        producers = [1]  # the reader of the upstream stream, plus one per open link
+        producers_lock = threading.Lock()
+        outstanding = [0]
+
+        def producer_done() -> None:
+            with producers_lock:
+                producers[0] -= 1
+                if producers[0] == 0:
+                    answers.put(_END)
+
+        def link_to(address: str) -> DownstreamLink:
+            link = links.get(address)
+            if link is None:
+                with producers_lock:
+                    producers[0] += 1
+                link = DownstreamLink(address, self._channels.get(address), answers.put, producer_done)
+                links[address] = link
+            return link
+
+        def read_upstream() -> None:
+            try:
+                for request in request_iterator:
+                    self._add_inflight(1)
+                    with producers_lock:
+                        outstanding[0] += 1
+                    self._step(request, link_to, answers.put)
+            except Exception as err:  # the upstream went away; nothing to answer
+                log.debug("upstream stream ended: %s", err)
+            finally:
+                for link in list(links.values()):
+                    link.close()
+                producer_done()
+
+        def on_done() -> None:
+            for link in list(links.values()):
+                link.cancel()
+
+        context.add_callback(on_done)
+        threading.Thread(target=read_upstream, name="forward-reader", daemon=True).start()
+        try:
+            while True:
+                answer = answers.get()
+                if answer is _END:
+                    return
+                with producers_lock:
+                    outstanding[0] -= 1
+                self._add_inflight(-1)
+                yield answer
+        finally:  # the upstream left early: what it will never receive is no longer in flight
+            with producers_lock:
+                left, outstanding[0] = outstanding[0], 0
+            self._add_inflight(-max(left, 0))
+
+    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver) -> None:
+        """Compute one micro-batch, then forward it or answer it; never raises."""
+        try:
+            output = self._compute(request)
+            if request.route:
+                sent = stage_pb2.ForwardRequest(
+                    session_id=request.session_id, micro_batch_id=request.micro_batch_id,
+                    route=request.route[1:], activations=codec.encode(output, request.wire_codec),
+                    position_ids=request.position_ids, wire_codec=request.wire_codec,
+                    start_session=request.start_session, end_session=request.end_session,
+                    model_fingerprint=request.model_fingerprint)
+                if request.HasField("attention_mask"):
+                    sent.attention_mask.CopyFrom(request.attention_mask)
+                link_to(request.route[0]).send(sent, codec.payload_bytes(sent.activations))
+            else:
+                deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
+                                                  micro_batch_id=request.micro_batch_id,
+                                                  logits=codec.encode(output)))
+        except StageRequestError as err:
+            deliver(error_response(request, err.code, str(err), self.name))
+        except codec.WireFormatError as err:
+            deliver(error_response(request, "INVALID_ARGUMENT", f"malformed tensor: {err}", self.name))
+        except Exception as err:
+            log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
+            deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
+
+    def _compute(self, request: stage_pb2.ForwardRequest) -> torch.Tensor:
+        model, sessions = self.model, self.sessions
+        if model is None or sessions is None:
+            raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
+        if self.draining:
+            raise StageUnavailable(f"stage {self.name} is shutting down")
+        loaded = model.loaded
+        if request.model_fingerprint and request.model_fingerprint != loaded.fingerprint:
+            raise WrongRoute(f"model fingerprint {request.model_fingerprint} does not match this stage's "
+                             f"{loaded.fingerprint}: the stages serve different models")
+        if not request.route and not loaded.is_last:
+            raise WrongRoute(f"the route ends at {self.name}, but the model continues after layer "
+                             f"{loaded.layer_end} of {loaded.num_layers}")
+        if request.route and loaded.is_last:
+            raise WrongRoute(f"{self.name} holds the last layer, yet the route continues to {request.route[0]}")
+        if request.wire_codec not in stage_pb2.Codec.values():
+            raise InvalidRequest(f"unknown wire codec {request.wire_codec}; valid: {list(codec.CODEC_NAMES)}")
+        if not request.HasField("activations") or not request.HasField("position_ids"):
+            raise InvalidRequest("a micro-batch needs activations and position_ids")
+        activations = codec.decode(request.activations)
+        position_ids = codec.decode(request.position_ids)
+        mask = codec.decode(request.attention_mask) if request.HasField("attention_mask") else None
+        if request.start_session:
+            batch = activations.shape[0] if activations.dim() else 0
+            session = sessions.start(request.session_id, batch)
+        else:
+            session = sessions.get(request.session_id)
+        try:
+            with session.lock:
+                new_tokens = model.check_step(session, activations, position_ids, mask)
+                sessions.reserve(session, new_tokens)
+                with self._compute_lock:
+                    output = model.forward(session, activations, position_ids, mask)
+        except Exception:
+            if request.start_session:
+                sessions.end(request.session_id)  # never leave a half-made session behind
+            raise
+        if request.end_session:
+            sessions.end(request.session_id)
+        return output
+
+    # ---- draining ------------------------------------------------------------------------
+
+    def _add_inflight(self, delta: int) -> None:
+        with self._inflight_changed:
+            self._inflight += delta
+            self._inflight_changed.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no micro-batch is in flight (True) or the timeout passes (False)."""
+        with self._inflight_changed:
+            return self._inflight_changed.wait_for(lambda: self._inflight <= 0, timeout=timeout_s)
+
+    # ---- EndSession and Info ---------------------------------------------------------------
+
+    def EndSession(self, request, context):
+        if not request.session_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        freed = 1 if self.sessions is not None and self.sessions.end(request.session_id) else 0
+        if request.route:
+            stub = stage_pb2_grpc.StageStub(self._channels.get(request.route[0]))
+            try:
+                downstream = stub.EndSession(stage_pb2.EndSessionRequest(
+                    session_id=request.session_id, route=request.route[1:]), timeout=10)
+                freed += downstream.stages_freed
+            except grpc.RpcError as err:
+                log.warning("could not end session %s on %s: %s", request.session_id, request.route[0],
+                            err.details())
+        return stage_pb2.EndSessionResponse(stages_freed=freed)
+
+    def Info(self, request, context):
+        reply = stage_pb2.InfoResponse(versions=software_versions(),
+                                       rss_bytes=psutil.Process().memory_info().rss)
+        if self.model is None or self.sessions is None:
+            return reply
+        loaded = self.model.loaded
+        sessions, cache_bytes = self.sessions.stats()
+        reply.MergeFrom(stage_pb2.InfoResponse(
+            model_fingerprint=loaded.fingerprint, model_type=loaded.config.model_type,
+            layer_start=loaded.layer_start, layer_end=loaded.layer_end, num_layers=loaded.num_layers,
+            has_embeddings=loaded.is_first, has_head=loaded.is_last,
+            dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
+            parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
+            hidden_size=self.model.hidden_size, vocab_size=self.model.vocab_size,
+            max_sessions=self.sessions.max_sessions, max_cache_bytes=self.sessions.max_cache_bytes))
+        return reply
+
+    def close(self) -> None:
+        self._channels.close()
+
+
+def software_versions() -> dict[str, str]:
+    versions = {}
+    for package in ("layerline", "torch", "transformers", "accelerate", "grpcio"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "unknown"
+    return versions
