@@ -72,3 +72,27 @@ def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: 
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=None)
     return [row[longest:].tolist() for row in out]
+
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: match the tiny configs
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tiny_tokenizer(directory: Path) -> Path:
+    """A character-level tokenizer (printable ASCII) with a chat template, saved beside a tiny model."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    for code in range(32, 127):
+        vocab[chr(code)] = len(vocab)
+    if len(vocab) > VOCAB:
+        raise ValueError("tiny vocabulary overflow")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<pad>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", unk_token="<pad>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return Path(directory)

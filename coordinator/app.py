@@ -1,0 +1,141 @@
+"""Assembling a coordinator process: connect to the stages, check them, serve the public API.
+
+Owns: the coordinator's one frozen config, checking that the given stages form one
+complete chain of one model (contiguous layers, same fingerprint), and the gRPC
+server with health and reflection. Does not own: request handling (service).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.engine import Engine
+from coordinator.pipeline_client import PipelineClient
+from coordinator.service import CoordinatorService
+from coordinator.text import Tokenization
+from coordinator.validation import Limits
+from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
+from protos.channel_options import channel_options
+from protos.reflection import enable_reflection
+
+log = logging.getLogger(__name__)
+COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class PipelineSetupError(RuntimeError):
+    """The stages cannot serve together; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    stages: tuple[str, ...]  # host:port of each stage, in layer order
+    model_dir: str  # where the tokenizer is read from
+    model_name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 50050
+    compression: str = "none"
+    micro_batches: int = 1
+    max_new_tokens_limit: int = 4096
+    stage_wait_s: float = 120.0
+
+
+def wait_for_stages(addresses: tuple[str, ...], timeout_s: float) -> list[stage_pb2.InfoResponse]:
+    """Info from every stage once all have loaded; raises PipelineSetupError on timeout."""
+    client = PipelineClient(list(addresses))
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                infos = client.stage_infos(timeout_s=5)
+                if all(info.model_fingerprint for info in infos):
+                    return infos
+                waiting = [a for a, i in zip(addresses, infos) if not i.model_fingerprint]
+                reason = f"still loading: {', '.join(waiting)}"
+            except grpc.RpcError as err:
+                reason = f"{err.code().name}: {err.details()}"
+            if time.monotonic() > deadline:
+                raise PipelineSetupError(f"stages not ready after {timeout_s:.0f}s ({reason}); are they running?")
+            time.sleep(0.5)
+    finally:
+        client.close()
+
+
+def check_chain(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:
+    """The stages must cover layers 0..N exactly once, in order, all of one model."""
+    expected = 0
+    for address, info in zip(addresses, infos):
+        if info.model_fingerprint != infos[0].model_fingerprint:
+            raise PipelineSetupError(f"stage {address} serves another model (fingerprint {info.model_fingerprint}, "
+                                     f"first stage {infos[0].model_fingerprint})")
+        if info.layer_start != expected:
+            raise PipelineSetupError(f"stage {address} holds layers {info.layer_start}:{info.layer_end} but the "
+                                     f"chain needs one starting at layer {expected}; list stages in layer order")
+        expected = info.layer_end
+    if expected != infos[-1].num_layers:
+        raise PipelineSetupError(f"the stages stop at layer {expected} of {infos[-1].num_layers}: a stage is missing")
+
+
+def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
+    return [coordinator_pb2.StageInfo(address=a, layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype,
+                                      device=i.device, active_sessions=i.active_sessions)
+            for a, i in zip(addresses, infos)]
+
+
+class CoordinatorServer:
+    """The public API of one pipeline."""
+
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        wire = codec.codec_from_name(config.compression)
+        infos = wait_for_stages(config.stages, config.stage_wait_s)
+        check_chain(config.stages, infos)
+        self.tokenization = Tokenization.from_model_dir(config.model_dir)
+        self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
+                                       model_fingerprint=infos[0].model_fingerprint)
+        max_context = _max_context(config.model_dir)
+        limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context)
+        info = coordinator_pb2.ModelInfo(
+            model_name=config.model_name or config.model_dir, model_type=infos[0].model_type,
+            model_fingerprint=infos[0].model_fingerprint, num_layers=infos[0].num_layers,
+            vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
+            compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
+            has_chat_template=self.tokenization.has_chat_template)
+        self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
+                             micro_batches=config.micro_batches)
+        self.service = CoordinatorService(
+            self.engine, self.tokenization, limits, info,
+            refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)))
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
+        self.port = 0
+
+    def start(self) -> int:
+        self.port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: is the port in use?")
+        self.grpc_server.start()
+        for service in ("", COORDINATOR_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for service in ("", COORDINATOR_SERVICE):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_server.stop(grace_s).wait()
+        self.pipeline.close()
+
+
+def _max_context(model_dir: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048))

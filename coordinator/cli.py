@@ -1,0 +1,236 @@
+"""`coordinator`: fetch models, serve a pipeline, launch one locally, generate from the terminal.
+
+Owns: argument parsing and the user-facing flow of each subcommand, including
+clean shutdown on Ctrl-C / SIGTERM and error messages that say what to do next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+import grpc
+
+from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.client import CoordinatorClient
+from coordinator.launcher import LaunchError, LocalStages
+from coordinator.planner import PlanError, plan_partition
+from protos import codec, coordinator_pb2
+from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model
+
+FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
+    source = parser.add_mutually_exclusive_group(required=required)
+    source.add_argument("--prompt", help="raw text prompt")
+    source.add_argument("--chat", help="a user message, rendered with the model's chat template")
+    parser.add_argument("--system", help="a system message to put before --chat")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+
+
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
+                        help="codec of activations between stages (default none)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batch groups per batch (default 1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
+    parser.add_argument("--log-level", default="WARNING")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fetch = commands.add_parser("fetch-model", help="download and convert a known model once")
+    fetch.add_argument("name", choices=sorted(KNOWN_MODELS))
+    fetch.add_argument("--force", action="store_true", help="convert again even if cached")
+
+    serve = commands.add_parser("serve", help="serve the public API over running stage servers")
+    serve.add_argument("--stages", required=True, help="HOST:PORT of each stage, in layer order, comma separated")
+    serve.add_argument("--model", required=True, help="model directory or known name (for the tokenizer)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50050)
+    serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    _add_pipeline_arguments(serve)
+
+    launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
+    launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
+    launch.add_argument("--num-stages", type=int, required=True)
+    launch.add_argument("--layer-weights", help="relative share of layers per stage, e.g. 2,1,1")
+    launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    launch.add_argument("--host", default="127.0.0.1")
+    launch.add_argument("--port", type=int, default=50050)
+    launch.add_argument("--threads", type=int, default=0, help="torch threads per stage (default: torch decides)")
+    launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    _add_pipeline_arguments(launch)
+    _add_generation_arguments(launch, required=False)
+    launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
+
+    generate = commands.add_parser("generate", help="generate text from a running coordinator or stages")
+    target = generate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--address", help="HOST:PORT of a coordinator")
+    target.add_argument("--stages", help="HOST:PORT of each stage (then --model is needed for the tokenizer)")
+    generate.add_argument("--model", help="model directory or known name (with --stages)")
+    _add_pipeline_arguments(generate)
+    _add_generation_arguments(generate, required=True)
+
+    info = commands.add_parser("info", help="show the model and stages behind a coordinator")
+    info.add_argument("--address", required=True)
+    return parser
+
+
+# ---- generation from the terminal ---------------------------------------------------------------
+
+def _generation_kwargs(args) -> dict:
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        kwargs["messages"] = [*messages, {"role": "user", "content": args.chat}]
+    else:
+        kwargs["prompt"] = args.prompt
+    return kwargs
+
+
+def run_generation(address: str, args) -> int:
+    """Stream one completion to the terminal (or print it as JSON)."""
+    with CoordinatorClient(address) as client:
+        text, token_ids, finish, prompt_tokens = [], [], 0, 0
+        started = time.perf_counter()
+        first_token_s = None
+        try:
+            for message in client.generate_stream(**_generation_kwargs(args)):
+                if message.token_ids and first_token_s is None:
+                    first_token_s = time.perf_counter() - started
+                text.append(message.text)
+                token_ids.extend(message.token_ids)
+                finish = message.finish_reason or finish
+                prompt_tokens = message.prompt_tokens
+                if not args.json:
+                    print(message.text, end="", flush=True)
+        except grpc.RpcError as err:
+            print(f"\ncoordinator: error: {err.code().name}: {err.details()}", file=sys.stderr)
+            return 1
+        elapsed = time.perf_counter() - started
+    if args.json:
+        print(json.dumps({"text": "".join(text), "token_ids": token_ids,
+                          "finish_reason": FINISH_NAMES.get(finish, "").replace("FINISH_REASON_", "").lower(),
+                          "prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
+                          "seconds": round(elapsed, 3), "time_to_first_token_s": round(first_token_s or 0, 3)}))
+    else:
+        rate = len(token_ids) / elapsed if elapsed > 0 else 0.0
+        print(f"\n[{len(token_ids)} tokens in {elapsed:.2f}s, {rate:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+# ---- subcommands --------------------------------------------------------------------------------
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def cmd_fetch(args) -> int:
+    path = fetch_model(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> CoordinatorConfig:
+    return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
+                             port=port, compression=args.compression, micro_batches=args.micro_batches,
+                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))
+
+
+def cmd_serve(args) -> int:
+    model_dir = resolve_model(args.model)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port))
+    port = server.start()
+    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
+          f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    _wait_for_signal()
+    server.stop()
+    return 0
+
+
+def cmd_launch_local(args) -> int:
+    model_dir = ensure_model(args.model)
+    from transformers import AutoConfig
+
+    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
+    ranges = plan_partition(num_layers, args.num_stages, weights)
+    one_shot = args.prompt is not None or args.chat is not None
+    with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads) as stages:
+        addresses = stages.start()
+        server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port))
+        port = server.start()
+        try:
+            if one_shot:
+                return run_generation(f"{args.host}:{port}", args)
+            print(f"layerline: coordinator on {args.host}:{port}, {len(addresses)} stages "
+                  f"({', '.join(f'{a}:{b}' for a, b in ranges)}); Ctrl-C to stop", file=sys.stderr, flush=True)
+            _wait_for_signal()
+            return 0
+        finally:
+            server.stop(grace_s=2.0)
+
+
+def cmd_generate(args) -> int:
+    if args.address:
+        return run_generation(args.address, args)
+    if not args.model:
+        raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
+    model_dir = resolve_model(args.model)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0))
+    port = server.start()
+    try:
+        return run_generation(f"127.0.0.1:{port}", args)
+    finally:
+        server.stop(grace_s=1.0)
+
+
+def cmd_info(args) -> int:
+    from google.protobuf import json_format
+
+    with CoordinatorClient(args.address) as client:
+        print(json_format.MessageToJson(client.model_info()))
+    return 0
+
+
+COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
+            "generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, OSError, ValueError) as err:
+        print(f"coordinator: error: {err}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as err:
+        print(f"coordinator: error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Python client of layerline's public API (sync and asyncio).
+
+Owns: building GenerateRequests from keyword arguments and calling the Coordinator
+service. Errors surface as grpc.RpcError with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.channel_options import channel_options
+
+
+def build_request(*, prompt: str = "", messages: Sequence[dict[str, str]] | None = None,
+                  token_ids: Sequence[int] | None = None, max_new_tokens: int = 0, temperature: float = 0.0,
+                  top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
+                  stop: Sequence[str] = ()) -> coordinator_pb2.GenerateRequest:
+    """A GenerateRequest from plain Python values (unset values take the server defaults)."""
+    request = coordinator_pb2.GenerateRequest(
+        prompt=prompt, token_ids=list(token_ids or []), max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop=list(stop),
+        messages=[coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []])
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+class CoordinatorClient:
+    """Blocking client. Example:
+
+        >>> with CoordinatorClient("127.0.0.1:50050") as client:  # doctest: +SKIP
+        ...     print(client.generate(prompt="Hello", max_new_tokens=8).text)
+    """
+
+    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def generate(self, **kwargs) -> coordinator_pb2.GenerateResponse:
+        return self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s)
+
+    def generate_stream(self, **kwargs) -> Iterator[coordinator_pb2.GenerateStreamResponse]:
+        return self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s)
+
+    def model_info(self) -> coordinator_pb2.ModelInfo:
+        return self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncCoordinatorClient:
+    """asyncio client with the same methods as CoordinatorClient."""
+
+    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.timeout_s = timeout_s
+
+    async def generate(self, **kwargs) -> coordinator_pb2.GenerateResponse:
+        return await self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s)
+
+    async def generate_stream(self, **kwargs) -> AsyncIterator[coordinator_pb2.GenerateStreamResponse]:
+        async for message in self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s):
+            yield message
+
+    async def model_info(self) -> coordinator_pb2.ModelInfo:
+        return await self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

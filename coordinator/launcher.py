@@ -1,0 +1,116 @@
+"""Starting and stopping local stage-server processes (`coordinator launch-local`).
+
+Owns: one `stage-server` child process per planned layer range, on free loopback
+ports, reporting each stage's progress as it loads, and stopping them all (SIGTERM,
+then SIGKILL after a grace period) however the launcher exits.
+
+Does not own: the split (planner) or the public API (app).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+READY_LINE = re.compile(r"stage-server ready on (\S+):(\d+)")
+
+
+class LaunchError(RuntimeError):
+    """A stage could not start; the message carries its last output."""
+
+
+@dataclass
+class LocalStage:
+    layers: tuple[int, int]
+    process: subprocess.Popen
+    address: str = ""
+    output: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalStages:
+    """N stage servers of one model on this machine."""
+
+    def __init__(self, model_dir: str, ranges: list[tuple[int, int]], *, dtype: str = "auto",
+                 host: str = "127.0.0.1", threads: int = 0, extra_args: tuple[str, ...] = (),
+                 echo: bool = True) -> None:
+        self.model_dir = model_dir
+        self.ranges = ranges
+        self.dtype = dtype
+        self.host = host
+        self.threads = threads
+        self.extra_args = extra_args
+        self.echo = echo
+        self.stages: list[LocalStage] = []
+
+    @property
+    def addresses(self) -> list[str]:
+        return [s.address for s in self.stages]
+
+    def start(self, timeout_s: float = 600.0) -> list[str]:
+        """Spawn every stage and wait until all have loaded; returns their addresses in order."""
+        for index, (start, end) in enumerate(self.ranges):
+            command = [sys.executable, "-m", "stage_server.cli", "--model", self.model_dir,
+                       "--layers", f"{start}:{end}", "--host", self.host, "--port", "0", "--dtype", self.dtype,
+                       "--quiet", "--log-level", "WARNING", *self.extra_args]
+            if self.threads:
+                command += ["--threads", str(self.threads)]
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stage = LocalStage((start, end), process)
+            self.stages.append(stage)
+            threading.Thread(target=self._follow, args=(index, stage), daemon=True).start()
+        self._say(f"starting {len(self.stages)} stage servers of {self.model_dir}")
+        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        for index, stage in enumerate(self.stages):
+            while not stage.ready.wait(0.2):
+                if stage.process.poll() is not None:
+                    self.stop()
+                    tail = "".join(stage.output[-15:])
+                    raise LaunchError(f"stage {index} (layers {stage.layers[0]}:{stage.layers[1]}) exited with code "
+                                      f"{stage.process.returncode}:\n{tail}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LaunchError(f"stage {index} did not load within {timeout_s:.0f}s")
+            self._say(f"stage {index}: layers {stage.layers[0]}:{stage.layers[1]} ready on {stage.address} "
+                      f"({time.monotonic() - t0:.1f}s)")
+        return self.addresses
+
+    def _follow(self, index: int, stage: LocalStage) -> None:
+        for line in stage.process.stderr:
+            stage.output.append(line)
+            match = READY_LINE.search(line)
+            if match:
+                stage.address = f"{match.group(1)}:{match.group(2)}"
+                stage.ready.set()
+            elif self.echo and ("error" in line.lower() or "warning" in line.lower()):
+                print(f"[stage {index}] {line}", end="", file=sys.stderr)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every stage (they drain), then SIGKILL whatever is left after `grace_s`."""
+        for stage in self.stages:
+            if stage.process.poll() is None:
+                stage.process.terminate()
+        deadline = time.monotonic() + grace_s
+        for stage in self.stages:
+            try:
+                stage.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                stage.process.kill()
+                stage.process.wait()
+
+    def _say(self, message: str) -> None:
+        if self.echo:
+            print(f"layerline: {message}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> LocalStages:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

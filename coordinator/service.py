@@ -1,0 +1,132 @@
+"""The public gRPC boundary: Generate, GenerateStream and GetModelInfo.
+
+Owns: turning API requests into engine runs and engine results into API replies,
+mapping every failure to a gRPC status (validation → INVALID_ARGUMENT/OUT_OF_RANGE,
+stage failures → their own code with the failing stage named), and stopping the
+work on every stage when the client cancels or its deadline passes.
+
+Does not own: validation rules (validation), generation (engine), text (text).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+import grpc
+
+from coordinator.engine import Engine, GenerationCancelled, SequenceRequest, SequenceResult
+from coordinator.pipeline_client import StageCallError
+from coordinator.text import TextStream, Tokenization
+from coordinator.validation import ApiError, Limits, PreparedRequest, prepare
+from protos import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {
+    "length": coordinator_pb2.FINISH_REASON_LENGTH,
+    "eos": coordinator_pb2.FINISH_REASON_EOS,
+    "stop": coordinator_pb2.FINISH_REASON_STOP,
+}
+_DONE = object()
+
+
+class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, engine: Engine, tokenization: Tokenization, limits: Limits,
+                 model_info: coordinator_pb2.ModelInfo, refresh_stage_info=None) -> None:
+        self.engine = engine
+        self.tokenization = tokenization
+        self.limits = limits
+        self.model_info = model_info
+        self._refresh_stage_info = refresh_stage_info
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _prepare(self, request, context) -> PreparedRequest:
+        try:
+            return prepare(request, self.tokenization, self.limits)
+        except ApiError as err:
+            context.abort(getattr(grpc.StatusCode, err.code), str(err))
+
+    def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None) -> SequenceResult:
+        def token_seen(token_id: int) -> bool:
+            stopped = text.add(token_id)
+            if on_token is not None:
+                on_token(token_id)
+            return stopped
+
+        request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
+                                  self.tokenization.eos_token_ids, on_token=token_seen)
+
+        def keep_going() -> bool:
+            remaining = context.time_remaining()
+            return context.is_active() and (remaining is None or remaining > 0)
+
+        return self.engine.generate([request], keep_going=keep_going)[0]
+
+    @staticmethod
+    def _abort_for(err: Exception, context) -> None:
+        if isinstance(err, StageCallError):
+            where = f" (stage {err.failed_stage})" if err.failed_stage else ""
+            context.abort(err.code, f"pipeline error{where}: {err}")
+        log.exception("generation failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    # ---- RPCs ----------------------------------------------------------------------------
+
+    def Generate(self, request, context):
+        prepared = self._prepare(request, context)
+        text = TextStream(self.tokenization, prepared.stop)
+        try:
+            result = self._run(prepared, text, context)
+        except GenerationCancelled:
+            context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled or its deadline passed")
+        except Exception as err:
+            self._abort_for(err, context)
+        return coordinator_pb2.GenerateResponse(
+            text=text.text, token_ids=result.token_ids, finish_reason=FINISH_REASONS[result.finish_reason],
+            prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
+
+    def GenerateStream(self, request, context):
+        prepared = self._prepare(request, context)
+        text = TextStream(self.tokenization, prepared.stop)
+        events: queue.Queue = queue.Queue()
+        outcome: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                outcome["result"] = self._run(prepared, text, context, on_token=events.put)
+            except Exception as err:
+                outcome["error"] = err
+            finally:
+                events.put(_DONE)
+
+        threading.Thread(target=work, name="generate-stream", daemon=True).start()
+        produced = 0
+        while (event := events.get()) is not _DONE:
+            produced += 1
+            yield coordinator_pb2.GenerateStreamResponse(
+                text=text.release(), token_ids=[event], prompt_tokens=len(prepared.prompt_ids),
+                completion_tokens=produced)
+        error = outcome.get("error")
+        if isinstance(error, GenerationCancelled):
+            return
+        if error is not None:
+            self._abort_for(error, context)
+        result: SequenceResult = outcome["result"]
+        yield coordinator_pb2.GenerateStreamResponse(
+            text=text.release(final=True), finish_reason=FINISH_REASONS[result.finish_reason],
+            prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
+
+    def GetModelInfo(self, request, context):
+        info = coordinator_pb2.ModelInfo()
+        info.CopyFrom(self.model_info)
+        if self._refresh_stage_info is not None:
+            try:
+                del info.stages[:]
+                info.stages.extend(self._refresh_stage_info())
+            except Exception as err:  # stages unreachable: report what we know
+                log.warning("could not refresh stage info: %s", err)
+                info.CopyFrom(self.model_info)
+        return info

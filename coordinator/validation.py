@@ -1,0 +1,99 @@
+"""Checking a public GenerateRequest and turning it into what the engine runs.
+
+Owns: every rule a request must meet (one input kind, non-empty, token ids inside
+the vocabulary, sane sampling values, limits on new tokens and context), each
+failure an `ApiError` carrying the gRPC status code name and a message that says
+what was wrong. Nothing here imports grpc; the service maps the codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from coordinator.sampling import SamplingParams
+from coordinator.text import Tokenization
+
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """A request the coordinator refuses; `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_new_tokens: int  # the most a request may ask for
+    max_context: int  # prompt + new tokens
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...]
+
+
+def prepare(request, tokenization: Tokenization, limits: Limits) -> PreparedRequest:
+    """Validate a coordinator_pb2.GenerateRequest; raises ApiError."""
+    given = [name for name, present in (("prompt", bool(request.prompt)), ("messages", len(request.messages) > 0),
+                                        ("token_ids", len(request.token_ids) > 0)) if present]
+    if not given:
+        raise ApiError("INVALID_ARGUMENT", "the request is empty: set one of prompt, messages or token_ids")
+    if len(given) > 1:
+        raise ApiError("INVALID_ARGUMENT", f"set only one of prompt, messages or token_ids (got {', '.join(given)})")
+
+    if request.prompt:
+        prompt_ids = tokenization.encode_prompt(request.prompt)
+    elif request.messages:
+        for i, message in enumerate(request.messages):
+            if message.role not in CHAT_ROLES:
+                raise ApiError("INVALID_ARGUMENT",
+                               f"messages[{i}].role {message.role!r} is not one of {', '.join(CHAT_ROLES)}")
+        try:
+            prompt_ids = tokenization.encode_chat([{"role": m.role, "content": m.content} for m in request.messages])
+        except ValueError as err:
+            raise ApiError("INVALID_ARGUMENT", str(err)) from None
+    else:
+        prompt_ids = list(request.token_ids)
+        bad = [t for t in prompt_ids if not 0 <= t < tokenization.vocab_size]
+        if bad:
+            raise ApiError("INVALID_ARGUMENT",
+                           f"token_ids outside the vocabulary [0, {tokenization.vocab_size}): {bad[:5]}")
+    if not prompt_ids:
+        raise ApiError("INVALID_ARGUMENT", "the prompt is empty after tokenization")
+
+    max_new = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    if max_new < 0:
+        raise ApiError("INVALID_ARGUMENT", f"max_new_tokens must be positive, got {max_new}")
+    if max_new > limits.max_new_tokens:
+        raise ApiError("OUT_OF_RANGE", f"max_new_tokens {max_new} is above this server's limit of "
+                                       f"{limits.max_new_tokens}")
+    if len(prompt_ids) + max_new > limits.max_context:
+        raise ApiError("OUT_OF_RANGE", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new}) exceeds "
+                                       f"the model's context of {limits.max_context} tokens")
+
+    temperature, top_p, top_k = request.temperature, request.top_p, request.top_k
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ApiError("INVALID_ARGUMENT", f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not math.isfinite(top_p) or not 0 <= top_p <= 1:
+        raise ApiError("INVALID_ARGUMENT", f"top_p must lie in [0, 1] (0 or 1 = off), got {top_p}")
+    if top_k < 0:
+        raise ApiError("INVALID_ARGUMENT", f"top_k must be >= 0 (0 = off), got {top_k}")
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p or 1.0,
+                              seed=request.seed if request.HasField("seed") else None)
+
+    stop = tuple(request.stop)
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError("INVALID_ARGUMENT", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+    if any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
+        raise ApiError("INVALID_ARGUMENT", f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long")
+    return PreparedRequest(prompt_ids, max_new, sampling, stop)

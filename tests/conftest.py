@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny checkpoints on disk and real stage servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import save_tiny_model, save_tiny_tokenizer  # noqa: E402
+
+from coordinator.planner import plan_partition  # noqa: E402
+from stage_server.server import StageServer, StageServerConfig  # noqa: E402
+
+torch.set_num_threads(2)
+logging.getLogger("stage_server").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """tiny_model(family, tied=False, sharded=False) → a saved checkpoint dir (built once per variant)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(family: str, *, tied: bool = False, sharded: bool = False) -> Path:
+        key = (family, tied, sharded)
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}-{int(sharded)}")
+            save_tiny_model(directory, family, tied=tied, sharded=sharded)
+            save_tiny_tokenizer(directory)
+            cache[key] = directory
+        return cache[key]
+
+    return make
+
+
+@contextlib.contextmanager
+def running_stages(model_dir: Path, num_stages: int, **config):
+    """Start in-process stage servers on free loopback ports; yields their addresses."""
+    from transformers import AutoConfig
+
+    layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    servers = []
+    try:
+        for start, end in plan_partition(layers, num_stages):
+            server = StageServer(StageServerConfig(model_dir=str(model_dir), layer_start=start, layer_end=end,
+                                                   port=0, progress=False, drain_timeout_s=2.0, **config))
+            server.start()
+            servers.append(server)
+        yield [f"127.0.0.1:{s.port}" for s in servers], servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture
+def stages():
+    """stages(model_dir, n, **config) as a context manager yielding (addresses, servers)."""
+    return running_stages
