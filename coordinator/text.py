@@ -33,7 +33,10 @@ class Tokenization:
         try:
             generation = GenerationConfig.from_pretrained(model_dir)
             declared = generation.eos_token_id
-            eos = list(declared) if isinstance(declared, (list, tuple)) else ([declared] if declared is not None else [])
+            if isinstance(declared, (list, tuple)):
+                eos = list(declared)
+            elif declared is not None:
+                eos = [declared]
         except OSError:
             pass
         if not eos and tokenizer.eos_token_id is not None:

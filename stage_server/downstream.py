@@ -59,14 +59,19 @@ class DownstreamLink:
         self._outbox: queue.Queue = queue.Queue()
         self._pending: dict[tuple[str, int], int] = {}  # (session, micro-batch) → bytes we sent
         self._lock = threading.Lock()
+        self.alive = True
         self._call = stage_pb2_grpc.StageStub(channel).Forward(iter(self._outbox.get, _CLOSE))
         self._reader = threading.Thread(target=self._read, name=f"downstream-{address}", daemon=True)
         self._reader.start()
 
-    def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> None:
+    def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
+        """Queue a request; False if the link has already failed (open a new one)."""
         with self._lock:
+            if not self.alive:
+                return False
             self._pending[(request.session_id, request.micro_batch_id)] = sent_bytes
         self._outbox.put(request)
+        return True
 
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""
@@ -89,6 +94,8 @@ class DownstreamLink:
                 log.warning("next stage %s failed: %s", self.address, err.details())
             self._fail_pending(err)
         finally:
+            with self._lock:
+                self.alive = False
             self._fail_pending(None)
             self._on_closed()
 
@@ -97,8 +104,11 @@ class DownstreamLink:
             pending, self._pending = self._pending, {}
         detail = err.details() if err is not None else "stream ended before answering"
         for session_id, micro_batch_id in pending:
-            self._deliver(stage_pb2.ForwardResponse(
-                session_id=session_id, micro_batch_id=micro_batch_id,
-                status_code=grpc.StatusCode.UNAVAILABLE.value[0],
-                error_message=f"next stage {self.address} is unreachable or failed: {detail}",
-                failed_stage=self.address))
+            self._deliver(unreachable(self.address, session_id, micro_batch_id, detail))
+
+
+def unreachable(address: str, session_id: str, micro_batch_id: int, detail: str) -> stage_pb2.ForwardResponse:
+    """The answer for a micro-batch whose next hop failed."""
+    return stage_pb2.ForwardResponse(
+        session_id=session_id, micro_batch_id=micro_batch_id, status_code=grpc.StatusCode.UNAVAILABLE.value[0],
+        error_message=f"next stage {address} is unreachable or failed: {detail}", failed_stage=address)

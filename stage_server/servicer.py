@@ -21,7 +21,7 @@ import psutil
 import torch
 
 from protos import codec, stage_pb2, stage_pb2_grpc
-from stage_server.downstream import ChannelPool, DownstreamLink
+from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.sessions import SessionStore
 from stage_server.stage_model import StageModel
@@ -75,7 +75,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
         def link_to(address: str) -> DownstreamLink:
             link = links.get(address)
-            if link is None:
+            if link is None or not link.alive:  # first use, or the last link to it failed: reconnect
                 with producers_lock:
                     producers[0] += 1
                 link = DownstreamLink(address, self._channels.get(address), answers.put, producer_done)
@@ -129,7 +129,9 @@ class StageService(stage_pb2_grpc.StageServicer):
                     model_fingerprint=request.model_fingerprint)
                 if request.HasField("attention_mask"):
                     sent.attention_mask.CopyFrom(request.attention_mask)
-                link_to(request.route[0]).send(sent, codec.payload_bytes(sent.activations))
+                if not link_to(request.route[0]).send(sent, codec.payload_bytes(sent.activations)):
+                    deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
+                                        "the link failed while sending"))
             else:
                 deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
                                                   micro_batch_id=request.micro_batch_id,

@@ -50,7 +50,8 @@ class StageModel:
                     f"stage 0 takes token ids as an int64 tensor [batch, tokens]; got {activations.dtype} "
                     f"{list(activations.shape)}")
             if activations.numel() and (activations.min() < 0 or activations.max() >= self.vocab_size):
-                raise InvalidRequest(f"token ids must lie in [0, {self.vocab_size})")
+                raise InvalidRequest(f"token ids must lie in the vocabulary [0, {self.vocab_size}); got "
+                                     f"{int(activations.min())}..{int(activations.max())}")
         elif activations.dim() != 3 or activations.shape[-1] != self.hidden_size \
                 or not activations.dtype.is_floating_point:
             raise InvalidRequest(

@@ -61,3 +61,28 @@ def running_stages(model_dir: Path, num_stages: int, **config):
 def stages():
     """stages(model_dir, n, **config) as a context manager yielding (addresses, servers)."""
     return running_stages
+
+
+@contextlib.contextmanager
+def running_coordinator(model_dir: Path, addresses: list[str], **config):
+    """An in-process coordinator over running stages; yields (address, server)."""
+    from coordinator.app import CoordinatorConfig, CoordinatorServer
+
+    server = CoordinatorServer(CoordinatorConfig(stages=tuple(addresses), model_dir=str(model_dir), port=0,
+                                                 stage_wait_s=30, **config))
+    port = server.start()
+    try:
+        yield f"127.0.0.1:{port}", server
+    finally:
+        server.stop(grace_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_api(tmp_path_factory):
+    """A 2-stage tiny Llama pipeline behind a coordinator: (coordinator address, stage addresses, model dir)."""
+    directory = tmp_path_factory.mktemp("api-llama")
+    save_tiny_model(directory, "llama")
+    save_tiny_tokenizer(directory)
+    with running_stages(directory, 2) as (addresses, _):
+        with running_coordinator(directory, addresses) as (address, _):
+            yield address, addresses, directory
