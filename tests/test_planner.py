@@ -1,0 +1,42 @@
+"""The partition planner: contiguous, complete, balanced, and clear about impossible splits."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.planner import PlanError, plan_partition
+
+
+@pytest.mark.parametrize("layers", [1, 2, 5, 7, 30, 32, 81])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4, 7])
+def test_covers_every_layer_once_in_order(layers, stages):
+    if stages > layers:
+        pytest.skip("impossible split")
+    ranges = plan_partition(layers, stages)
+    assert len(ranges) == stages
+    assert ranges[0][0] == 0 and ranges[-1][1] == layers
+    for (a, b), (c, _) in zip(ranges, ranges[1:]):
+        assert b == c
+    sizes = [b - a for a, b in ranges]
+    assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+
+
+def test_examples():
+    assert plan_partition(30, 3) == [(0, 10), (10, 20), (20, 30)]
+    assert plan_partition(30, 4) == [(0, 8), (8, 16), (16, 23), (23, 30)]
+
+
+def test_weights_shift_layers_to_stronger_stages():
+    ranges = plan_partition(12, 3, weights=[2, 1, 1])
+    assert [b - a for a, b in ranges] == [6, 3, 3]
+    lopsided = plan_partition(5, 3, weights=[100, 1, 1])
+    assert [b - a for a, b in lopsided] == [3, 1, 1], "every stage keeps at least one layer"
+
+
+@pytest.mark.parametrize("args, words", [
+    ((0, 1), "at least one layer"), ((4, 0), "at least one stage"), ((3, 4), "each stage needs a layer"),
+    ((4, 2, [1]), "weights given"), ((4, 2, [1, 0]), "positive"), ((4, 2, [1, float("nan")]), "positive"),
+])
+def test_impossible_splits(args, words):
+    with pytest.raises(PlanError, match=words):
+        plan_partition(*args)
