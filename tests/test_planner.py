@@ -15,7 +15,7 @@ def test_covers_every_layer_once_in_order(layers, stages):
     ranges = plan_partition(layers, stages)
     assert len(ranges) == stages
     assert ranges[0][0] == 0 and ranges[-1][1] == layers
-    for (a, b), (c, _) in zip(ranges, ranges[1:]):
+    for (_, b), (c, _) in zip(ranges, ranges[1:]):
         assert b == c
     sizes = [b - a for a, b in ranges]
     assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
