@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from stage_server.architectures import UnsupportedArchitectureError
 from stage_server.model_store import ModelNotFoundError, resolve_model
 from stage_server.server import StageServer, StageServerConfig, run_until_signalled
 from stage_server.slice_loader import SliceLoadError, parse_layer_range
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, progress=not args.quiet)
         run_until_signalled(StageServer(config))
-    except (SliceLoadError, ModelNotFoundError, OSError) as err:
+    except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2
     return 0

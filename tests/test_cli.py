@@ -1,0 +1,126 @@
+"""The command-line tools as a user runs them, as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import psutil
+import pytest
+from tiny_models import reference_greedy
+from transformers import AutoTokenizer, LlamaConfig
+
+from stage_server.model_store import ModelNotFoundError, resolve_model
+
+TIMEOUT = 240
+
+
+def run(*args, timeout=TIMEOUT):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_launch_local_one_shot_json(tiny_model):
+    model_dir = tiny_model("llama")
+    result = run("coordinator.cli", "launch-local", "--model", str(model_dir), "--num-stages", "3",
+                 "--prompt", "Hello there", "--max-new-tokens", "8", "--json", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)("Hello there")["input_ids"]
+    assert reply["token_ids"] == reference_greedy(model_dir, [prompt_ids], 8)[0]
+    assert reply["finish_reason"] == "length" and reply["prompt_tokens"] == len(prompt_ids)
+    assert "stage 2: layers 3:4 ready" in result.stderr
+
+
+def test_stage_server_rejects_layer_range_outside_model(tiny_model):
+    result = run("stage_server.cli", "--model", str(tiny_model("llama")), "--layers", "2:9", "--port", "0")
+    assert result.returncode == 2
+    assert "outside the model, which has layers 0:4" in result.stderr
+
+
+def test_stage_server_rejects_unsupported_architecture(tmp_path):
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    config.save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text().replace('"model_type": "llama"', '"model_type": "bert"')
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    result = run("stage_server.cli", "--model", str(tmp_path), "--layers", "0:1", "--port", "0")
+    assert result.returncode == 2
+    assert "supported" in result.stderr and "llama" in result.stderr
+
+
+def test_unknown_model_name_says_what_to_do():
+    with pytest.raises(ModelNotFoundError, match="smollm2-135m"):
+        resolve_model("no-such-model")
+
+
+def test_launch_local_serves_until_sigterm_and_cleans_up(tiny_model):
+    """Serve mode: the API answers, and SIGTERM stops the coordinator and every stage process."""
+    from coordinator.client import CoordinatorClient
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "launch-local", "--model", str(tiny_model("llama")),
+         "--num-stages", "2", "--port", str(port), "--threads", "1"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_for_line(process, "Ctrl-C to stop", TIMEOUT)
+        children = psutil.Process(process.pid).children(recursive=True)
+        assert len(children) == 2, "two stage processes"
+        with CoordinatorClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+            assert len(client.generate(prompt="hi", max_new_tokens=3).token_ids) == 3
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "stage servers must stop with the launcher"
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_stage_server_health_and_sigterm(tiny_model):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "stage_server.cli", "--model", str(tiny_model("gpt2")),
+                                "--layers", "0:2", "--port", str(port), "--quiet"],
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        _wait_for_line(process, "stage-server ready", TIMEOUT)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service="layerline.v1.Stage"), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_line(process, needle: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen = []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
