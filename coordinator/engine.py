@@ -11,6 +11,7 @@ Knows nothing about tokenization, text or gRPC servers.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, wait
@@ -68,6 +69,8 @@ class Engine:
         self.pipeline = pipeline
         self.pad_token_id = pad_token_id
         self.micro_batches = max(1, micro_batches)
+        self.hop_bytes = 0  # activation bytes the stages sent each other, over every run
+        self._stats_lock = threading.Lock()
 
     def generate(self, requests: list[SequenceRequest],
                  keep_going: Callable[[], bool] = lambda: True) -> list[SequenceResult]:
@@ -92,7 +95,10 @@ class Engine:
                 done, _ = wait(list(pending), timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
                     group = pending.pop(future)
-                    logits = logits_of(future.result())  # [b, V]
+                    response = future.result()
+                    logits = logits_of(response)  # [b, V]
+                    with self._stats_lock:
+                        self.hop_bytes += sum(response.hop_bytes)
                     next_ids = self._advance(group, logits, requests, samplers, outputs, finish)
                     if self._group_finished(group, finish):
                         self._end(group)

@@ -71,11 +71,12 @@ class StageServer:
     def start(self) -> None:
         """Bind the port (health NOT_SERVING), load the slice, then report SERVING."""
         cfg = self.config
-        self.port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if self.port == 0:
+        port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+        if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: is the port in use?")
-        self.service.name = f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{self.port}"
+        self.service.name = f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}"
         self.grpc_server.start()
+        self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
         if cfg.threads:
