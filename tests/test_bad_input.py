@@ -67,6 +67,8 @@ def _stage_cases(route):
     wrong_mask = codec.encode(torch.ones(1, 9, dtype=torch.long))
     bad_dtype = codec.encode(torch.tensor([[5, 6, 7]]))
     bad_dtype.dtype = 99
+    bad_codec = codec.encode(torch.tensor([[5, 6, 7]]))
+    bad_codec.codec = 42
     huge_id = codec.encode(torch.tensor([[5, 6, 10_000]]))
     far_position = codec.encode(torch.tensor([[0, 1, 100_000]]))
     unknown = variant(start_session=False)
@@ -79,7 +81,8 @@ def _stage_cases(route):
         "unknown dtype": (variant(activations=bad_dtype), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
         "token outside vocab": (variant(activations=huge_id), grpc.StatusCode.INVALID_ARGUMENT, "vocab"),
         "position past the model": (variant(position_ids=far_position), grpc.StatusCode.OUT_OF_RANGE, "positions"),
-        "unknown codec": (variant(wire_codec=42), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
+        "unknown wire codec": (variant(wire_codec=42), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
+        "unknown tensor codec": (variant(activations=bad_codec), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
         "unknown session": (unknown, grpc.StatusCode.NOT_FOUND, "never-started"),
         "wrong fingerprint": (variant(model_fingerprint="0123456789abcdef"), grpc.StatusCode.FAILED_PRECONDITION,
                               "fingerprint"),
