@@ -53,6 +53,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._compute_lock = threading.Lock()
         self._channels = ChannelPool()
         self._inflight = 0
+        self.micro_batches_served = 0
         self._inflight_changed = threading.Condition()
 
     def attach(self, model: StageModel, sessions: SessionStore) -> None:
@@ -177,6 +178,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 sessions.reserve(session, new_tokens)
                 with self._compute_lock:
                     output = model.forward(session, activations, position_ids, mask)
+                    self.micro_batches_served += 1
         except Exception:
             if request.start_session:
                 sessions.end(request.session_id)  # never leave a half-made session behind
@@ -228,7 +230,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             dtype=str(loaded.dtype).replace("torch.", ""), device=str(loaded.device),
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=self.model.hidden_size, vocab_size=self.model.vocab_size,
-            max_sessions=self.sessions.max_sessions, max_cache_bytes=self.sessions.max_cache_bytes))
+            max_sessions=self.sessions.max_sessions, max_cache_bytes=self.sessions.max_cache_bytes,
+            micro_batches_served=self.micro_batches_served))
         return reply
 
     def close(self) -> None:

@@ -1,0 +1,72 @@
+"""A cancelled stream or an expired deadline stops the work and frees the session on every stage."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from coordinator.client import CoordinatorClient
+from coordinator.pipeline_client import PipelineClient
+
+
+def served(stage_addresses) -> list[int]:
+    client = PipelineClient(stage_addresses)
+    try:
+        return [info.micro_batches_served for info in client.stage_infos()]
+    finally:
+        client.close()
+
+
+def assert_work_stopped(stage_addresses, before: list[int], budget: int) -> None:
+    """Sessions are gone, and the stages stopped computing well short of the whole request."""
+    assert wait_for_no_sessions(stage_addresses) == [0, 0]
+    after = served(stage_addresses)
+    time.sleep(0.5)
+    assert served(stage_addresses) == after, "no more work after the session ended"
+    assert all(a - b < budget for a, b in zip(after, before)), (before, after)
+
+
+def wait_for_no_sessions(stage_addresses, timeout_s=10.0):
+    client = PipelineClient(stage_addresses)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            live = [info.active_sessions for info in client.stage_infos()]
+            if not any(live) or time.monotonic() > deadline:
+                return live
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def test_cancelled_stream_frees_sessions(tiny_api):
+    address, stage_addresses, _ = tiny_api
+    before = served(stage_addresses)
+    with CoordinatorClient(address) as client:
+        stream = client.generate_stream(prompt="cancel me", max_new_tokens=200)
+        received = [next(stream) for _ in range(3)]
+        assert all(m.token_ids for m in received)
+        live_during = PipelineClient(stage_addresses)
+        try:
+            assert [i.active_sessions for i in live_during.stage_infos()] == [1, 1], "the session lives on both"
+        finally:
+            live_during.close()
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert_work_stopped(stage_addresses, before, budget=100)
+
+
+def test_expired_deadline_frees_sessions(tiny_api):
+    address, stage_addresses, _ = tiny_api
+    before = served(stage_addresses)
+    with CoordinatorClient(address, timeout_s=0.3) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.generate(token_ids=[5] * 20, max_new_tokens=230)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert_work_stopped(stage_addresses, before, budget=200)
+    with CoordinatorClient(address, timeout_s=30) as client:
+        assert len(client.generate(prompt="after", max_new_tokens=3).token_ids) == 3
