@@ -37,5 +37,11 @@ bench: install
 	$(PY) bench/wire_codecs.py
 	$(PY) bench/slice_memory.py
 
+# The Node and Go clients of the public API (clients/): installs node/npm packages and
+# the Go toolchain from Debian where missing, and builds the Go client. Needs root for apt.
+.PHONY: clients
+clients:
+	clients/install.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
