@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from safetensors import safe_open
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from stage_server.architectures import Architecture, architecture_for
+from stage_server.checkpoint_reader import CheckpointFormatError, SafetensorsReader, TensorEntry, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,14 +113,22 @@ def slice_config(config, start: int, end: int):
 
 
 class CheckpointIndex:
-    """Which safetensors file holds which tensor, for single-file and sharded checkpoints."""
+    """Which safetensors file holds which tensor, for single-file and sharded checkpoints.
+
+    Headers are parsed (and validated) by checkpoint_reader, once per file; a corrupt or
+    missing file is a SliceLoadError.
+    """
 
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         index_file = model_dir / "model.safetensors.index.json"
         self.file_of: dict[str, str] = {}
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
         if index_file.exists():
-            self.file_of = dict(json.loads(index_file.read_text())["weight_map"])
+            try:
+                self.file_of = dict(json.loads(index_file.read_text())["weight_map"])
+            except (ValueError, KeyError, TypeError) as err:
+                raise SliceLoadError(f"{index_file} is not a valid safetensors index (no weight_map): {err}") from err
         else:
             files = sorted(model_dir.glob("*.safetensors"))
             if not files:
@@ -128,9 +136,26 @@ class CheckpointIndex:
                     f"{model_dir} holds no *.safetensors file; layerline loads safetensors checkpoints only "
                     "(convert with `save_pretrained(..., safe_serialization=True)`)")
             for file in files:
-                with safe_open(file, framework="pt") as handle:
-                    for key in handle.keys():
-                        self.file_of[key] = file.name
+                for key in self.entries(file.name):
+                    self.file_of[key] = file.name
+
+    def entries(self, file: str) -> dict[str, TensorEntry]:
+        """The parsed header of one of the checkpoint's files (cached)."""
+        if file not in self._headers:
+            try:
+                self._headers[file] = read_header(self.model_dir / file)[0]
+            except CheckpointFormatError as err:
+                raise SliceLoadError(str(err)) from err
+        return self._headers[file]
+
+    def entry(self, key: str) -> TensorEntry:
+        """Where tensor `key` lies; SliceLoadError if its file does not hold it."""
+        file = self.file_of[key]
+        found = self.entries(file).get(key)
+        if found is None:
+            raise SliceLoadError(f"{self.model_dir / file} has no tensor {key!r}, though the checkpoint's index "
+                                 "says it does; the checkpoint is incomplete or its index is stale")
+        return found
 
     def find(self, *candidates: str) -> str | None:
         """The first candidate name the checkpoint holds."""
@@ -139,14 +164,9 @@ class CheckpointIndex:
     def describe(self) -> str:
         """Names, shapes and dtypes of every tensor, as a stable string (for the fingerprint)."""
         rows = []
-        by_file: dict[str, list[str]] = {}
-        for key, file in self.file_of.items():
-            by_file.setdefault(file, []).append(key)
-        for file, keys in sorted(by_file.items()):
-            with safe_open(self.model_dir / file, framework="pt") as handle:
-                for key in sorted(keys):
-                    piece = handle.get_slice(key)
-                    rows.append(f"{key}:{piece.get_dtype()}:{piece.get_shape()}")
+        for key in self.file_of:
+            entry = self.entry(key)
+            rows.append(f"{key}:{entry.dtype_name}:{list(entry.shape)}")
         return "\n".join(sorted(rows))
 
 
@@ -231,11 +251,20 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         by_file.setdefault(index.file_of[keys[name]], []).append(name)
     bar = tqdm(total=len(to_read), desc=f"loading layers {start}:{end}", unit="tensor", disable=not progress)
     for file, names in by_file.items():
-        with safe_open(model_dir / file, framework="pt") as handle:
-            for name in names:
-                value = handle.get_tensor(keys[name])
-                set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
-                bar.update(1)
+        # Plain reads, not safe_open's memory map: touched pages of a mapping count in RSS while it is
+        # open, so converting (say fp32 → bf16) would hold the source bytes and the result together.
+        # The reader returns fresh memory already in the target dtype (converted a chunk at a time),
+        # which set_module_tensor_to_device then adopts without another copy on CPU.
+        try:
+            with SafetensorsReader(model_dir / file, index.entries(file)) as reader:
+                for name in names:
+                    index.entry(keys[name])  # a clear error if the index names a tensor its file lacks
+                    value = reader.read(keys[name], dtype=torch_dtype)
+                    set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
+                    del value
+                    bar.update(1)
+        except CheckpointFormatError as err:
+            raise SliceLoadError(str(err)) from err
     bar.close()
     if share_tied:
         _tie_head_to_embedding(model, layout)
