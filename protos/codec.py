@@ -1,0 +1,370 @@
+"""Tensor <-> `stage_pb2.Tensor` wire codec.
+
+Owns: turning a CPU/GPU `torch.Tensor` into a self-describing `stage_pb2.Tensor` message and back,
+the byte layouts of every `Codec`, the validation of untrusted messages (`WireFormatError`), and the
+int8 scheme's fixed defaults. Does not own: which codec a hop uses (the coordinator asks for one per
+request), moving tensors to a device after decoding (`decode` returns CPU tensors), compression of
+whole messages (gRPC does that), or anything about models and sessions.
+
+Never uses pickle or `torch.save`: every payload is raw little-endian bytes, row-major.
+
+Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
+
+* NONE: the tensor's own dtype, bit exact. Used for every non-floating tensor whatever was asked.
+* FP16 / BF16: floating tensors cast to half / bfloat16 (2 B/elem). FP16 overflows above 65504, so
+  a tensor holding a finite value fp16 cannot hold is sent raw (NONE) instead of turning it into inf.
+* INT8: for floating tensors. A *row* is the last dimension (a token's hidden vector), of length N.
+  Per row, the `outliers_per_row` (K) largest-magnitude values are sent on the side (column index +
+  value) and zeroed; what is left is quantized symmetrically, ``q = round(x / s)`` clamped to
+  [-127, 127], with one float32 scale ``s = absmax / 127`` per block of `block_size` columns (the last
+  block of a row may be shorter; 0 = one scale per row). Decoding is ``q * s`` with the outliers
+  scattered back, so the error of every non-outlier is at most ``s / 2`` of its own block.
+  Layouts, all little-endian:
+
+  - ``data``: R*N int8, R = number of rows;
+  - ``scales``: R*G float32, G = ceil(N / block_size) (1 when block_size is 0), finite and >= 0;
+  - ``outlier_indices``: R*K column indices, int16 when N <= 32768 else int32, distinct within a row;
+  - ``outlier_values``: R*K values, float16 when they all fit it, else float32; the decoder tells
+    which from the byte length (2*R*K or 4*R*K).
+
+  Defaults (both written into the message, so the decoder needs no out-of-band knowledge):
+  ``K = N // INT8_ROW_ELEMENTS_PER_OUTLIER`` (16 for a 576-wide model) and
+  ``block_size = INT8_BLOCK_SIZE`` (64): 1 + 4/64 + 4*16/576 = 1.17 bytes per element at N = 576.
+  Chosen on SmolLM2-135M (bench/codec_study.py), whose hidden states reach ~25,000 in the first
+  token's row and ~100 in ordinary rows against a median of ~4: a single scale per row makes steps
+  far coarser than the typical value (1/20 greedy continuations identical at cuts 9,19). Keeping the
+  largest values on the side and scaling the rest per block of 64 kept 20/20 and gave the lowest
+  next-token KL of the layouts within 1.2 B/elem across several cut placements (3-5x bf16's KL);
+  float32 instead of float16 outlier values changed nothing measurable.
+  Empty tensors, and tensors whose non-outlier values are not all finite, are sent raw (NONE).
+
+The decoded tensor always has the message's logical dtype (`Tensor.dtype`): a float32 tensor sent as
+FP16 or INT8 comes back float32, a bfloat16 one comes back bfloat16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from protos import stage_pb2
+
+__all__ = [
+    "CODEC_NAMES",
+    "INT8_BLOCK_SIZE",
+    "INT8_ROW_ELEMENTS_PER_OUTLIER",
+    "MAX_NDIM",
+    "WireFormatError",
+    "codec_from_name",
+    "decode",
+    "default_outliers_per_row",
+    "encode",
+    "payload_bytes",
+]
+
+
+class WireFormatError(ValueError):
+    """A `stage_pb2.Tensor` that is malformed or inconsistent; the message says what is wrong."""
+
+
+CODEC_NAMES: dict[str, int] = {
+    "none": stage_pb2.CODEC_NONE,
+    "fp16": stage_pb2.CODEC_FP16,
+    "bf16": stage_pb2.CODEC_BF16,
+    "int8": stage_pb2.CODEC_INT8,
+}
+
+# int8 defaults. One outlier is kept per this many elements of a row (576 -> 16): with an int16
+# index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
+INT8_ROW_ELEMENTS_PER_OUTLIER = 36
+# One float32 scale per this many columns of a row: 4 / 64 = 0.06 B/elem.
+INT8_BLOCK_SIZE = 64
+# Rows this long or shorter index their outliers with int16.
+_INT16_INDEX_MAX_ROW = 32768
+# Deepest tensor shape accepted on decode (a sanity bound, far above anything layerline sends).
+MAX_NDIM = 16
+
+# DType -> (torch dtype, little-endian numpy dtype of the raw bytes). bfloat16 travels as int16 bits.
+_WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
+    stage_pb2.DTYPE_FLOAT32: (torch.float32, np.dtype("<f4")),
+    stage_pb2.DTYPE_FLOAT16: (torch.float16, np.dtype("<f2")),
+    stage_pb2.DTYPE_BFLOAT16: (torch.bfloat16, np.dtype("<i2")),
+    stage_pb2.DTYPE_INT64: (torch.int64, np.dtype("<i8")),
+    stage_pb2.DTYPE_INT32: (torch.int32, np.dtype("<i4")),
+    stage_pb2.DTYPE_INT8: (torch.int8, np.dtype("i1")),
+    stage_pb2.DTYPE_UINT8: (torch.uint8, np.dtype("u1")),
+    stage_pb2.DTYPE_BOOL: (torch.bool, np.dtype("u1")),
+}
+_TORCH_TO_WIRE: dict[torch.dtype, int] = {t: d for d, (t, _) in _WIRE_DTYPES.items()}
+_FLOAT_DTYPES = (stage_pb2.DTYPE_FLOAT32, stage_pb2.DTYPE_FLOAT16, stage_pb2.DTYPE_BFLOAT16)
+_LOSSY_CODECS = (stage_pb2.CODEC_FP16, stage_pb2.CODEC_BF16, stage_pb2.CODEC_INT8)
+_KNOWN_CODECS = (stage_pb2.CODEC_UNSPECIFIED, stage_pb2.CODEC_NONE, *_LOSSY_CODECS)
+
+
+def codec_from_name(name: str) -> int:
+    """The `stage_pb2.Codec` value for a name such as "int8" (case-insensitive)."""
+    key = str(name).strip().lower()
+    if key not in CODEC_NAMES:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+    return CODEC_NAMES[key]
+
+
+def default_outliers_per_row(row_length: int) -> int:
+    """How many exact outliers the int8 codec keeps per row of `row_length` elements by default."""
+    return max(0, int(row_length)) // INT8_ROW_ELEMENTS_PER_OUTLIER
+
+
+def payload_bytes(message: stage_pb2.Tensor) -> int:
+    """Bytes of tensor payload a message carries: data, scales and outlier fields (no framing).
+
+    Costs about one copy of the payload: the upb protobuf runtime hands out a fresh `bytes` for
+    every read of a bytes field (and `ByteSize()` serializes, which is slower still).
+    """
+    return (len(message.data) + len(message.scales)
+            + len(message.outlier_indices) + len(message.outlier_values))
+
+
+# --------------------------------------------------------------------------------------------------
+# encode
+
+
+def _le_bytes(t: torch.Tensor, le: np.dtype) -> bytes:
+    """Row-major bytes of tensor `t` (any device, numpy-compatible dtype) as little-endian `le`."""
+    return t.detach().contiguous().cpu().numpy().astype(le, copy=False).tobytes()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    """Little-endian bytes of a tensor of a supported dtype."""
+    if t.dtype == torch.bfloat16:
+        return _le_bytes(t.view(torch.int16), np.dtype("<i2"))
+    if t.dtype == torch.bool:
+        return _le_bytes(t.view(torch.uint8), np.dtype("u1"))
+    return _le_bytes(t, _WIRE_DTYPES[_TORCH_TO_WIRE[t.dtype]][1])
+
+
+def _overflowed(source: torch.Tensor, half: torch.Tensor) -> bool:
+    """Whether casting `source` to float16 (giving `half`) turned a finite value into an infinity."""
+    infinite = half.isinf()
+    return bool(infinite.any()) and bool((infinite & source.isfinite()).any())
+
+
+def _raw_message(t: torch.Tensor, wire_dtype: int) -> stage_pb2.Tensor:
+    return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=_raw_bytes(t))
+
+
+def encode(
+    tensor: torch.Tensor,
+    codec: int = stage_pb2.CODEC_NONE,
+    *,
+    outliers_per_row: int | None = None,
+    block_size: int | None = None,
+) -> stage_pb2.Tensor:
+    """Encode `tensor` with `codec` (a `stage_pb2.Codec` value).
+
+    Lossy codecs apply to floating tensors only; other tensors, empty ones, and the cases described
+    in the module docstring go out raw and the message records `CODEC_NONE`. `outliers_per_row` and
+    `block_size` override the int8 defaults (None = `default_outliers_per_row(N)` and
+    `INT8_BLOCK_SIZE`; block_size 0 = one scale per row); they are ignored by the other codecs.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"encode expects a torch.Tensor, got {type(tensor).__name__}")
+    if codec not in _KNOWN_CODECS:
+        raise ValueError(f"unknown codec {codec!r}; known: {sorted(_KNOWN_CODECS)}")
+    wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
+    if wire_dtype is None:
+        supported = ", ".join(str(t).removeprefix("torch.") for t in _TORCH_TO_WIRE)
+        raise ValueError(f"cannot encode a {tensor.dtype} tensor; supported dtypes: {supported}")
+    t = tensor.detach().contiguous()  # the lossy codecs compute on t's device; only bytes come back
+
+    if codec not in _LOSSY_CODECS or wire_dtype not in _FLOAT_DTYPES or t.numel() == 0:
+        return _raw_message(t, wire_dtype)
+    if codec == stage_pb2.CODEC_FP16:
+        half = t.to(torch.float16)
+        if t.dtype != torch.float16 and _overflowed(t, half):
+            return _raw_message(t, wire_dtype)  # would overflow fp16: send it exactly instead
+        return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec, data=_raw_bytes(half))
+    if codec == stage_pb2.CODEC_BF16:
+        return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec,
+                                data=_raw_bytes(t.to(torch.bfloat16)))
+    message = _encode_int8(t, wire_dtype, outliers_per_row, block_size)
+    return message if message is not None else _raw_message(t, wire_dtype)
+
+
+def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
+                 block_size: int | None) -> stage_pb2.Tensor | None:
+    n = t.shape[-1] if t.dim() > 0 else 1
+    x = t.reshape(-1, n).to(torch.float32)  # a copy unless t already is float32
+    rows = x.shape[0]
+    k = default_outliers_per_row(n) if outliers_per_row is None else int(outliers_per_row)
+    block = INT8_BLOCK_SIZE if block_size is None else int(block_size)
+    if k < 0 or block < 0:
+        raise ValueError(f"outliers_per_row and block_size must be >= 0, got {k} and {block}")
+    k = min(k, n)
+    if block >= n:
+        block = 0  # one block covering the row is the same as one scale per row
+    groups = 1 if block == 0 else -(-n // block)
+    width = n if block == 0 else block
+
+    if k:
+        idx = x.abs().topk(k, dim=1, sorted=False).indices
+        idx = idx.sort(dim=1).values  # ascending: deterministic for a given selection
+        values = x.gather(1, idx)
+        residual = x.scatter(1, idx, 0.0)
+    else:
+        residual = x  # only read below
+    padded = residual
+    if groups * width != n:
+        padded = torch.nn.functional.pad(residual, (0, groups * width - n))
+    blocks = padded.view(rows, groups, width)
+    scales = blocks.abs().amax(dim=2, keepdim=True) / 127.0
+    if not bool(scales.isfinite().all()):
+        return None  # inf/nan beyond the outliers: int8 cannot carry it, the caller sends it raw
+    q = blocks / torch.where(scales > 0, scales, 1.0)  # all-zero blocks stay 0
+    q = q.round_().clamp_(-127, 127).to(torch.int8).view(rows, groups * width)[:, :n]
+
+    message = stage_pb2.Tensor(
+        shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_INT8,
+        data=_le_bytes(q, np.dtype("i1")),
+        scales=_le_bytes(scales.reshape(-1), np.dtype("<f4")),
+        outliers_per_row=k, block_size=block,
+    )
+    if k:
+        narrow = n <= _INT16_INDEX_MAX_ROW
+        message.outlier_indices = _le_bytes(idx.to(torch.int16 if narrow else torch.int32),
+                                            np.dtype("<i2" if narrow else "<i4"))
+        half = values.to(torch.float16)
+        if _overflowed(values, half):
+            message.outlier_values = _le_bytes(values, np.dtype("<f4"))
+        else:
+            message.outlier_values = _le_bytes(half, np.dtype("<f2"))
+    return message
+
+
+# --------------------------------------------------------------------------------------------------
+# decode
+
+
+def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | None = None) -> np.ndarray:
+    """`count` little-endian items of `le` from `buf`, as a writable native-order array (a copy,
+    converted to `as_type` if given): torch must not wrap the read-only protobuf buffer."""
+    expected = count * le.itemsize
+    if len(buf) != expected:
+        raise WireFormatError(f"{what} holds {len(buf)} bytes; expected {expected} "
+                              f"({count} x {le.itemsize}-byte {le.name})")
+    native = le.newbyteorder("=") if as_type is None else as_type
+    return np.frombuffer(buf, dtype=le).astype(native, copy=True)
+
+
+def _expect_empty(message: stage_pb2.Tensor, codec_name: str) -> None:
+    for field in ("scales", "outlier_indices", "outlier_values"):
+        if getattr(message, field):
+            raise WireFormatError(f"codec {codec_name} carries no {field}, "
+                                  f"got {len(getattr(message, field))} bytes")
+    if message.outliers_per_row or message.block_size:
+        raise WireFormatError(f"codec {codec_name} takes no outliers_per_row/block_size, got "
+                              f"{message.outliers_per_row}/{message.block_size}")
+
+
+def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.Tensor:
+    """Decode and validate a `stage_pb2.Tensor` into a fresh, writable CPU tensor of its logical dtype.
+
+    Raises WireFormatError for anything malformed, including tensors of more than `max_elements`.
+    """
+    if not isinstance(message, stage_pb2.Tensor):
+        raise TypeError(f"decode expects a stage_pb2.Tensor, got {type(message).__name__}")
+    if message.dtype not in _WIRE_DTYPES:
+        raise WireFormatError(f"unknown or unspecified dtype {message.dtype}; expected one of "
+                              f"{', '.join(stage_pb2.DType.Name(d) for d in _WIRE_DTYPES)}")
+    codec = message.codec
+    if codec not in _KNOWN_CODECS:
+        raise WireFormatError(f"unknown codec {codec}; expected one of "
+                              f"{', '.join(stage_pb2.Codec.Name(c) for c in _KNOWN_CODECS)}")
+    if codec == stage_pb2.CODEC_UNSPECIFIED:
+        codec = stage_pb2.CODEC_NONE
+    shape = tuple(int(d) for d in message.shape)
+    if len(shape) > MAX_NDIM:
+        raise WireFormatError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are accepted")
+    if any(d < 0 for d in shape):
+        raise WireFormatError(f"negative dimension in shape {list(shape)}")
+    numel = math.prod(shape)
+    if numel > max_elements:
+        raise WireFormatError(f"tensor of shape {list(shape)} has {numel} elements; limit is {max_elements}")
+    torch_dtype, raw_dtype = _WIRE_DTYPES[message.dtype]
+    codec_name = stage_pb2.Codec.Name(codec)
+    if codec in _LOSSY_CODECS and message.dtype not in _FLOAT_DTYPES:
+        raise WireFormatError(f"codec {codec_name} applies to floating tensors, not "
+                              f"{stage_pb2.DType.Name(message.dtype)}")
+
+    if codec == stage_pb2.CODEC_INT8:
+        return _decode_int8(message, shape, numel).to(torch_dtype).reshape(shape)
+    _expect_empty(message, codec_name)
+    if codec == stage_pb2.CODEC_NONE:
+        array = _read(message.data, raw_dtype, numel, "data")
+        if message.dtype == stage_pb2.DTYPE_BOOL:
+            if array.size and int(array.max()) > 1:
+                raise WireFormatError("bool data holds bytes other than 0 and 1")
+            return torch.from_numpy(array).view(torch.bool).reshape(shape)
+        out = torch.from_numpy(array)
+        if message.dtype == stage_pb2.DTYPE_BFLOAT16:
+            out = out.view(torch.bfloat16)
+        return out.reshape(shape)
+    if codec == stage_pb2.CODEC_FP16:
+        half = torch.from_numpy(_read(message.data, np.dtype("<f2"), numel, "data"))
+    else:  # CODEC_BF16
+        half = torch.from_numpy(_read(message.data, np.dtype("<i2"), numel, "data")).view(torch.bfloat16)
+    return half.to(torch_dtype).reshape(shape)
+
+
+def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) -> torch.Tensor:
+    n = shape[-1] if shape else 1
+    rows = numel // n if n else 0
+    k = int(message.outliers_per_row)
+    block = int(message.block_size)
+    if k > n:
+        raise WireFormatError(f"outliers_per_row {k} exceeds the row length {n}")
+    groups = (1 if block == 0 else -(-n // block)) if n else 0
+    width = block if block else n
+
+    q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
+    scales = _read(message.scales, np.dtype("<f4"), rows * groups, "scales")
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise WireFormatError("scales must be finite and >= 0")
+    if numel == 0:
+        if message.outlier_indices or message.outlier_values:
+            raise WireFormatError("an empty tensor carries no outliers")
+        return torch.empty(shape, dtype=torch.float32)
+
+    x = torch.from_numpy(q).view(rows, n)
+    s = torch.from_numpy(scales).view(rows, groups, 1)
+    if groups == 1:
+        x.mul_(s.view(rows, 1))
+    elif groups * width == n:
+        x.view(rows, groups, width).mul_(s)
+    else:
+        x = (torch.nn.functional.pad(x, (0, groups * width - n)).view(rows, groups, width) * s)
+        x = x.view(rows, groups * width)[:, :n].contiguous()
+
+    count = rows * k
+    if count == 0:
+        if message.outlier_indices or message.outlier_values:
+            raise WireFormatError("outliers_per_row is 0 but outlier fields are not empty")
+        return x
+    index_dtype = np.dtype("<i2") if n <= _INT16_INDEX_MAX_ROW else np.dtype("<i4")
+    idx = _read(message.outlier_indices, index_dtype, count, "outlier_indices").reshape(rows, k)
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise WireFormatError(f"outlier index out of range [0, {n}): "
+                              f"min {int(idx.min())}, max {int(idx.max())}")
+    if k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
+        raise WireFormatError("duplicate outlier index within a row")
+    nbytes = len(message.outlier_values)
+    if nbytes == 2 * count:
+        values = torch.from_numpy(_read(message.outlier_values, np.dtype("<f2"), count, "outlier_values"))
+    elif nbytes == 4 * count:
+        values = torch.from_numpy(_read(message.outlier_values, np.dtype("<f4"), count, "outlier_values"))
+    else:
+        raise WireFormatError(f"outlier_values holds {nbytes} bytes; expected {2 * count} (float16) or "
+                              f"{4 * count} (float32) for {count} outliers")
+    x.scatter_(1, torch.from_numpy(idx).to(torch.int64), values.view(rows, k).to(torch.float32))
+    return x

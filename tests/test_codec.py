@@ -1,0 +1,472 @@
+"""protos.codec: round trips, error bounds of the lossy codecs, and rejection of malformed messages."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from protos import codec, stage_pb2
+from protos.codec import WireFormatError, decode, encode, payload_bytes
+
+NONE, FP16, BF16, INT8 = (stage_pb2.CODEC_NONE, stage_pb2.CODEC_FP16, stage_pb2.CODEC_BF16,
+                          stage_pb2.CODEC_INT8)
+ALL_CODECS = [stage_pb2.CODEC_UNSPECIFIED, NONE, FP16, BF16, INT8]
+FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(7,), (5, 40), (2, 3, 96), ()]
+
+
+def wire(message: stage_pb2.Tensor) -> stage_pb2.Tensor:
+    """What the receiver gets: the message serialized and parsed again."""
+    return stage_pb2.Tensor.FromString(message.SerializeToString())
+
+
+def roundtrip(tensor: torch.Tensor, codec_value: int = NONE,
+              **kwargs) -> tuple[stage_pb2.Tensor, torch.Tensor]:
+    message = wire(encode(tensor, codec_value, **kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. torch's "non-writable buffer" warning
+        return message, decode(message)
+
+
+def sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    if dtype.is_floating_point:
+        return (torch.randn(shape, generator=g) * 3).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(dtype)
+
+
+def hidden_with_outliers(rows: int = 64, width: int = 576, seed: int = 0) -> torch.Tensor:
+    """Like SmolLM2's hidden states: ~N(0, 4) with a few channels thousands of times larger."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g) * 4
+    for channel, size in [(17, 22453.0), (230, -9000.0), (401, 3100.0), (555, 800.0)]:
+        x[:, channel] = size * (1 + 0.1 * torch.rand(rows, generator=g))
+    return x
+
+
+def int8_error_bounds(message: stage_pb2.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Per-element error bound of the int8 scheme, derived from the message's own side data.
+
+    Non-outliers: half a quantization step of their block, s / 2 with s = block absmax / 127 (the
+    outliers excluded). Outliers: float16 rounding (2**-11 relative) or exact when sent as float32.
+    """
+    n = original.shape[-1] if original.dim() else 1
+    x = original.reshape(-1, n).float()
+    rows, k, block = x.shape[0], message.outliers_per_row, message.block_size or n
+    outlier = torch.zeros_like(x, dtype=torch.bool)
+    if k:
+        idx_dtype = "<i2" if n <= 32768 else "<i4"
+        idx = torch.from_numpy(np.frombuffer(message.outlier_indices, idx_dtype).astype(np.int64))
+        outlier.scatter_(1, idx.view(rows, k), True)
+    residual = x.masked_fill(outlier, 0.0)
+    bound = torch.empty_like(x)
+    for start in range(0, n, block):
+        step = residual[:, start:start + block].abs().amax(dim=1, keepdim=True) / 127
+        bound[:, start:start + block] = step / 2 * (1 + 1e-5) + 1e-30
+    fp16_outliers = len(message.outlier_values) == 2 * rows * k
+    outlier_bound = x.abs() * (2.0 ** -11) if fp16_outliers else torch.zeros_like(x)
+    return torch.where(outlier, outlier_bound, bound).reshape(original.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# names
+
+
+def test_codec_names():
+    assert codec.CODEC_NAMES == {"none": NONE, "fp16": FP16, "bf16": BF16, "int8": INT8}
+    for name, value in codec.CODEC_NAMES.items():
+        assert codec.codec_from_name(name) == value
+        assert codec.codec_from_name(name.upper()) == value
+
+
+def test_unknown_codec_name_lists_choices():
+    with pytest.raises(ValueError, match="none, fp16, bf16, int8"):
+        codec.codec_from_name("int4")
+
+
+# --------------------------------------------------------------------------------------------------
+# exact round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+                                   torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_none_roundtrip_is_exact(dtype, shape):
+    x = sample(dtype, shape)
+    message, y = roundtrip(x, NONE)
+    assert message.codec == NONE
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, x)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    assert payload_bytes(message) == x.numel() * itemsize
+
+
+def test_raw_bytes_are_little_endian_row_major():
+    x = torch.tensor([[1, 2], [3, 258]], dtype=torch.int32)
+    assert encode(x).data == np.array([1, 2, 3, 258], dtype="<i4").tobytes()
+    b = torch.tensor([1.0, -2.0], dtype=torch.bfloat16)
+    assert encode(b).data == b.view(torch.int16).numpy().astype("<i2").tobytes()
+
+
+def test_unspecified_codec_reads_as_none():
+    x = sample(torch.float32, (3, 4))
+    message = encode(x)
+    message.codec = stage_pb2.CODEC_UNSPECIFIED
+    assert torch.equal(decode(wire(message)), x)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
+@pytest.mark.parametrize("codec_value", [FP16, BF16, INT8])
+def test_non_float_tensors_fall_back_to_raw(dtype, codec_value):
+    x = sample(dtype, (4, 33))
+    message, y = roundtrip(x, codec_value)
+    assert message.codec == NONE
+    assert not message.scales and not message.outlier_indices and not message.outlier_values
+    assert y.dtype == dtype and torch.equal(y, x)
+
+
+@pytest.mark.parametrize("codec_value", ALL_CODECS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("shape", [(0,), (0, 576), (3, 0), (2, 0, 8)])
+def test_zero_size_tensors(codec_value, dtype, shape):
+    x = torch.zeros(shape, dtype=dtype)
+    message, y = roundtrip(x, codec_value)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert payload_bytes(message) == 0
+
+
+def test_decoded_tensor_is_writable_and_independent_of_the_message():
+    x = sample(torch.float32, (4, 8))
+    message = wire(encode(x))
+    data = bytes(message.data)
+    y = decode(message)
+    y += 1  # would fail or warn on a read-only buffer
+    assert message.data == data
+    assert torch.equal(decode(message), x)
+
+
+def test_noncontiguous_and_grad_inputs():
+    base = torch.randn(6, 10, requires_grad=True)
+    x = base.t()[2:]  # non-contiguous view of a tensor that requires grad
+    for codec_value in ALL_CODECS:
+        _, y = roundtrip(x, codec_value)
+        assert y.shape == x.shape
+    _, y = roundtrip(x, NONE)
+    assert torch.equal(y, x.detach())
+
+
+def test_encode_rejects_unsupported_inputs():
+    with pytest.raises(ValueError, match="float64"):
+        encode(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown codec"):
+        encode(torch.zeros(3), 42)
+    with pytest.raises(TypeError):
+        encode(np.zeros(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# fp16 / bf16
+
+
+@pytest.mark.parametrize("codec_value, relative", [(FP16, 2.0 ** -11), (BF16, 2.0 ** -8)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_half_codecs_bounded_relative_error(codec_value, relative, dtype, shape):
+    x = sample(dtype, shape) + 0.5  # keep values clear of fp16's subnormal range
+    message, y = roundtrip(x, codec_value)
+    assert message.codec == codec_value
+    assert y.dtype == dtype and y.shape == x.shape
+    assert payload_bytes(message) == 2 * x.numel()
+    # Rounding to the wire type, then (for a narrower original) rounding back to it.
+    own = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11 if dtype == torch.float16 else 0.0
+    err = (y.float() - x.float()).abs()
+    assert bool((err <= x.float().abs() * (relative + own) * (1 + 1e-6)).all())
+
+
+def test_fp16_overflow_falls_back_to_raw():
+    x = torch.tensor([[1.0, 70000.0, -3.0]])
+    message, y = roundtrip(x, FP16)
+    assert message.codec == NONE
+    assert torch.equal(y, x)
+
+
+def test_bf16_keeps_large_values():
+    x = torch.tensor([[1.0, 1e30, -3e5]])
+    message, y = roundtrip(x, BF16)
+    assert message.codec == BF16
+    assert bool(((y - x).abs() <= x.abs() * 2.0 ** -8).all())
+
+
+# --------------------------------------------------------------------------------------------------
+# int8
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (5, 40), (2, 3, 96), (3, 576), ()])
+@pytest.mark.parametrize("params", [{}, {"outliers_per_row": 0, "block_size": 0},
+                                    {"outliers_per_row": 3, "block_size": 32},
+                                    {"outliers_per_row": 5, "block_size": 0}])
+def test_int8_error_within_scheme_bound(dtype, shape, params):
+    x = sample(dtype, shape, seed=3)
+    message, y = roundtrip(x, INT8, **params)
+    assert message.codec == INT8
+    assert y.dtype == dtype and y.shape == x.shape
+    # the decoded value is then rounded to the original dtype
+    own = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11 if dtype == torch.float16 else 0.0
+    bound = int8_error_bounds(message, x) + y.float().abs() * own
+    assert bool(((y.float() - x.float()).abs() <= bound).all())
+
+
+def test_int8_defaults_are_in_the_message():
+    x = hidden_with_outliers(rows=4, width=576)
+    message = encode(x, INT8)
+    assert message.outliers_per_row == codec.default_outliers_per_row(576) == 576 // 36
+    assert message.block_size == codec.INT8_BLOCK_SIZE
+    rows, k, groups = 4, message.outliers_per_row, math.ceil(576 / codec.INT8_BLOCK_SIZE)
+    assert len(message.data) == rows * 576
+    assert len(message.scales) == 4 * rows * groups
+    assert len(message.outlier_indices) == 2 * rows * k  # int16: rows shorter than 32768
+    assert len(message.outlier_values) == 2 * rows * k  # float16: every outlier fits
+
+
+def test_int8_bytes_per_element_budget():
+    x = hidden_with_outliers(rows=32, width=576)
+    message = encode(x, INT8)
+    assert payload_bytes(message) / x.numel() <= 1.2
+    assert payload_bytes(message) == sum(len(getattr(message, f)) for f in
+                                         ("data", "scales", "outlier_indices", "outlier_values"))
+
+
+def outlier_rows_error(params: dict) -> float:
+    """Worst int8 error on the ordinary channels of rows holding huge outliers, relative to their size."""
+    x = hidden_with_outliers()
+    _, y = roundtrip(x, INT8, **params)
+    normal = torch.ones(x.shape[1], dtype=torch.bool)
+    normal[[17, 230, 401, 555]] = False
+    typical = x[:, normal].abs().max()
+    return float((y - x)[:, normal].abs().max() / typical)
+
+
+def test_int8_survives_huge_outliers():
+    # Half a step of a scale fit to the ordinary values is 1/254 of their range.
+    assert outlier_rows_error({}) <= 1 / 200
+    x = hidden_with_outliers()
+    _, y = roundtrip(x, INT8)
+    outliers = x[:, [17, 230, 401, 555]]
+    assert bool(((y[:, [17, 230, 401, 555]] - outliers).abs() <= outliers.abs() * 2.0 ** -11).all())
+
+
+def test_naive_per_row_int8_would_fail_the_outlier_test():
+    # One scale per row stretched over a 22k outlier: steps of ~180: most ordinary values round to 0.
+    assert outlier_rows_error({"outliers_per_row": 0, "block_size": 0}) > 0.5
+    # Blocks alone still put ordinary values in the outliers' blocks.
+    assert outlier_rows_error({"outliers_per_row": 0, "block_size": 32}) > 1 / 200
+
+
+def test_int8_rows_of_zeros_and_constant_rows():
+    x = torch.zeros(3, 50)
+    x[1] = 2.5
+    x[2, 7] = -1e4
+    message, y = roundtrip(x, INT8, outliers_per_row=1, block_size=16)
+    assert torch.equal(y[0], torch.zeros(50))
+    assert torch.allclose(y[1], x[1], rtol=0, atol=2.5 / 254)
+    assert torch.equal(y[2], x[2])  # the outlier is exact in fp16 (-10000) and the rest are zeros
+    scales = np.frombuffer(message.scales, "<f4")
+    assert scales.min() == 0.0
+
+
+def test_int8_partial_last_block():
+    x = sample(torch.float32, (4, 100), seed=5)
+    message, y = roundtrip(x, INT8, outliers_per_row=2, block_size=32)
+    assert len(message.scales) == 4 * 4 * 4  # ceil(100 / 32) = 4 blocks per row
+    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
+
+
+def test_int8_outliers_beyond_fp16_are_sent_as_float32():
+    x = sample(torch.float32, (3, 64))
+    x[1, 9] = 1e6
+    message, y = roundtrip(x, INT8, outliers_per_row=2, block_size=0)
+    assert len(message.outlier_values) == 4 * 3 * 2
+    assert y[1, 9] == 1e6
+    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
+
+
+def test_int8_long_rows_use_int32_indices():
+    x = sample(torch.float32, (2, 40000))
+    x[0, 39999] = 5000.0
+    message, y = roundtrip(x, INT8, outliers_per_row=3)
+    assert len(message.outlier_indices) == 4 * 2 * 3
+    assert y[0, 39999] == 5000.0
+    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
+
+
+def test_int8_non_finite_values():
+    x = sample(torch.float32, (3, 64))
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    message, y = roundtrip(x, INT8, outliers_per_row=1)  # one per row: kept as outliers
+    assert message.codec == INT8
+    assert math.isnan(y[0, 3]) and y[1, 4] == float("inf")
+    x[2, 5:7] = float("inf")  # two in a row with room for one: int8 cannot carry it, so raw
+    message, y = roundtrip(x, INT8, outliers_per_row=1)
+    assert message.codec == NONE
+    assert torch.equal(y.nan_to_num(), x.nan_to_num())
+
+
+def test_int8_rejects_negative_parameters():
+    with pytest.raises(ValueError):
+        encode(torch.ones(2, 8), INT8, outliers_per_row=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# malformed messages
+
+
+def int8_message(rows: int = 3, width: int = 64, k: int = 2, block: int = 16) -> stage_pb2.Tensor:
+    return wire(encode(sample(torch.float32, (rows, width)), INT8, outliers_per_row=k, block_size=block))
+
+
+def rejects(message: stage_pb2.Tensor, match: str, **kwargs) -> None:
+    with pytest.raises(WireFormatError, match=match):
+        decode(message, **kwargs)
+
+
+def test_wire_format_error_is_a_value_error():
+    assert issubclass(WireFormatError, ValueError)
+
+
+@pytest.mark.parametrize("codec_value", [NONE, FP16, BF16, INT8])
+def test_truncated_data(codec_value):
+    message = wire(encode(sample(torch.float32, (4, 8)), codec_value))
+    message.data = message.data[:-1]
+    rejects(message, "data holds")
+
+
+@pytest.mark.parametrize("codec_value", [NONE, FP16, BF16, INT8])
+def test_shape_inconsistent_with_data(codec_value):
+    message = wire(encode(sample(torch.float32, (4, 8)), codec_value))
+    del message.shape[:]
+    message.shape.extend([4, 9])
+    rejects(message, "expected")
+
+
+def test_negative_dimension():
+    message = wire(encode(torch.zeros(0, 3)))
+    message.shape[0] = -1
+    rejects(message, "negative dimension")
+
+
+def test_too_many_elements_rejected_before_allocating():
+    message = stage_pb2.Tensor(shape=[1 << 20, 1 << 20], dtype=stage_pb2.DTYPE_FLOAT32, codec=NONE)
+    rejects(message, "limit")
+    message = wire(encode(torch.zeros(10, 10)))
+    rejects(message, "100 elements; limit is 99", max_elements=99)
+    assert decode(message, max_elements=100).shape == (10, 10)
+
+
+def test_too_many_dimensions():
+    message = stage_pb2.Tensor(shape=[1] * (codec.MAX_NDIM + 1), dtype=stage_pb2.DTYPE_FLOAT32, codec=NONE,
+                               data=b"\0" * 4)
+    rejects(message, "dimensions")
+
+
+@pytest.mark.parametrize("dtype_value", [stage_pb2.DTYPE_UNSPECIFIED, 99, -1])
+def test_bad_dtype_enum(dtype_value):
+    message = wire(encode(torch.zeros(2)))
+    message.dtype = dtype_value
+    rejects(message, "dtype")
+
+
+@pytest.mark.parametrize("codec_value", [5, 99, -3])
+def test_bad_codec_enum(codec_value):
+    message = wire(encode(torch.zeros(2)))
+    message.codec = codec_value
+    rejects(message, "unknown codec")
+
+
+@pytest.mark.parametrize("codec_value", [FP16, BF16, INT8])
+def test_lossy_codec_on_integer_dtype(codec_value):
+    message = wire(encode(torch.arange(4)))
+    message.codec = codec_value
+    rejects(message, "floating")
+
+
+def test_side_data_on_raw_codecs():
+    for codec_value in (NONE, FP16, BF16):
+        message = wire(encode(torch.zeros(2, 4), codec_value))
+        message.scales = b"\0" * 8
+        rejects(message, "scales")
+        message = wire(encode(torch.zeros(2, 4), codec_value))
+        message.outliers_per_row = 1
+        rejects(message, "outliers_per_row")
+
+
+def test_invalid_bool_bytes():
+    message = wire(encode(torch.tensor([True, False])))
+    message.data = b"\x01\x02"
+    rejects(message, "bool")
+
+
+def test_bad_scales_size():
+    message = int8_message()
+    message.scales = message.scales[:-4]
+    rejects(message, "scales holds")
+    message = int8_message()
+    message.block_size = 32  # now 2 scales per row are expected, 4 were sent
+    rejects(message, "scales holds")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_bad_scale_values(bad):
+    message = int8_message()
+    scales = np.frombuffer(message.scales, "<f4").copy()
+    scales[2] = bad
+    message.scales = scales.astype("<f4").tobytes()
+    rejects(message, "scales must be finite")
+
+
+@pytest.mark.parametrize("bad_index", [64, 1000, -1])
+def test_outlier_index_out_of_range(bad_index):
+    message = int8_message()
+    idx = np.frombuffer(message.outlier_indices, "<i2").copy()
+    idx[3] = bad_index
+    message.outlier_indices = idx.astype("<i2").tobytes()
+    rejects(message, "out of range")
+
+
+def test_duplicate_outlier_index():
+    message = int8_message()
+    idx = np.frombuffer(message.outlier_indices, "<i2").copy()
+    idx[1] = idx[0]
+    message.outlier_indices = idx.astype("<i2").tobytes()
+    rejects(message, "duplicate")
+
+
+def test_bad_outlier_array_sizes():
+    message = int8_message()
+    message.outlier_indices = message.outlier_indices[:-2]
+    rejects(message, "outlier_indices holds")
+    message = int8_message()
+    message.outlier_values = message.outlier_values + b"\0"
+    rejects(message, "outlier_values holds")
+    message = int8_message()
+    message.outliers_per_row = 0  # the outlier fields are now unexpected
+    rejects(message, "outlier")
+    message = int8_message()
+    message.outliers_per_row = 65
+    rejects(message, "exceeds the row length")
+
+
+def test_int8_outlier_fields_read_back_as_the_message_says():
+    message = int8_message(k=2)
+    y = decode(message)
+    values = np.frombuffer(message.outlier_values, "<f2").astype(np.float32)
+    message.outlier_values = values.astype("<f4").tobytes()  # the same values, as float32
+    assert torch.equal(decode(message), y)
