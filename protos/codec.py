@@ -22,20 +22,27 @@ Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
   Layouts, all little-endian:
 
   - ``data``: R*N int8, R = number of rows;
-  - ``scales``: R*G float32, G = ceil(N / block_size) (1 when block_size is 0), finite and >= 0;
+  - ``scales``: R*G scales, G = ceil(N / block_size) (1 when block_size is 0), finite and >= 0:
+    float16 when every scale fits it (rounded up, and values are quantized with that rounded scale,
+    so the error bound holds exactly), else float32; `scale_dtype` says which;
   - ``outlier_indices``: R*K column indices, int16 when N <= 32768 else int32, distinct within a row;
   - ``outlier_values``: R*K values, float16 when they all fit it, else float32; the decoder tells
     which from the byte length (2*R*K or 4*R*K).
 
   Defaults (both written into the message, so the decoder needs no out-of-band knowledge):
   ``K = N // INT8_ROW_ELEMENTS_PER_OUTLIER`` (16 for a 576-wide model) and
-  ``block_size = INT8_BLOCK_SIZE`` (64): 1 + 4/64 + 4*16/576 = 1.17 bytes per element at N = 576.
+  ``block_size = INT8_BLOCK_SIZE`` (32): 1 + 2/32 + 4*16/576 = 1.17 bytes per element at N = 576.
   Chosen on SmolLM2-135M (bench/codec_study.py), whose hidden states reach ~25,000 in the first
   token's row and ~100 in ordinary rows against a median of ~4: a single scale per row makes steps
   far coarser than the typical value (1/20 greedy continuations identical at cuts 9,19). Keeping the
-  largest values on the side and scaling the rest per block of 64 kept 20/20 and gave the lowest
-  next-token KL of the layouts within 1.2 B/elem across several cut placements (3-5x bf16's KL);
-  float32 instead of float16 outlier values changed nothing measurable.
+  largest values on the side and scaling the rest per block kept most continuations; through the
+  real 3-stage pipeline (bench/wire_codecs.py, 20 prompts) blocks of 64 kept 18/20 and blocks of 32
+  kept 20/20 with float32 scales (1.236 B/elem), while more outliers (24 or 32 per row) did not help.
+  Block size is what matters, so the scales travel as float16 to pay for blocks of 32 within
+  1.2 B/elem; that layout measured 18/20 (the two misses are near-ties that flip under tiny
+  perturbations). Keeping the first position's row (the attention sink, ~25,000 in many channels)
+  exact lifted it to 19/20 in a simulation: the next step for this codec. float32 instead of
+  float16 outlier values changed nothing measurable.
   Empty tensors, and tensors whose non-outlier values are not all finite, are sent raw (NONE).
 
 The decoded tensor always has the message's logical dtype (`Tensor.dtype`): a float32 tensor sent as
@@ -79,8 +86,8 @@ CODEC_NAMES: dict[str, int] = {
 # int8 defaults. One outlier is kept per this many elements of a row (576 -> 16): with an int16
 # index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
 INT8_ROW_ELEMENTS_PER_OUTLIER = 36
-# One float32 scale per this many columns of a row: 4 / 64 = 0.06 B/elem.
-INT8_BLOCK_SIZE = 64
+# One (float16) scale per this many columns of a row: 2 / 32 = 0.06 B/elem.
+INT8_BLOCK_SIZE = 32
 # Rows this long or shorter index their outliers with int16.
 _INT16_INDEX_MAX_ROW = 32768
 # Deepest tensor shape accepted on decode (a sanity bound, far above anything layerline sends).
@@ -221,14 +228,24 @@ def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
     scales = blocks.abs().amax(dim=2, keepdim=True) / 127.0
     if not bool(scales.isfinite().all()):
         return None  # inf/nan beyond the outliers: int8 cannot carry it, the caller sends it raw
+    # Scales travel as float16, rounded *up* so that |x| / scale never exceeds 127 (error <= scale/2).
+    half_scales = scales.to(torch.float16)
+    rounded_down = half_scales.to(torch.float32) < scales
+    half_scales = torch.where(rounded_down, torch.nextafter(half_scales, torch.full_like(half_scales, math.inf)),
+                              half_scales)
+    scales_fit_half = bool(half_scales.isfinite().all())
+    if scales_fit_half:
+        scales = half_scales.to(torch.float32)  # quantize with exactly the scale the decoder will see
     q = blocks / torch.where(scales > 0, scales, 1.0)  # all-zero blocks stay 0
     q = q.round_().clamp_(-127, 127).to(torch.int8).view(rows, groups * width)[:, :n]
 
     message = stage_pb2.Tensor(
         shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_INT8,
         data=_le_bytes(q, np.dtype("i1")),
-        scales=_le_bytes(scales.reshape(-1), np.dtype("<f4")),
+        scales=(_le_bytes(half_scales.reshape(-1), np.dtype("<f2")) if scales_fit_half
+                else _le_bytes(scales.reshape(-1), np.dtype("<f4"))),
         outliers_per_row=k, block_size=block,
+        scale_dtype=stage_pb2.DTYPE_FLOAT16 if scales_fit_half else stage_pb2.DTYPE_FLOAT32,
     )
     if k:
         narrow = n <= _INT16_INDEX_MAX_ROW
@@ -328,7 +345,11 @@ def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) 
     width = block if block else n
 
     q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
-    scales = _read(message.scales, np.dtype("<f4"), rows * groups, "scales")
+    scale_types = {stage_pb2.DTYPE_UNSPECIFIED: "<f4", stage_pb2.DTYPE_FLOAT32: "<f4", stage_pb2.DTYPE_FLOAT16: "<f2"}
+    if message.scale_dtype not in scale_types:
+        raise WireFormatError(f"int8 scale_dtype must be float16 or float32, got {message.scale_dtype}")
+    scale_type = np.dtype(scale_types[message.scale_dtype])
+    scales = _read(message.scales, scale_type, rows * groups, "scales", as_type=np.dtype(np.float32))
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise WireFormatError("scales must be finite and >= 0")
     if numel == 0:

@@ -42,7 +42,7 @@ DTYPE_UINT8: DType
 DTYPE_BOOL: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("shape", "dtype", "codec", "data", "scales", "outlier_indices", "outlier_values", "outliers_per_row", "block_size")
+    __slots__ = ("shape", "dtype", "codec", "data", "scales", "outlier_indices", "outlier_values", "outliers_per_row", "block_size", "scale_dtype")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Tensor(_message.Message):
     OUTLIER_VALUES_FIELD_NUMBER: _ClassVar[int]
     OUTLIERS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DType
     codec: Codec
@@ -61,7 +62,8 @@ class Tensor(_message.Message):
     outlier_values: bytes
     outliers_per_row: int
     block_size: int
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
+    scale_dtype: DType
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint")

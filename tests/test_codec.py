@@ -67,9 +67,14 @@ def int8_error_bounds(message: stage_pb2.Tensor, original: torch.Tensor) -> torc
         outlier.scatter_(1, idx.view(rows, k), True)
     residual = x.masked_fill(outlier, 0.0)
     bound = torch.empty_like(x)
-    for start in range(0, n, block):
+    groups = -(-n // block)
+    scale_type = "<f2" if message.scale_dtype == stage_pb2.DTYPE_FLOAT16 else "<f4"
+    sent = torch.from_numpy(np.frombuffer(message.scales, scale_type).astype(np.float32)).view(rows, groups)
+    for g, start in enumerate(range(0, n, block)):
         step = residual[:, start:start + block].abs().amax(dim=1, keepdim=True) / 127
-        bound[:, start:start + block] = step / 2 * (1 + 1e-5) + 1e-30
+        # The scale sent may be rounded up (float16), never down: no value is clipped.
+        assert bool((sent[:, g:g + 1] >= step * (1 - 1e-6)).all()), "a scale below the block's step clips values"
+        bound[:, start:start + block] = torch.maximum(sent[:, g:g + 1], step) / 2 * (1 + 1e-5) + 1e-30
     fp16_outliers = len(message.outlier_values) == 2 * rows * k
     outlier_bound = x.abs() * (2.0 ** -11) if fp16_outliers else torch.zeros_like(x)
     return torch.where(outlier, outlier_bound, bound).reshape(original.shape)
@@ -231,7 +236,8 @@ def test_int8_defaults_are_in_the_message():
     assert message.block_size == codec.INT8_BLOCK_SIZE
     rows, k, groups = 4, message.outliers_per_row, math.ceil(576 / codec.INT8_BLOCK_SIZE)
     assert len(message.data) == rows * 576
-    assert len(message.scales) == 4 * rows * groups
+    assert message.scale_dtype == stage_pb2.DTYPE_FLOAT16
+    assert len(message.scales) == 2 * rows * groups
     assert len(message.outlier_indices) == 2 * rows * k  # int16: rows shorter than 32768
     assert len(message.outlier_values) == 2 * rows * k  # float16: every outlier fits
 
@@ -276,16 +282,16 @@ def test_int8_rows_of_zeros_and_constant_rows():
     x[2, 7] = -1e4
     message, y = roundtrip(x, INT8, outliers_per_row=1, block_size=16)
     assert torch.equal(y[0], torch.zeros(50))
-    assert torch.allclose(y[1], x[1], rtol=0, atol=2.5 / 254)
+    assert torch.allclose(y[1], x[1], rtol=0, atol=2.5 / 254 * (1 + 2.0 ** -10))  # float16 scale, rounded up
     assert torch.equal(y[2], x[2])  # the outlier is exact in fp16 (-10000) and the rest are zeros
-    scales = np.frombuffer(message.scales, "<f4")
+    scales = np.frombuffer(message.scales, "<f2")
     assert scales.min() == 0.0
 
 
 def test_int8_partial_last_block():
     x = sample(torch.float32, (4, 100), seed=5)
     message, y = roundtrip(x, INT8, outliers_per_row=2, block_size=32)
-    assert len(message.scales) == 4 * 4 * 4  # ceil(100 / 32) = 4 blocks per row
+    assert len(message.scales) == 2 * 4 * 4  # ceil(100 / 32) = 4 float16 scales per row
     assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
 
 
@@ -426,10 +432,24 @@ def test_bad_scales_size():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
 def test_bad_scale_values(bad):
     message = int8_message()
-    scales = np.frombuffer(message.scales, "<f4").copy()
+    scales = np.frombuffer(message.scales, "<f2").copy()
     scales[2] = bad
-    message.scales = scales.astype("<f4").tobytes()
+    message.scales = scales.astype("<f2").tobytes()
     rejects(message, "scales must be finite")
+
+
+def test_scales_too_large_for_float16_travel_as_float32():
+    x = torch.full((2, 64), 1e7)
+    x[1] = -3e7
+    message, y = roundtrip(x, INT8, outliers_per_row=0, block_size=16)
+    assert message.scale_dtype == stage_pb2.DTYPE_FLOAT32 and len(message.scales) == 4 * 2 * 4
+    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
+
+
+def test_unknown_scale_dtype():
+    message = int8_message()
+    message.scale_dtype = stage_pb2.DTYPE_INT64
+    rejects(message, "scale_dtype")
 
 
 @pytest.mark.parametrize("bad_index", [64, 1000, -1])
