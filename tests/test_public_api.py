@@ -144,3 +144,22 @@ def test_rpc_error_is_grpc_status(client):
     with pytest.raises(grpc.RpcError) as err:
         client.generate(prompt="", max_new_tokens=4)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_async_client_matches_sync(client, tiny_api):
+    import asyncio
+
+    from coordinator.client import AsyncCoordinatorClient
+
+    async def run():
+        async with AsyncCoordinatorClient(tiny_api[0], timeout_s=60) as aclient:
+            unary = await aclient.generate(prompt="async please", max_new_tokens=6)
+            streamed = [m async for m in aclient.generate_stream(prompt="async please", max_new_tokens=6)]
+            info = await aclient.model_info()
+        return unary, streamed, info
+
+    unary, streamed, info = asyncio.run(run())
+    expected = client.generate(prompt="async please", max_new_tokens=6)
+    assert list(unary.token_ids) == list(expected.token_ids)
+    assert [t for m in streamed for t in m.token_ids] == list(expected.token_ids)
+    assert info.num_layers == 4
