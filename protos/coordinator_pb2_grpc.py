@@ -26,7 +26,17 @@ if _version_not_supported:
 
 
 class CoordinatorStub:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (details and examples in docs/api.md):
+    INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
+    the vocabulary, bad sampling values, unknown chat role, bad stop strings
+    OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
+    CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
+    and every stage frees the request's cache
+    FAILED_PRECONDITION stages of different models or a broken route (deployment error)
+    INTERNAL           a bug; the message carries the exception
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +62,17 @@ class CoordinatorStub:
 
 
 class CoordinatorServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (details and examples in docs/api.md):
+    INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
+    the vocabulary, bad sampling values, unknown chat role, bad stop strings
+    OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
+    CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
+    and every stage frees the request's cache
+    FAILED_PRECONDITION stages of different models or a broken route (deployment error)
+    INTERNAL           a bug; the message carries the exception
+    """
 
     def Generate(self, request, context):
         """Generate a whole completion and answer once.
@@ -62,14 +82,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """Generate, streaming tokens as they are produced.
+        """Generate, streaming one message per token as they are produced; the last message carries
+        finish_reason and any text still held back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The served model and the pipeline behind it.
+        """The served model, its limits, and the pipeline behind it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +123,17 @@ def add_CoordinatorServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Coordinator:
-    """Missing associated documentation comment in .proto file."""
+    """Status codes (details and examples in docs/api.md):
+    INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
+    the vocabulary, bad sampling values, unknown chat role, bad stop strings
+    OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
+    CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
+    and every stage frees the request's cache
+    FAILED_PRECONDITION stages of different models or a broken route (deployment error)
+    INTERNAL           a bug; the message carries the exception
+    """
 
     @staticmethod
     def Generate(request,
