@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.engine import Engine
+from coordinator.engine import BatchLimits, Engine
 from coordinator.pipeline_client import PipelineClient
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
@@ -40,7 +40,8 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     compression: str = "none"
-    micro_batches: int = 1
+    micro_batches: int = 0  # groups in flight at once; 0 = one per stage
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0
 
@@ -87,6 +88,15 @@ def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
             for a, i in zip(addresses, infos)]
 
 
+def batching_state(engine: Engine, limits: BatchLimits, groups: int) -> coordinator_pb2.BatchingState:
+    stats = engine.stats()
+    return coordinator_pb2.BatchingState(
+        queued=stats.queued, running=stats.running, prefilling=stats.prefilling,
+        reserved_positions=stats.reserved_positions, max_batch_rows=limits.max_batch_rows,
+        max_cache_positions=limits.max_cache_positions, max_queue=limits.max_queue, micro_batches=groups,
+        decode_steps=stats.decode_steps)
+
+
 class CoordinatorServer:
     """The public API of one pipeline."""
 
@@ -106,11 +116,13 @@ class CoordinatorServer:
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)
+        groups = config.micro_batches or len(config.stages)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
-                             micro_batches=config.micro_batches)
+                             micro_batches=groups, limits=config.batch_limits)
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
-            refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)))
+            refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
+            batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
         self.health = health.HealthServicer()

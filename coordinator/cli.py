@@ -18,6 +18,7 @@ import grpc
 
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.client import CoordinatorClient
+from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
 from protos import codec, coordinator_pb2
@@ -43,7 +44,21 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
                         help="codec of activations between stages (default none)")
-    parser.add_argument("--micro-batches", type=int, default=1, help="micro-batch groups per batch (default 1)")
+    parser.add_argument("--micro-batches", type=int, default=0,
+                        help="groups of sequences in flight at once so stages overlap (default 0 = one per stage)")
+    defaults = BatchLimits()
+    parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
+                        help="sequences generating at once; more wait in the queue "
+                             f"(default {defaults.max_batch_rows})")
+    parser.add_argument("--max-cache-positions", type=int, default=defaults.max_cache_positions,
+                        help="bound on the sum of prompt + max_new_tokens over running sequences "
+                             f"(default {defaults.max_cache_positions})")
+    parser.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                        help="queued requests beyond which new ones get RESOURCE_EXHAUSTED "
+                             f"(default {defaults.max_queue})")
+    parser.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk_tokens,
+                        help="tokens per prefill micro-batch, so stages overlap on long prompts; 0 = whole prompt "
+                             f"(default {defaults.prefill_chunk_tokens})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +167,9 @@ def cmd_fetch(args) -> int:
 def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> CoordinatorConfig:
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
+                             batch_limits=BatchLimits(
+                                 max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
+                                 max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))
 
 

@@ -105,7 +105,7 @@ class PipelineClient:
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
-               end_session: bool = False) -> Future:
+               end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None) -> Future:
         """Queue one micro-batch; the future resolves to the last stage's ForwardResponse."""
         request = stage_pb2.ForwardRequest(
             session_id=session_id, micro_batch_id=next(self._ids), route=self.addresses[1:],
@@ -114,6 +114,8 @@ class PipelineClient:
             model_fingerprint=self.model_fingerprint)
         if attention_mask is not None:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
+        if cache_edit is not None:
+            request.cache_edit.CopyFrom(cache_edit)
         try:
             return self._live_stream().send(request)
         except StageCallError:  # the stream died between the check and the send: one fresh try

@@ -16,7 +16,7 @@ import threading
 
 import grpc
 
-from coordinator.engine import Engine, GenerationCancelled, SequenceRequest, SequenceResult
+from coordinator.engine import CapacityError, Engine, GenerationCancelled, SequenceRequest, SequenceResult
 from coordinator.pipeline_client import StageCallError
 from coordinator.text import TextStream, Tokenization
 from coordinator.validation import ApiError, Limits, PreparedRequest, prepare
@@ -34,12 +34,13 @@ _DONE = object()
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, engine: Engine, tokenization: Tokenization, limits: Limits,
-                 model_info: coordinator_pb2.ModelInfo, refresh_stage_info=None) -> None:
+                 model_info: coordinator_pb2.ModelInfo, refresh_stage_info=None, batching_state=None) -> None:
         self.engine = engine
         self.tokenization = tokenization
         self.limits = limits
         self.model_info = model_info
         self._refresh_stage_info = refresh_stage_info
+        self._batching_state = batching_state
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -67,6 +68,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @staticmethod
     def _abort_for(err: Exception, context) -> None:
+        if isinstance(err, CapacityError):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         if isinstance(err, StageCallError):
             where = f" (stage {err.failed_stage})" if err.failed_stage else ""
             context.abort(err.code, f"pipeline error{where}: {err}")
@@ -129,4 +132,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             except Exception as err:  # stages unreachable: report what we know
                 log.warning("could not refresh stage info: %s", err)
                 info.CopyFrom(self.model_info)
+        if self._batching_state is not None:
+            info.batching.CopyFrom(self._batching_state())
         return info

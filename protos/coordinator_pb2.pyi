@@ -81,7 +81,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_type", "model_fingerprint", "num_layers", "vocab_size", "max_context", "max_new_tokens_limit", "compression", "stages", "has_chat_template")
+    __slots__ = ("model_name", "model_type", "model_fingerprint", "num_layers", "vocab_size", "max_context", "max_new_tokens_limit", "compression", "stages", "has_chat_template", "batching")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class ModelInfo(_message.Message):
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_type: str
     model_fingerprint: str
@@ -102,7 +103,30 @@ class ModelInfo(_message.Message):
     compression: str
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     has_chat_template: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    batching: BatchingState
+    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ...) -> None: ...
+
+class BatchingState(_message.Message):
+    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps")
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PREFILLING_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CACHE_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    queued: int
+    running: int
+    prefilling: int
+    reserved_positions: int
+    max_batch_rows: int
+    max_cache_positions: int
+    max_queue: int
+    micro_batches: int
+    decode_steps: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions")

@@ -30,7 +30,9 @@ class CoordinatorStub:
     INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
     the vocabulary, bad sampling values, unknown chat role, bad stop strings
     OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
-    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, the coordinator's queue is
+    full, a request alone needs more cache than the coordinator allows, or the
+    message is too large
     UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
     CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
     and every stage frees the request's cache
@@ -66,7 +68,9 @@ class CoordinatorServicer:
     INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
     the vocabulary, bad sampling values, unknown chat role, bad stop strings
     OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
-    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, the coordinator's queue is
+    full, a request alone needs more cache than the coordinator allows, or the
+    message is too large
     UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
     CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
     and every stage frees the request's cache
@@ -127,7 +131,9 @@ class Coordinator:
     INVALID_ARGUMENT   malformed request: no or several inputs, empty prompt, token ids outside
     the vocabulary, bad sampling values, unknown chat role, bad stop strings
     OUT_OF_RANGE       max_new_tokens above the limit, or prompt + new tokens beyond the context
-    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, or the message is too large
+    RESOURCE_EXHAUSTED a stage's session or KV-cache budget is full, the coordinator's queue is
+    full, a request alone needs more cache than the coordinator allows, or the
+    message is too large
     UNAVAILABLE        a stage is down, loading or draining (the message names it); retry
     CANCELLED / DEADLINE_EXCEEDED  the client cancelled or its deadline passed; the work stops
     and every stage frees the request's cache

@@ -66,7 +66,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint")
+    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class ForwardRequest(_message.Message):
     START_SESSION_FIELD_NUMBER: _ClassVar[int]
     END_SESSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_EDIT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     route: _containers.RepeatedScalarFieldContainer[str]
@@ -87,7 +88,18 @@ class ForwardRequest(_message.Message):
     start_session: bool
     end_session: bool
     model_fingerprint: str
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    cache_edit: CacheEdit
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ...) -> None: ...
+
+class CacheEdit(_message.Message):
+    __slots__ = ("keep_rows", "keep_positions", "append_sessions")
+    KEEP_ROWS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    APPEND_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    keep_rows: _containers.RepeatedScalarFieldContainer[int]
+    keep_positions: int
+    append_sessions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, keep_rows: _Optional[_Iterable[int]] = ..., keep_positions: _Optional[int] = ..., append_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes")

@@ -21,6 +21,7 @@ import psutil
 import torch
 
 from protos import codec, stage_pb2, stage_pb2_grpc
+from stage_server.cache_edits import PlannedEdit
 from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.sessions import SessionStore
@@ -128,6 +129,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                     position_ids=request.position_ids, wire_codec=request.wire_codec,
                     start_session=request.start_session, end_session=request.end_session,
                     model_fingerprint=request.model_fingerprint)
+                if request.HasField("cache_edit"):
+                    sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
                     sent.attention_mask.CopyFrom(request.attention_mask)
                 if not link_to(request.route[0]).send(sent, codec.payload_bytes(sent.activations)):
@@ -174,7 +177,11 @@ class StageService(stage_pb2_grpc.StageServicer):
             session = sessions.get(request.session_id)
         try:
             with session.lock:
-                new_tokens = model.check_step(session, activations, position_ids, mask)
+                edit = PlannedEdit(session, request.cache_edit, sessions) if request.HasField("cache_edit") else None
+                shape = (edit.batch_size, edit.tokens_seen) if edit is not None else None
+                new_tokens = model.check_step(session, activations, position_ids, mask, rows_and_positions=shape)
+                if edit is not None:
+                    edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
                 with self._compute_lock:
                     output = model.forward(session, activations, position_ids, mask)

@@ -42,8 +42,13 @@ class StageModel:
         return DynamicCache(config=self.loaded.sliced_config)
 
     def check_step(self, session: Session, activations: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None) -> int:
-        """Validate one step against the session; returns the number of new positions T."""
+                   attention_mask: torch.Tensor | None, *, rows_and_positions: tuple[int, int] | None = None) -> int:
+        """Validate one step against the session; returns the number of new positions T.
+
+        `rows_and_positions` overrides the session's (rows, cached positions) with what
+        they will be once a pending cache edit is applied.
+        """
+        rows, cached = rows_and_positions or (session.batch_size, session.tokens_seen)
         if self.loaded.is_first:
             if activations.dim() != 2 or activations.dtype not in (torch.int64, torch.int32):
                 raise InvalidRequest(
@@ -58,8 +63,8 @@ class StageModel:
                 f"this stage takes hidden states [batch, tokens, {self.hidden_size}] of a float dtype; "
                 f"got {activations.dtype} {list(activations.shape)}")
         batch, new_tokens = activations.shape[0], activations.shape[1]
-        if batch != session.batch_size:
-            raise InvalidRequest(f"session {session.session_id!r} holds {session.batch_size} rows, "
+        if batch != rows:
+            raise InvalidRequest(f"session {session.session_id!r} holds {rows} rows, "
                                  f"this step has {batch}")
         if new_tokens == 0:
             raise InvalidRequest("a step must carry at least one token")
@@ -67,7 +72,7 @@ class StageModel:
             raise InvalidRequest(
                 f"position_ids must be int64 [{batch}, {new_tokens}]; got {position_ids.dtype} "
                 f"{list(position_ids.shape)}")
-        total = session.tokens_seen + new_tokens
+        total = cached + new_tokens
         if position_ids.numel() and (position_ids.min() < 0 or position_ids.max() >= self.max_positions):
             raise OutOfRange(f"positions must lie in [0, {self.max_positions}) for this model")
         if total > self.max_positions:
@@ -75,7 +80,7 @@ class StageModel:
                 f"the sequence would reach {total} positions; this model handles {self.max_positions}")
         if attention_mask is not None and list(attention_mask.shape) != [batch, total]:
             raise InvalidRequest(
-                f"attention_mask must be [{batch}, {total}] (cached {session.tokens_seen} + new {new_tokens}); "
+                f"attention_mask must be [{batch}, {total}] (cached {cached} + new {new_tokens}); "
                 f"got {list(attention_mask.shape)}")
         return new_tokens
 

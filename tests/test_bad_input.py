@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
+from waiting import eventually
 
 from coordinator.client import CoordinatorClient
 from coordinator.engine import Engine, SequenceRequest
@@ -37,7 +38,8 @@ def assert_still_serving(tiny_api):
     try:
         result = Engine(pipeline).generate([SequenceRequest([5, 6, 7], 3)])[0]
         assert len(result.token_ids) == 3
-        assert [i.active_sessions for i in pipeline.stage_infos()] == [0, 0], "no session may leak"
+        sessions = eventually(lambda: [i.active_sessions for i in pipeline.stage_infos()], [0, 0])
+        assert sessions == [0, 0], "no session may leak"
     finally:
         pipeline.close()
 
@@ -200,3 +202,32 @@ def test_coordinator_reports_stage_failure(tiny_model, stages):
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE
                 assert addresses[1] in err.value.details()
                 assert client.model_info().num_layers == 4
+
+
+def _edit_after_prefill(address, route, edit: stage_pb2.CacheEdit) -> stage_pb2.ForwardResponse:
+    """Prefill a 1-row session, then send a decode step carrying `edit`; returns the step's answer."""
+    step = stage_pb2.ForwardRequest(
+        session_id="s-edit", micro_batch_id=2, route=route, activations=codec.encode(torch.tensor([[8]])),
+        position_ids=codec.encode(torch.tensor([[3]])), attention_mask=codec.encode(torch.ones(1, 4, dtype=torch.long)))
+    step.cache_edit.CopyFrom(edit)
+    with grpc.insecure_channel(address) as channel:
+        answers = sorted(stage_pb2_grpc.StageStub(channel).Forward(iter([valid_prefill("s-edit", route), step]),
+                                                                    timeout=30), key=lambda a: a.micro_batch_id)
+        stage_pb2_grpc.StageStub(channel).EndSession(stage_pb2.EndSessionRequest(session_id="s-edit", route=route))
+    assert answers[0].status_code == 0, answers[0].error_message
+    return answers[1]
+
+
+@pytest.mark.parametrize("edit,code,words", [
+    (stage_pb2.CacheEdit(keep_rows=[3]), grpc.StatusCode.INVALID_ARGUMENT, "keep_rows"),
+    (stage_pb2.CacheEdit(keep_rows=[0, 0]), grpc.StatusCode.INVALID_ARGUMENT, "twice"),
+    (stage_pb2.CacheEdit(keep_positions=99), grpc.StatusCode.INVALID_ARGUMENT, "keep_positions"),
+    (stage_pb2.CacheEdit(append_sessions=["no-such-session"]), grpc.StatusCode.NOT_FOUND, "no-such-session"),
+    (stage_pb2.CacheEdit(append_sessions=["s-edit"]), grpc.StatusCode.INVALID_ARGUMENT, "itself"),
+], ids=["row out of range", "row twice", "too many positions", "unknown session", "merge with itself"])
+def test_stage_rejects_bad_cache_edits(edit, code, words, tiny_api):
+    _, stage_addresses, _ = tiny_api
+    answer = _edit_after_prefill(stage_addresses[0], stage_addresses[1:], edit)
+    assert code_of(answer) == code, answer.error_message
+    assert words in answer.error_message
+    assert_still_serving(tiny_api)

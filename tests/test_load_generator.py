@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waiting import eventually
 
 from coordinator.pipeline_client import PipelineClient
 
@@ -36,7 +37,7 @@ def test_load_without_errors(stream, tiny_api):
     if stream:
         assert len(result.first_token_s) == 48
     client = PipelineClient(stage_addresses)
-    assert [i.active_sessions for i in client.stage_infos()] == [0, 0]
+    assert eventually(lambda: [i.active_sessions for i in client.stage_infos()], [0, 0]) == [0, 0]
     client.close()
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import reference_greedy
 from transformers import AutoTokenizer
+from waiting import eventually
 
 from coordinator.client import CoordinatorClient
 from coordinator.pipeline_client import PipelineClient
@@ -36,7 +37,7 @@ def test_prompt_matches_unsplit_greedy(client, tiny_api):
     assert reply.text == tokenizer.decode(reply.token_ids, skip_special_tokens=True)
     assert reply.prompt_tokens == len(prompt_ids) and reply.completion_tokens == 10
     assert reply.finish_reason == coordinator_pb2.FINISH_REASON_LENGTH
-    assert stage_sessions(stages) == [0, 0]
+    assert eventually(lambda: stage_sessions(stages), [0, 0]) == [0, 0]
 
 
 def test_token_ids_and_chat_inputs(client, tiny_api):
@@ -60,7 +61,7 @@ def test_stream_concatenates_to_unary(client, tiny_api):
     assert len([m for m in messages if m.token_ids]) == 12, "one message per token"
     assert messages[-1].finish_reason == coordinator_pb2.FINISH_REASON_LENGTH
     assert all(m.finish_reason == 0 for m in messages[:-1])
-    assert stage_sessions(tiny_api[1]) == [0, 0]
+    assert eventually(lambda: stage_sessions(tiny_api[1]), [0, 0]) == [0, 0]
 
 
 def test_seeded_sampling_is_reproducible(client):
@@ -124,7 +125,7 @@ def test_concurrent_clients(client, tiny_api):
     with ThreadPoolExecutor(6) as pool:
         together = list(pool.map(lambda p: list(client.generate(prompt=p, max_new_tokens=8).token_ids), prompts))
     assert together == alone
-    assert stage_sessions(tiny_api[1]) == [0, 0]
+    assert eventually(lambda: stage_sessions(tiny_api[1]), [0, 0]) == [0, 0]
 
 
 def test_greedy_matches_torch_argmax_reference(tiny_api):

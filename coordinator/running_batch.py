@@ -1,0 +1,171 @@
+"""The coordinator's mirror of what each stage session holds: rows, padding, positions.
+
+Owns: one `LiveSequence` per request being generated (its sampler, tokens, next
+position), a `Prefill` (a new session holding freshly admitted sequences, sent in
+chunks), and a `Group` (a running session that sequences join and leave between
+decode steps). A group computes the `CacheEdit` that the stages apply before its
+next step, and applies the same edit to its own attention mask, so the mask it
+sends always matches the caches.
+
+Does not own: when to admit, which group to join, or sending (scheduler).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.sampling import Sampler
+from protos import stage_pb2
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED = "length", "eos", "stop", "cancelled"
+
+
+@dataclass
+class SequenceResult:
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class LiveSequence:
+    """One request being generated, wherever it currently sits."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    sampler: Sampler
+    on_token: Callable[[int], bool] | None
+    keep_going: Callable[[], bool]
+    result: Future
+    output: list[int] = field(default_factory=list)
+    finish: str | None = None
+    last_position: int = 0  # position of the newest token (the input of the next decode step)
+
+    @property
+    def cache_positions(self) -> int:
+        """Positions this sequence may come to occupy in every stage's cache."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    def take(self, logits: torch.Tensor) -> None:
+        """Sample this sequence's next token from its logits [V] and record why it stops, if it does."""
+        previous = torch.tensor(self.prompt_ids + self.output)
+        token = self.sampler(logits, previous)
+        self.output.append(token)
+        self.last_position += 1
+        if self.on_token is not None and self.on_token(token):
+            self.finish = FINISH_STOP
+        elif token in self.eos_token_ids:
+            self.finish = FINISH_EOS
+        elif len(self.output) >= self.max_new_tokens:
+            self.finish = FINISH_LENGTH
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1]
+
+
+def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, T] left-padded to the longest row, and the 0/1 mask [b, T]."""
+    longest = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_token_id] * (longest - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def _pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask.shape[1]
+    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1) if missing > 0 else mask
+
+
+class Prefill:
+    """Newly admitted sequences, prefilled together as their own session, in chunks."""
+
+    def __init__(self, sequences: list[LiveSequence], pad_token_id: int, chunk_tokens: int) -> None:
+        self.session_id = uuid.uuid4().hex
+        self.sequences = sequences
+        self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
+        self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        for sequence in sequences:
+            sequence.last_position = len(sequence.prompt_ids) - 1
+        rows, length = self.input_ids.shape
+        step = max(1, chunk_tokens // rows) if chunk_tokens > 0 else length
+        self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
+        self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+
+class Group:
+    """A running session on the stages: its rows in cache order and their mask."""
+
+    def __init__(self) -> None:
+        self.session_id: str | None = None
+        self.rows: list[LiveSequence] = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.joining: list[Prefill] = []
+        self.in_flight: Future | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.session_id is None
+
+    @property
+    def load(self) -> int:
+        """Rows it holds or is about to take on."""
+        return len(self.rows) + sum(len(p.sequences) for p in self.joining)
+
+    def adopt(self, prefill: Prefill) -> None:
+        """Become the session of a finished prefill (the group was empty)."""
+        self.session_id = prefill.session_id
+        self.rows = list(prefill.sequences)
+        self.mask = prefill.mask
+
+    def next_edit(self) -> stage_pb2.CacheEdit | None:
+        """Drop finished rows and left padding nobody needs, append joining sessions.
+
+        Returns the edit the stages must apply before the next step (None when nothing
+        changes) and updates this group's rows and mask the same way. The caller has
+        made sure the group keeps at least one row or has a session to adopt.
+        """
+        edit = stage_pb2.CacheEdit()
+        keep = [i for i, sequence in enumerate(self.rows) if sequence.finish is None]
+        if len(keep) < len(self.rows):
+            edit.keep_rows.extend(keep)
+            self.rows = [self.rows[i] for i in keep]
+            self.mask = self.mask[keep]
+            used = self.mask.sum(0).nonzero()
+            lead = int(used[0]) if len(used) else self.mask.shape[1]
+            if lead:
+                edit.keep_positions = self.mask.shape[1] - lead
+                self.mask = self.mask[:, lead:]
+        if self.joining:
+            length = max([self.mask.shape[1]] + [p.length for p in self.joining])
+            masks = [_pad_mask_left(self.mask, length)]
+            for prefill in self.joining:
+                edit.append_sessions.append(prefill.session_id)
+                self.rows.extend(prefill.sequences)
+                masks.append(_pad_mask_left(prefill.mask, length))
+            self.mask = torch.cat(masks, dim=0)
+            self.joining = []
+        changed = bool(edit.keep_rows) or bool(edit.keep_positions) or bool(edit.append_sessions)
+        return edit if changed else None
+
+    def step_inputs(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids [b, 1], positions [b, 1] and mask [b, P + 1] of the next decode step."""
+        tokens = [s.last_token if s.finish is None else pad_token_id for s in self.rows]
+        positions = [s.last_position if s.finish is None else 0 for s in self.rows]
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
+                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask)
+
+    def reset(self) -> None:
+        self.session_id = None
+        self.rows = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long)

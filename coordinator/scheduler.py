@@ -1,0 +1,356 @@
+"""Continuous batching: one loop that keeps every stage busy with every client's sequences.
+
+Owns: the queue of admitted-but-waiting sequences and its bounds (rows generating
+at once, cache positions reserved, queue length), prefilling newly admitted
+sequences as their own sessions (in chunks, so stages overlap on long prompts),
+merging them into a running group at that group's next decode step, dropping
+finished or cancelled rows at the step after, and keeping `groups` sessions in
+flight at once so that while one group is in stage k another is in stage k+1.
+
+Runs on one thread that starts when work arrives and ends when none is left. All
+sampling and bookkeeping happen on that thread; answers from the stages arrive as
+events on a queue.
+
+Does not own: the wire (pipeline_client), a group's cache mirror (running_batch),
+tokens ⇄ text (text), or gRPC status mapping (service).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from coordinator.pipeline_client import PipelineClient, logits_of
+from coordinator.running_batch import FINISH_CANCELLED, Group, LiveSequence, Prefill, SequenceResult
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # how often an idle loop looks at cancellations
+
+
+class GenerationCancelled(Exception):
+    """The caller asked to stop (client went away or deadline passed)."""
+
+
+class CapacityError(Exception):
+    """A request cannot be queued: the queue is full or the request alone exceeds a bound."""
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """Bounds on what the coordinator runs at once; beyond them requests wait in a queue."""
+
+    max_batch_rows: int = 64  # sequences generating at once, over every group and prefill
+    max_cache_positions: int = 1 << 16  # Σ (prompt + max_new_tokens) over those sequences
+    max_queue: int = 1024  # sequences waiting for admission
+    prefill_chunk_tokens: int = 256  # tokens (rows × positions) per prefill micro-batch; 0 = no chunks
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_rows", "max_cache_positions", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.prefill_chunk_tokens < 0:
+            raise ValueError(f"prefill_chunk_tokens must be 0 (no chunks) or more, got {self.prefill_chunk_tokens}")
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    queued: int
+    running: int
+    prefilling: int
+    reserved_positions: int
+    sessions: int
+    decode_steps: int
+    hop_bytes: int
+
+
+class Scheduler:
+    """Admits sequences, prefills them, and runs decode steps for `groups` sessions at once."""
+
+    def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, groups: int = 1,
+                 limits: BatchLimits | None = None) -> None:
+        self.pipeline = pipeline
+        self.pad_token_id = pad_token_id
+        self.limits = limits or BatchLimits()
+        self._groups = [Group() for _ in range(max(1, groups))]
+        self._waiting: deque[LiveSequence] = deque()
+        self._prefills: list[Prefill] = []
+        self._events: queue.Queue = queue.Queue()
+        self._lock = threading.RLock()  # re-entrant: an on_token callback may submit more work
+        self._thread: threading.Thread | None = None
+        self._decode_steps = 0
+        self.hop_bytes = 0
+
+    # ---- the caller's side ---------------------------------------------------------------
+
+    def submit(self, sequences: list[LiveSequence]) -> None:
+        """Queue sequences together (a batch submitted at once is prefilled together)."""
+        for sequence in sequences:
+            if sequence.cache_positions > self.limits.max_cache_positions:
+                raise CapacityError(
+                    f"the request needs {sequence.cache_positions} cache positions (prompt + max_new_tokens), "
+                    f"more than this coordinator's {self.limits.max_cache_positions} in total; "
+                    "lower max_new_tokens or shorten the prompt")
+        with self._lock:
+            if len(self._waiting) + len(sequences) > self.limits.max_queue:
+                raise CapacityError(f"{len(self._waiting)} requests are already queued (limit "
+                                    f"{self.limits.max_queue}); retry later")
+            self._waiting.extend(sequences)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+                self._thread.start()
+        self._events.put(None)
+
+    def stats(self) -> SchedulerStats:
+        with self._lock:
+            running = [s for g in self._groups for s in g.rows if s.finish is None]
+            prefilling = [s for p in self._prefills for s in p.sequences] + \
+                [s for g in self._groups for p in g.joining for s in p.sequences]
+            return SchedulerStats(
+                queued=len(self._waiting), running=len(running), prefilling=len(prefilling),
+                reserved_positions=sum(s.cache_positions for s in running + prefilling),
+                sessions=sum(not g.empty for g in self._groups) + len(self._prefills),
+                decode_steps=self._decode_steps, hop_bytes=self.hop_bytes)
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._drop_cancelled()
+                    self._admit()
+                    for group in self._groups:
+                        self._advance(group)
+                    if self._idle():
+                        self._thread = None
+                        return
+                try:
+                    event = self._events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                with self._lock:
+                    while True:
+                        if event is not None:
+                            self._handle(*event)
+                        try:
+                            event = self._events.get_nowait()
+                        except queue.Empty:
+                            break
+            except Exception:  # a bug here must not strand every caller: fail what is running
+                log.exception("batch scheduler failed")
+                with self._lock:
+                    self._fail_everything(RuntimeError("the batch scheduler failed; see the coordinator log"))
+                    self._thread = None
+                return
+
+    def _idle(self) -> bool:
+        return not self._waiting and not self._prefills and all(
+            g.empty and not g.joining and g.in_flight is None for g in self._groups)
+
+    def _reserved(self) -> tuple[int, int]:
+        live = [s for g in self._groups for s in g.rows if s.finish is None]
+        live += [s for p in self._prefills for s in p.sequences]
+        live += [s for g in self._groups for p in g.joining for s in p.sequences]
+        return len(live), sum(s.cache_positions for s in live)
+
+    def _admit(self) -> None:
+        rows, positions = self._reserved()
+        admitted: list[LiveSequence] = []
+        while self._waiting and rows < self.limits.max_batch_rows and \
+                positions + self._waiting[0].cache_positions <= self.limits.max_cache_positions:
+            sequence = self._waiting.popleft()
+            admitted.append(sequence)
+            rows += 1
+            positions += sequence.cache_positions
+        if not admitted:
+            return
+        free_groups = sum(g.empty and not g.joining for g in self._groups) - len(self._prefills)
+        parts = max(1, min(len(admitted), free_groups))
+        bounds = [round(i * len(admitted) / parts) for i in range(parts + 1)]
+        for i in range(parts):
+            self._start_prefill(admitted[bounds[i]:bounds[i + 1]])
+
+    def _start_prefill(self, sequences: list[LiveSequence]) -> None:
+        prefill = Prefill(sequences, self.pad_token_id, self.limits.prefill_chunk_tokens)
+        futures = []
+        try:
+            for i, (start, end) in enumerate(prefill.chunks):
+                futures.append(self.pipeline.submit(
+                    prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
+                    prefill.mask[:, :end], start_session=i == 0))
+        except Exception as err:
+            self._resolve_all(sequences, err)
+            return
+        prefill.futures = futures
+        self._prefills.append(prefill)
+        futures[-1].add_done_callback(lambda f: self._events.put(("prefill", prefill, f)))
+
+    def _advance(self, group: Group) -> None:
+        """Send the group's next decode step, after the edit its rows need."""
+        if group.in_flight is not None:
+            return
+        if not group.empty and all(s.finish is not None for s in group.rows):
+            self._end_session(group.session_id)
+            group.reset()
+        while group.empty and group.joining:
+            prefill = group.joining.pop(0)
+            if any(s.finish is None for s in prefill.sequences):
+                group.adopt(prefill)
+            else:
+                self._end_session(prefill.session_id)
+        if group.empty:
+            return
+        edit = group.next_edit()
+        tokens, positions, mask = group.step_inputs(self.pad_token_id)
+        try:
+            future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit)
+        except Exception as err:
+            self._fail_group(group, err)
+            return
+        group.in_flight = future
+        future.add_done_callback(lambda f: self._events.put(("step", group, f)))
+
+    # ---- answers from the stages ---------------------------------------------------------
+
+    def _handle(self, kind: str, owner, future: Future) -> None:
+        if kind == "prefill":
+            self._prefill_done(owner, future)
+        else:
+            self._step_done(owner, future)
+
+    def _logits(self, future: Future):
+        response = future.result()
+        logits = logits_of(response)
+        self.hop_bytes += sum(response.hop_bytes)
+        return logits
+
+    def _prefill_done(self, prefill: Prefill, future: Future) -> None:
+        self._prefills.remove(prefill)
+        try:
+            for earlier in prefill.futures[:-1]:  # an early chunk's error says more than "unknown session"
+                self._logits(earlier)
+            logits = self._logits(future)
+        except Exception as err:
+            self._resolve_all(prefill.sequences, err)
+            self._end_session(prefill.session_id)
+            return
+        finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits[row])]
+        if all(s.finish is not None for s in prefill.sequences):
+            self._end_session(prefill.session_id, wait=True)
+            _settle_all(finished)
+            return
+        _settle_all(finished)
+        target = min(self._groups, key=lambda g: (not (g.empty and not g.joining), g.load))
+        target.joining.append(prefill)
+
+    def _step_done(self, group: Group, future: Future) -> None:
+        group.in_flight = None
+        try:
+            logits = self._logits(future)
+        except Exception as err:
+            self._fail_group(group, err)
+            return
+        self._decode_steps += 1
+        finished = [s for row, s in enumerate(group.rows) if self._take(s, logits[row])]
+        if all(s.finish is not None for s in group.rows) and not group.joining:
+            # Free the caches before answering, so a caller that gets its last result
+            # and looks at the stages finds nothing left behind.
+            self._end_session(group.session_id, wait=True)
+            group.reset()
+        _settle_all(finished)
+
+    @staticmethod
+    def _take(sequence: LiveSequence, logits) -> bool:
+        """Sample the sequence's next token; True if it has just finished (settle it after)."""
+        if sequence.finish is not None:
+            return False
+        try:
+            sequence.take(logits)
+        except Exception as err:  # a failing on_token callback ends only its own sequence
+            sequence.finish = FINISH_CANCELLED
+            _settle(sequence, err)
+            return False
+        return sequence.finish is not None
+
+    # ---- failures and cancellation -------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for sequence in [s for s in self._waiting if not _still_wanted(s)]:
+            self._waiting.remove(sequence)
+            sequence.finish = FINISH_CANCELLED
+            _settle(sequence, GenerationCancelled("generation cancelled by the caller"))
+        running = [s for g in self._groups for s in g.rows] + [s for p in self._prefills for s in p.sequences] \
+            + [s for g in self._groups for p in g.joining for s in p.sequences]
+        for sequence in running:
+            if sequence.finish is None and not _still_wanted(sequence):
+                sequence.finish = FINISH_CANCELLED
+                _settle(sequence, GenerationCancelled("generation cancelled by the caller"))
+
+    def _fail_group(self, group: Group, err: Exception) -> None:
+        self._resolve_all(group.rows, err)
+        if group.session_id is not None:
+            self._end_session(group.session_id)
+        group.reset()
+
+    def _resolve_all(self, sequences: list[LiveSequence], err: Exception) -> None:
+        for sequence in sequences:
+            if sequence.finish is None:
+                sequence.finish = FINISH_CANCELLED
+                _settle(sequence, err)
+
+    def _fail_everything(self, err: Exception) -> None:
+        everyone = list(self._waiting) + [s for g in self._groups for s in g.rows] + \
+            [s for p in self._prefills for s in p.sequences] + \
+            [s for g in self._groups for p in g.joining for s in p.sequences]
+        self._resolve_all(everyone, err)
+        self._waiting.clear()
+        for group in self._groups:
+            if group.session_id is not None:
+                self._end_session(group.session_id)
+            for prefill in group.joining:
+                self._end_session(prefill.session_id)
+            group.joining = []
+            group.reset()
+            group.in_flight = None
+        for prefill in self._prefills:
+            self._end_session(prefill.session_id)
+        self._prefills = []
+
+    def _end_session(self, session_id: str, *, wait: bool = False) -> None:
+        """Free a session on every stage: now (wait=True), or without blocking the loop."""
+        def end() -> None:
+            try:
+                self.pipeline.end_session(session_id, timeout_s=5.0)
+            except Exception as err:  # the stages expire idle sessions anyway
+                log.debug("could not end session %s: %s", session_id, err)
+        if wait:
+            end()
+        else:
+            threading.Thread(target=end, name="end-session", daemon=True).start()
+
+
+def _still_wanted(sequence: LiveSequence) -> bool:
+    try:
+        return bool(sequence.keep_going())
+    except Exception:
+        return False
+
+
+def _settle_all(sequences: list[LiveSequence]) -> None:
+    for sequence in sequences:
+        _settle(sequence)
+
+
+def _settle(sequence: LiveSequence, error: Exception | None = None) -> None:
+    """Resolve a sequence's future once: with its tokens, or with the error that ended it."""
+    if sequence.result.done():
+        return
+    if error is not None:
+        sequence.result.set_exception(error)
+    else:
+        sequence.result.set_result(SequenceResult(list(sequence.output), sequence.finish))

@@ -1,0 +1,106 @@
+"""Continuous batching is exact: sequences that join and leave a running batch at different
+decode steps get the same greedy tokens as each run alone through the unsplit model.
+
+Joins are triggered from inside the token callback of the first sequence, so each one
+lands at a known step of the running batch (deterministic, no sleeps). The prompts are
+chosen so that a newcomer is sometimes shorter and sometimes longer than the batch's
+cache, which exercises left padding on both sides of a merge, and the sequences leave
+at different steps, which exercises row removal and trimming of left padding.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from tiny_models import reference_greedy
+from waiting import eventually
+
+from coordinator.engine import BatchLimits, Engine, SequenceRequest
+from coordinator.pipeline_client import PipelineClient
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt"]
+
+FIRST = ([5, 6, 7, 8, 9, 10, 11, 12, 13], 14)
+# (prompt, max_new_tokens, submitted once FIRST has produced this many tokens)
+JOINERS = [
+    ([3, 4, 5], 4, 2),  # short, leaves early
+    ([20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31], 9, 4),  # shorter than the batch's cache by then
+    ([40], 7, 7),  # a one-token prompt
+    ([30 + i for i in range(24)], 5, 9),  # longer than the batch's cache: the batch is padded instead
+]
+
+
+def run_with_joins(addresses, *, groups: int, chunk_tokens: int = 256):
+    client = PipelineClient(addresses)
+    engine = Engine(client, micro_batches=groups, limits=BatchLimits(prefill_chunk_tokens=chunk_tokens))
+    futures = {}
+    lock = threading.Lock()
+
+    def first_token_seen(_token: int) -> bool:
+        produced = len(first_tokens) + 1
+        first_tokens.append(_token)
+        for index, (prompt, new_tokens, at) in enumerate(JOINERS):
+            if at == produced:
+                with lock:
+                    futures[index] = engine.submit_all([SequenceRequest(prompt, new_tokens)])[0]
+        return False
+
+    first_tokens: list[int] = []
+    try:
+        first = engine.submit_all([SequenceRequest(FIRST[0], FIRST[1], on_token=first_token_seen)])[0]
+        got_first = first.result(timeout=120).token_ids
+        with lock:
+            got = [futures[i].result(timeout=120).token_ids for i in range(len(JOINERS))]
+        stats = engine.stats()
+        sessions = eventually(lambda: [i.active_sessions for i in client.stage_infos()], [0] * len(addresses))
+    finally:
+        client.close()
+    return got_first, got, stats, sessions
+
+
+def expected_alone(model_dir):
+    first = reference_greedy(model_dir, [FIRST[0]], FIRST[1])[0]
+    return first, [reference_greedy(model_dir, [p], n)[0] for p, n, _ in JOINERS]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_joining_and_leaving_is_exact(family, tiny_model, stages):
+    model_dir = tiny_model(family)
+    want_first, want = expected_alone(model_dir)
+    with stages(model_dir, 2) as (addresses, _):
+        for groups in (1, 2):
+            got_first, got, stats, sessions = run_with_joins(addresses, groups=groups)
+            assert got_first == want_first, f"{family}, {groups} groups: the running sequence changed"
+            for index, (tokens, expected) in enumerate(zip(got, want)):
+                assert tokens == expected, f"{family}, {groups} groups: joiner {index} differs from running alone"
+            assert sessions == [0, 0], "every session is freed once the batch drains"
+            assert stats.decode_steps < FIRST[1] + sum(n for _, n, _ in JOINERS), "sequences shared decode steps"
+
+
+def test_chunked_prefill_and_three_stages_stay_exact(tiny_model, stages):
+    """Prompts prefilled in chunks of a few tokens, through three stages, with sliding windows."""
+    model_dir = tiny_model("mistral", tied=True, sharded=True)
+    want_first, want = expected_alone(model_dir)
+    with stages(model_dir, 3) as (addresses, _):
+        got_first, got, _, sessions = run_with_joins(addresses, groups=3, chunk_tokens=4)
+    assert got_first == want_first and got == want
+    assert sessions == [0, 0, 0]
+
+
+def test_queue_beyond_the_batch_bound(tiny_model, stages):
+    """With room for two rows, six requests queue, run two at a time, and all come out exact."""
+    model_dir = tiny_model("llama")
+    prompts = [[5 + i, 6, 7 + i] for i in range(6)]
+    want = [reference_greedy(model_dir, [p], 6)[0] for p in prompts]
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        try:
+            engine = Engine(client, micro_batches=2, limits=BatchLimits(max_batch_rows=2))
+            futures = engine.submit_all([SequenceRequest(p, 6) for p in prompts])
+            queued = engine.stats().queued
+            got = [f.result(timeout=120).token_ids for f in futures]
+        finally:
+            client.close()
+    assert queued >= 4, "requests beyond the bound wait in the queue"
+    assert got == want
