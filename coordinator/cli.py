@@ -21,6 +21,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
+from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
 from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model
 
@@ -81,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
     launch.add_argument("--num-stages", type=int, required=True)
-    launch.add_argument("--layer-weights", help="relative share of layers per stage, e.g. 2,1,1")
+    launch.add_argument("--layer-weights", help="relative share of the work per stage, e.g. 2,1,1")
+    launch.add_argument("--no-balance-head", dest="balance_head", action="store_false",
+                        help="split layers evenly instead of giving the stage with the LM head fewer layers")
     launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)
@@ -189,9 +192,10 @@ def cmd_launch_local(args) -> int:
     model_dir = ensure_model(args.model)
     from transformers import AutoConfig
 
-    num_layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
+    config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
-    ranges = plan_partition(num_layers, args.num_stages, weights)
+    head_cost = head_cost_in_layers(config) if args.balance_head else 0.0
+    ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads) as stages:
         addresses = stages.start()

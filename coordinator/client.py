@@ -17,11 +17,11 @@ from protos.channel_options import channel_options
 def build_request(*, prompt: str = "", messages: Sequence[dict[str, str]] | None = None,
                   token_ids: Sequence[int] | None = None, max_new_tokens: int = 0, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 0.0, seed: int | None = None,
-                  stop: Sequence[str] = ()) -> coordinator_pb2.GenerateRequest:
+                  stop: Sequence[str] = (), ignore_eos: bool = False) -> coordinator_pb2.GenerateRequest:
     """A GenerateRequest from plain Python values (unset values take the server defaults)."""
     request = coordinator_pb2.GenerateRequest(
         prompt=prompt, token_ids=list(token_ids or []), max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, stop=list(stop),
+        top_k=top_k, top_p=top_p, stop=list(stop), ignore_eos=ignore_eos,
         messages=[coordinator_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []])
     if seed is not None:
         request.seed = seed

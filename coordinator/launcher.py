@@ -38,7 +38,7 @@ class LocalStages:
 
     def __init__(self, model_dir: str, ranges: list[tuple[int, int]], *, dtype: str = "auto",
                  host: str = "127.0.0.1", threads: int = 0, extra_args: tuple[str, ...] = (),
-                 echo: bool = True) -> None:
+                 echo: bool = True, cpu_sets: list[str] | None = None) -> None:
         self.model_dir = model_dir
         self.ranges = ranges
         self.dtype = dtype
@@ -46,6 +46,7 @@ class LocalStages:
         self.threads = threads
         self.extra_args = extra_args
         self.echo = echo
+        self.cpu_sets = cpu_sets  # per stage, a taskset CPU list ("0", "2-3") to pin it to
         self.stages: list[LocalStage] = []
 
     @property
@@ -60,6 +61,8 @@ class LocalStages:
                        "--quiet", "--log-level", "WARNING", *self.extra_args]
             if self.threads:
                 command += ["--threads", str(self.threads)]
+            if self.cpu_sets:
+                command = ["taskset", "-c", self.cpu_sets[index % len(self.cpu_sets)], *command]
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
             stage = LocalStage((start, end), process)

@@ -105,13 +105,14 @@ class PipelineClient:
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
-               end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None) -> Future:
+               end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None,
+               logits_top_k: int = 0) -> Future:
         """Queue one micro-batch; the future resolves to the last stage's ForwardResponse."""
         request = stage_pb2.ForwardRequest(
             session_id=session_id, micro_batch_id=next(self._ids), route=self.addresses[1:],
             activations=codec.encode(activations), position_ids=codec.encode(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
-            model_fingerprint=self.model_fingerprint)
+            model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k)
         if attention_mask is not None:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
         if cache_edit is not None:
@@ -138,9 +139,30 @@ class PipelineClient:
             channel.close()
 
 
-def logits_of(response: stage_pb2.ForwardResponse) -> torch.Tensor:
+class StepLogits:
+    """The last stage's answer for each row: all logits, or the top-k values with their token ids."""
+
+    def __init__(self, values: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
+        self.values = values  # float32 [B, V], or [B, k] when token_ids is set
+        self.token_ids = token_ids  # int64 [B, k] or None
+
+    def row(self, index: int) -> torch.Tensor:
+        """All logits of one row [V] (only when the stage sent them all)."""
+        if self.token_ids is not None:
+            raise ValueError("the stage sent only the top logits; ask for all of them to sample")
+        return self.values[index]
+
+    def best(self, index: int) -> int:
+        """The greedy token of one row."""
+        if self.token_ids is None:
+            return int(torch.argmax(self.values[index]))
+        return int(self.token_ids[index, int(torch.argmax(self.values[index]))])
+
+
+def logits_of(response: stage_pb2.ForwardResponse) -> StepLogits:
     """The logits of a response, or the chain's error raised as StageCallError."""
     if response.status_code != 0:
         raise StageCallError(status_code_from_value(response.status_code), response.error_message,
                              response.failed_stage)
-    return codec.decode(response.logits)
+    ids = codec.decode(response.top_token_ids) if response.HasField("top_token_ids") else None
+    return StepLogits(codec.decode(response.logits), ids)

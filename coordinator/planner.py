@@ -15,17 +15,21 @@ class PlanError(ValueError):
 
 
 def plan_partition(num_layers: int, num_stages: int,
-                   weights: Sequence[float] | None = None) -> list[tuple[int, int]]:
+                   weights: Sequence[float] | None = None, head_cost: float = 0.0) -> list[tuple[int, int]]:
     """Split layers [0, num_layers) into `num_stages` contiguous, non-empty ranges.
 
-    With `weights`, stage i gets a share of the layers proportional to weights[i]
-    (rounded to the nearest split, every stage at least one layer).
+    With `weights`, stage i gets a share of the work proportional to weights[i]
+    (rounded to the nearest split, every stage at least one layer). `head_cost` is
+    the final norm + LM head's work counted in layers: the last stage runs it, so it
+    gets that many layers fewer than its share (a large vocabulary costs several layers).
 
     Example:
         >>> plan_partition(30, 3)
         [(0, 10), (10, 20), (20, 30)]
         >>> plan_partition(10, 2, weights=[3, 1])
         [(0, 8), (8, 10)]
+        >>> plan_partition(30, 2, head_cost=8)
+        [(0, 19), (19, 30)]
     """
     if num_layers < 1:
         raise PlanError(f"the model must have at least one layer, not {num_layers}")
@@ -39,9 +43,12 @@ def plan_partition(num_layers: int, num_stages: int,
         raise PlanError(f"{len(weights)} weights given for {num_stages} stages")
     if any(not (w > 0) for w in weights):
         raise PlanError(f"weights must be positive numbers, got {list(weights)}")
+    if not head_cost >= 0:
+        raise PlanError(f"head_cost must be zero or more, got {head_cost}")
 
     total = float(sum(weights))
-    ideal = [num_layers * w / total for w in weights]
+    ideal = [(num_layers + head_cost) * w / total for w in weights]
+    ideal[-1] -= head_cost
     counts = [max(1, int(x)) for x in ideal]
     while sum(counts) < num_layers:  # give a layer to the stage furthest below its share
         counts[max(range(num_stages), key=lambda i: ideal[i] - counts[i])] += 1

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coordinator.pipeline_client import StepLogits
 from coordinator.sampling import Sampler
 from protos import stage_pb2
 
@@ -51,10 +52,16 @@ class LiveSequence:
         """Positions this sequence may come to occupy in every stage's cache."""
         return len(self.prompt_ids) + self.max_new_tokens
 
-    def take(self, logits: torch.Tensor) -> None:
-        """Sample this sequence's next token from its logits [V] and record why it stops, if it does."""
-        previous = torch.tensor(self.prompt_ids + self.output)
-        token = self.sampler(logits, previous)
+    @property
+    def greedy(self) -> bool:
+        return self.sampler.params.greedy
+
+    def take(self, logits: StepLogits, row: int) -> None:
+        """Pick this sequence's next token from its row of the step's logits; record why it stops, if it does."""
+        if self.greedy:
+            token = logits.best(row)
+        else:
+            token = self.sampler(logits.row(row), torch.tensor(self.prompt_ids + self.output))
         self.output.append(token)
         self.last_position += 1
         if self.on_token is not None and self.on_token(token):
@@ -96,6 +103,7 @@ class Prefill:
         step = max(1, chunk_tokens // rows) if chunk_tokens > 0 else length
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
+        self.target: Group | None = None  # the group these sequences join once prefilled
 
     @property
     def length(self) -> int:
@@ -109,7 +117,8 @@ class Group:
         self.session_id: str | None = None
         self.rows: list[LiveSequence] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
-        self.joining: list[Prefill] = []
+        self.joining: list[Prefill] = []  # prefilled, merged at the next step
+        self.incoming = 0  # rows still being prefilled for this group
         self.in_flight: Future | None = None
 
     @property

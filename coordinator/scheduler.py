@@ -47,7 +47,7 @@ class BatchLimits:
     max_batch_rows: int = 64  # sequences generating at once, over every group and prefill
     max_cache_positions: int = 1 << 16  # Σ (prompt + max_new_tokens) over those sequences
     max_queue: int = 1024  # sequences waiting for admission
-    prefill_chunk_tokens: int = 256  # tokens (rows × positions) per prefill micro-batch; 0 = no chunks
+    prefill_chunk_tokens: int = 512  # tokens (rows × positions) per prefill micro-batch; 0 = no chunks
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_cache_positions", "max_queue"):
@@ -169,24 +169,33 @@ class Scheduler:
             positions += sequence.cache_positions
         if not admitted:
             return
-        free_groups = sum(g.empty and not g.joining for g in self._groups) - len(self._prefills)
-        parts = max(1, min(len(admitted), free_groups))
-        bounds = [round(i * len(admitted) / parts) for i in range(parts + 1)]
-        for i in range(parts):
-            self._start_prefill(admitted[bounds[i]:bounds[i + 1]])
+        # Spread newcomers so every group ends up with about as many rows: groups in
+        # flight at once only keep every stage busy if each takes about as long.
+        shares: dict[int, list[LiveSequence]] = {}
+        loads = [g.load + g.incoming for g in self._groups]
+        for sequence in admitted:
+            target = min(range(len(self._groups)), key=lambda i: loads[i])
+            loads[target] += 1
+            shares.setdefault(target, []).append(sequence)
+        for target, sequences in shares.items():
+            self._start_prefill(sequences, self._groups[target])
 
-    def _start_prefill(self, sequences: list[LiveSequence]) -> None:
+    def _start_prefill(self, sequences: list[LiveSequence], target: Group) -> None:
         prefill = Prefill(sequences, self.pad_token_id, self.limits.prefill_chunk_tokens)
+        prefill.target = target
         futures = []
         try:
             for i, (start, end) in enumerate(prefill.chunks):
+                last = i == len(prefill.chunks) - 1
                 futures.append(self.pipeline.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
-                    prefill.mask[:, :end], start_session=i == 0))
+                    prefill.mask[:, :end], start_session=i == 0,
+                    logits_top_k=_top_k_needed(sequences) if last else 1))
         except Exception as err:
             self._resolve_all(sequences, err)
             return
         prefill.futures = futures
+        target.incoming += len(sequences)
         self._prefills.append(prefill)
         futures[-1].add_done_callback(lambda f: self._events.put(("prefill", prefill, f)))
 
@@ -208,7 +217,8 @@ class Scheduler:
         edit = group.next_edit()
         tokens, positions, mask = group.step_inputs(self.pad_token_id)
         try:
-            future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit)
+            future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit,
+                                          logits_top_k=_top_k_needed(group.rows))
         except Exception as err:
             self._fail_group(group, err)
             return
@@ -231,6 +241,7 @@ class Scheduler:
 
     def _prefill_done(self, prefill: Prefill, future: Future) -> None:
         self._prefills.remove(prefill)
+        prefill.target.incoming -= len(prefill.sequences)
         try:
             for earlier in prefill.futures[:-1]:  # an early chunk's error says more than "unknown session"
                 self._logits(earlier)
@@ -239,14 +250,13 @@ class Scheduler:
             self._resolve_all(prefill.sequences, err)
             self._end_session(prefill.session_id)
             return
-        finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits[row])]
+        finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits, row)]
         if all(s.finish is not None for s in prefill.sequences):
             self._end_session(prefill.session_id, wait=True)
             _settle_all(finished)
             return
         _settle_all(finished)
-        target = min(self._groups, key=lambda g: (not (g.empty and not g.joining), g.load))
-        target.joining.append(prefill)
+        prefill.target.joining.append(prefill)
 
     def _step_done(self, group: Group, future: Future) -> None:
         group.in_flight = None
@@ -256,7 +266,7 @@ class Scheduler:
             self._fail_group(group, err)
             return
         self._decode_steps += 1
-        finished = [s for row, s in enumerate(group.rows) if self._take(s, logits[row])]
+        finished = [s for row, s in enumerate(group.rows) if self._take(s, logits, row)]
         if all(s.finish is not None for s in group.rows) and not group.joining:
             # Free the caches before answering, so a caller that gets its last result
             # and looks at the stages finds nothing left behind.
@@ -265,12 +275,12 @@ class Scheduler:
         _settle_all(finished)
 
     @staticmethod
-    def _take(sequence: LiveSequence, logits) -> bool:
+    def _take(sequence: LiveSequence, logits, row: int) -> bool:
         """Sample the sequence's next token; True if it has just finished (settle it after)."""
         if sequence.finish is not None:
             return False
         try:
-            sequence.take(logits)
+            sequence.take(logits, row)
         except Exception as err:  # a failing on_token callback ends only its own sequence
             sequence.finish = FINISH_CANCELLED
             _settle(sequence, err)
@@ -320,6 +330,8 @@ class Scheduler:
         for prefill in self._prefills:
             self._end_session(prefill.session_id)
         self._prefills = []
+        for group in self._groups:
+            group.incoming = 0
 
     def _end_session(self, session_id: str, *, wait: bool = False) -> None:
         """Free a session on every stage: now (wait=True), or without blocking the loop."""
@@ -332,6 +344,11 @@ class Scheduler:
             end()
         else:
             threading.Thread(target=end, name="end-session", daemon=True).start()
+
+
+def _top_k_needed(sequences: list[LiveSequence]) -> int:
+    """1 when every live row decodes greedily (the stage sends only argmaxes), else 0 (all logits)."""
+    return 1 if all(s.greedy for s in sequences if s.finish is None) else 0
 
 
 def _still_wanted(sequence: LiveSequence) -> bool:

@@ -58,7 +58,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             return stopped
 
         request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
-                                  self.tokenization.eos_token_ids, on_token=token_seen)
+                                  frozenset() if prepared.ignore_eos else self.tokenization.eos_token_ids,
+                                  on_token=token_seen)
 
         def keep_going() -> bool:
             remaining = context.time_remaining()

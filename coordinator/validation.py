@@ -40,6 +40,7 @@ class PreparedRequest:
     max_new_tokens: int
     sampling: SamplingParams
     stop: tuple[str, ...]
+    ignore_eos: bool = False
 
 
 def prepare(request, tokenization: Tokenization, limits: Limits) -> PreparedRequest:
@@ -96,4 +97,4 @@ def prepare(request, tokenization: Tokenization, limits: Limits) -> PreparedRequ
         raise ApiError("INVALID_ARGUMENT", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
     if any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
         raise ApiError("INVALID_ARGUMENT", f"stop strings must be 1 to {MAX_STOP_LENGTH} characters long")
-    return PreparedRequest(prompt_ids, max_new, sampling, stop)
+    return PreparedRequest(prompt_ids, max_new, sampling, stop, request.ignore_eos)

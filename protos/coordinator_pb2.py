@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\x0clayerline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd6\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.layerline.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\tB\x07\n\x05_seed\"\x98\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.layerline.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\"\x9e\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.layerline.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xb1\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x13\n\x0b\x63ompression\x18\x08 \x01(\t\x12\'\n\x06stages\x18\t \x03(\x0b\x32\x17.layerline.v1.StageInfo\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12-\n\x08\x62\x61tching\x18\x0b \x01(\x0b\x32\x1b.layerline.v1.BatchingState\"\xd5\x01\n\rBatchingState\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nprefilling\x18\x03 \x01(\r\x12\x1a\n\x12reserved_positions\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_rows\x18\x05 \x01(\r\x12\x1b\n\x13max_cache_positions\x18\x06 \x01(\x04\x12\x11\n\tmax_queue\x18\x07 \x01(\r\x12\x15\n\rmicro_batches\x18\x08 \x01(\r\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\t \x01(\x04\"|\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xfd\x01\n\x0b\x43oordinator\x12I\n\x08Generate\x12\x1d.layerline.v1.GenerateRequest\x1a\x1e.layerline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.layerline.v1.GenerateRequest\x1a$.layerline.v1.GenerateStreamResponse0\x01\x12J\n\x0cGetModelInfo\x12!.layerline.v1.GetModelInfoRequest\x1a\x17.layerline.v1.ModelInfoB\x1aZ\x18layerline/v1;layerlinev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18protos/coordinator.proto\x12\x0clayerline.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xea\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.layerline.v1.ChatMessage\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\x05\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x07\n\x05_seed\"\x98\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.layerline.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\"\x9e\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.layerline.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"\xb1\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\x13\n\x0bmax_context\x18\x06 \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\x07 \x01(\r\x12\x13\n\x0b\x63ompression\x18\x08 \x01(\t\x12\'\n\x06stages\x18\t \x03(\x0b\x32\x17.layerline.v1.StageInfo\x12\x19\n\x11has_chat_template\x18\n \x01(\x08\x12-\n\x08\x62\x61tching\x18\x0b \x01(\x0b\x32\x1b.layerline.v1.BatchingState\"\xe8\x01\n\rBatchingState\x12\x0e\n\x06queued\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x12\n\nprefilling\x18\x03 \x01(\r\x12\x1a\n\x12reserved_positions\x18\x04 \x01(\x04\x12\x16\n\x0emax_batch_rows\x18\x05 \x01(\r\x12\x1b\n\x13max_cache_positions\x18\x06 \x01(\x04\x12\x11\n\tmax_queue\x18\x07 \x01(\r\x12\x15\n\rmicro_batches\x18\x08 \x01(\r\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\t \x01(\x04\x12\x11\n\thop_bytes\x18\n \x01(\x04\"|\n\tStageInfo\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x63tive_sessions\x18\x06 \x01(\r*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\xfd\x01\n\x0b\x43oordinator\x12I\n\x08Generate\x12\x1d.layerline.v1.GenerateRequest\x1a\x1e.layerline.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.layerline.v1.GenerateRequest\x1a$.layerline.v1.GenerateStreamResponse0\x01\x12J\n\x0cGetModelInfo\x12!.layerline.v1.GetModelInfoRequest\x1a\x17.layerline.v1.ModelInfoB\x1aZ\x18layerline/v1;layerlinev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,24 +32,24 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.coordinator_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z\030layerline/v1;layerlinev1'
-  _globals['_FINISHREASON']._serialized_start=1294
-  _globals['_FINISHREASON']._serialized_end=1412
+  _globals['_FINISHREASON']._serialized_start=1333
+  _globals['_FINISHREASON']._serialized_end=1451
   _globals['_CHATMESSAGE']._serialized_start=42
   _globals['_CHATMESSAGE']._serialized_end=86
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=303
-  _globals['_GENERATERESPONSE']._serialized_start=306
-  _globals['_GENERATERESPONSE']._serialized_end=458
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=461
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=619
-  _globals['_GETMODELINFOREQUEST']._serialized_start=621
-  _globals['_GETMODELINFOREQUEST']._serialized_end=642
-  _globals['_MODELINFO']._serialized_start=645
-  _globals['_MODELINFO']._serialized_end=950
-  _globals['_BATCHINGSTATE']._serialized_start=953
-  _globals['_BATCHINGSTATE']._serialized_end=1166
-  _globals['_STAGEINFO']._serialized_start=1168
-  _globals['_STAGEINFO']._serialized_end=1292
-  _globals['_COORDINATOR']._serialized_start=1415
-  _globals['_COORDINATOR']._serialized_end=1668
+  _globals['_GENERATEREQUEST']._serialized_end=323
+  _globals['_GENERATERESPONSE']._serialized_start=326
+  _globals['_GENERATERESPONSE']._serialized_end=478
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=481
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=639
+  _globals['_GETMODELINFOREQUEST']._serialized_start=641
+  _globals['_GETMODELINFOREQUEST']._serialized_end=662
+  _globals['_MODELINFO']._serialized_start=665
+  _globals['_MODELINFO']._serialized_end=970
+  _globals['_BATCHINGSTATE']._serialized_start=973
+  _globals['_BATCHINGSTATE']._serialized_end=1205
+  _globals['_STAGEINFO']._serialized_start=1207
+  _globals['_STAGEINFO']._serialized_end=1331
+  _globals['_COORDINATOR']._serialized_start=1454
+  _globals['_COORDINATOR']._serialized_end=1707
 # @@protoc_insertion_point(module_scope)

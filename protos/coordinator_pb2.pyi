@@ -27,7 +27,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")
+    __slots__ = ("prompt", "messages", "token_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class GenerateRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -46,7 +47,8 @@ class GenerateRequest(_message.Message):
     top_p: float
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    ignore_eos: bool
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens")
@@ -107,7 +109,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ...) -> None: ...
 
 class BatchingState(_message.Message):
-    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps")
+    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PREFILLING_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +119,7 @@ class BatchingState(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     prefilling: int
@@ -126,7 +129,8 @@ class BatchingState(_message.Message):
     max_queue: int
     micro_batches: int
     decode_steps: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ...) -> None: ...
+    hop_bytes: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions")

@@ -43,6 +43,23 @@ def error_response(request: stage_pb2.ForwardRequest, code_name: str, message: s
                                      failed_stage=stage)
 
 
+def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor) -> stage_pb2.ForwardResponse:
+    """The last stage's answer: every logit, or only each row's `logits_top_k` largest with their ids."""
+    response = stage_pb2.ForwardResponse(session_id=request.session_id, micro_batch_id=request.micro_batch_id)
+    k = min(request.logits_top_k, logits.shape[-1])
+    if k == 0:
+        response.logits.CopyFrom(codec.encode(logits))
+        return response
+    if k == 1:  # argmax: the first of equal maxima, exactly as greedy decoding on all logits picks
+        ids = logits.argmax(dim=-1, keepdim=True)
+        values = logits.gather(-1, ids)
+    else:
+        values, ids = logits.topk(k, dim=-1)
+    response.logits.CopyFrom(codec.encode(values.contiguous()))
+    response.top_token_ids.CopyFrom(codec.encode(ids))
+    return response
+
+
 class StageService(stage_pb2_grpc.StageServicer):
     """Serves one slice. Until `attach` is called (weights loading) Forward answers UNAVAILABLE."""
 
@@ -128,7 +145,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                     route=request.route[1:], activations=codec.encode(output, request.wire_codec),
                     position_ids=request.position_ids, wire_codec=request.wire_codec,
                     start_session=request.start_session, end_session=request.end_session,
-                    model_fingerprint=request.model_fingerprint)
+                    model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -137,9 +154,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
             else:
-                deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
-                                                  micro_batch_id=request.micro_batch_id,
-                                                  logits=codec.encode(output)))
+                deliver(logits_response(request, output))
         except StageRequestError as err:
             deliver(error_response(request, err.code, str(err), self.name))
         except codec.WireFormatError as err:

@@ -40,3 +40,23 @@ def test_weights_shift_layers_to_stronger_stages():
 def test_impossible_splits(args, words):
     with pytest.raises(PlanError, match=words):
         plan_partition(*args)
+
+
+def test_head_cost_shifts_layers_off_the_last_stage():
+    assert plan_partition(30, 2, head_cost=8) == [(0, 19), (19, 30)]
+    assert plan_partition(30, 1, head_cost=8) == [(0, 30)]
+    ranges = plan_partition(4, 2, head_cost=100)  # a huge head still leaves the last stage one layer
+    assert ranges == [(0, 3), (3, 4)]
+    with pytest.raises(PlanError, match="head_cost"):
+        plan_partition(30, 2, head_cost=-1)
+
+
+def test_head_cost_estimate_from_config():
+    from transformers import LlamaConfig
+
+    from coordinator.split_costs import head_cost_in_layers, layer_parameters
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, num_hidden_layers=30)
+    assert layer_parameters(config) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    assert head_cost_in_layers(config) == pytest.approx(8.0, rel=0.01)  # SmolLM2-135M's shape

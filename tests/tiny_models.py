@@ -61,13 +61,14 @@ def save_tiny_model(directory: Path, family: str, *, tied: bool = False, sharded
     return Path(directory)
 
 
-def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
+                     device: str = "cpu") -> list[list[int]]:
     """Greedy continuations of the unsplit model via `generate`, one left-padded batch."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
     model.eval()
     longest = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0, eos_token_id=None)

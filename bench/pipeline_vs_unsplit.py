@@ -1,0 +1,379 @@
+"""Throughput suite: the pipeline against the unsplit Hugging Face model, side by side in one run.
+
+Everything runs on SmolLM2-135M-Instruct on this machine, per dtype (float32, bfloat16).
+Stage servers and the coordinator are separate processes (as deployed); the unsplit
+model runs in this process while they sit idle. Each figure is printed as a ratio to
+its baseline measured minutes apart in the same run:
+
+  1. decode      single-request decode tokens/s through 2 and 4 stages ÷ unsplit `generate`
+  2. ttft        time to first token of a 512-token prompt through 2 stages ÷ unsplit
+  3. concurrency aggregate tokens/s of 1, 4, 16, 64 concurrent clients (32 new tokens each)
+                 through 2 stages, and ÷ one client; the unsplit model's static batch of the
+                 same size beside it; every concurrent answer checked against the same
+                 prompt answered alone
+  4. pinned      2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
+                 to one core, on a batch of 64 sequences: share of the ideal 2x
+  5. wire        activation bytes between stages per generated token, per codec
+
+    python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
+        [--json bench/results/pipeline_vs_unsplit.json] [--plot bench/results/throughput.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coordinator.client import AsyncCoordinatorClient, CoordinatorClient  # noqa: E402
+from coordinator.launcher import LocalStages  # noqa: E402
+from coordinator.planner import plan_partition  # noqa: E402
+from coordinator.split_costs import head_cost_in_layers  # noqa: E402
+from coordinator.text import Tokenization  # noqa: E402
+from stage_server.model_store import ensure_model  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU does.",
+    "List three colours of the rainbow.", "How many legs does a spider have?", "Give me a tip for sleeping well.",
+    "What is photosynthesis?", "Translate 'good morning' into Spanish.", "Name a famous painter.",
+    "Why is the sky blue?", "Suggest a name for a pet cat.", "What is 12 times 12?",
+    "Describe a rainy day in two sentences.", "What does a compiler do?", "Who wrote Romeo and Juliet?",
+    "Give me a recipe idea for dinner.",
+]
+PARTS = ("decode", "ttft", "concurrency", "pinned", "wire")
+ALL_CORES = sorted(os.sched_getaffinity(0))
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- the unsplit baseline ------------------------------------------------------------------------
+
+class Unsplit:
+    """The whole model in this process, run with `generate` (greedy, no early stop)."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, tokenization: Tokenization) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        self.pad = tokenization.pad_token_id
+
+    def _generate(self, rows: list[list[int]], new_tokens: int, streamer=None) -> torch.Tensor:
+        longest = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad] * (longest - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        with torch.inference_mode():
+            return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad,
+                                       streamer=streamer)[:, longest:]
+
+    def decode_tokens_per_s(self, prompt: list[int], new_tokens: int) -> float:
+        """Tokens/s between the first and the last generated token (prefill excluded)."""
+        stamps: list[float] = []
+
+        class Stamps:
+            def put(self, value):
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        self._generate([prompt], new_tokens, Stamps())
+        # the streamer sees the prompt once, then one call per new token
+        return (new_tokens - 1) / (stamps[-1] - stamps[1])
+
+    def first_token_s(self, prompt: list[int]) -> float:
+        started = time.perf_counter()
+        self._generate([prompt], 1)
+        return time.perf_counter() - started
+
+    def batch_tokens_per_s(self, prompts: list[list[int]], new_tokens: int) -> float:
+        started = time.perf_counter()
+        out = self._generate(prompts, new_tokens)
+        return out.numel() / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def pinned_to(cores: set[int], threads: int):
+    """Run this process on `cores` with `threads` torch threads, then restore both."""
+    old_cores, old_threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old_cores)
+        torch.set_num_threads(old_threads)
+
+
+# ---- the pipeline --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
+             compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None):
+    """Stage server processes plus a coordinator process; yields the coordinator's address."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost_in_layers(config))
+    with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False) as stages:
+        addresses = stages.start()
+        port = free_port()
+        command = [sys.executable, "-m", "coordinator.cli", "serve", "--stages", ",".join(addresses),
+                   "--model", str(model_dir), "--port", str(port), "--compression", compression,
+                   "--micro-batches", str(micro_batches)]
+        if prefill_chunk is not None:
+            command += ["--prefill-chunk", str(prefill_chunk)]
+        coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        address = f"127.0.0.1:{port}"
+        _PROCESSES[address] = [coordinator.pid] + [stage.process.pid for stage in stages.stages]
+        try:
+            _wait_ready(address, coordinator)
+            yield address
+        finally:
+            coordinator.terminate()
+            try:
+                coordinator.wait(10)
+            except subprocess.TimeoutExpired:
+                coordinator.kill()
+
+
+_PROCESSES: dict[str, list[int]] = {}  # coordinator address → pids of (coordinator, stage 0, stage 1, ...)
+
+
+def cpu_seconds(address: str) -> list[float]:
+    """CPU time used so far by the coordinator and each stage process of a pipeline."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = []
+    for pid in _PROCESSES[address]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds.append((int(fields[11]) + int(fields[12])) / ticks)  # utime + stime
+    return seconds
+
+
+def _wait_ready(address: str, process: subprocess.Popen, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"coordinator exited: {process.stderr.read()[-2000:]}")
+        try:
+            with CoordinatorClient(address, timeout_s=2) as client:
+                client.model_info()
+                return
+        except Exception:
+            time.sleep(0.3)
+    raise RuntimeError("coordinator did not come up")
+
+
+def stream_decode_tokens_per_s(address: str, prompt: list[int], new_tokens: int) -> float:
+    stamps = []
+    with CoordinatorClient(address) as client:
+        for message in client.generate_stream(token_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True):
+            if message.token_ids:
+                stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def pipeline_first_token_s(address: str, prompt: list[int]) -> float:
+    with CoordinatorClient(address) as client:
+        started = time.perf_counter()
+        client.generate(token_ids=prompt, max_new_tokens=1)
+        return time.perf_counter() - started
+
+
+async def _clients(address: str, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+    async with AsyncCoordinatorClient(address) as client:
+        started = time.perf_counter()
+        replies = await asyncio.gather(*[client.generate(token_ids=p, max_new_tokens=new_tokens, ignore_eos=True)
+                                         for p in prompts])
+        return [list(r.token_ids) for r in replies], time.perf_counter() - started
+
+
+def concurrent_clients(address: str, prompts: list[list[int]], new_tokens: int):
+    """All prompts sent at once by as many clients; returns (outputs, tokens/s)."""
+    outputs, seconds = asyncio.run(_clients(address, prompts, new_tokens))
+    return outputs, sum(len(o) for o in outputs) / seconds
+
+
+def hop_bytes(address: str) -> int:
+    with CoordinatorClient(address) as client:
+        return client.model_info().batching.hop_bytes
+
+
+# ---- the parts -----------------------------------------------------------------------------------
+
+def part_decode(ctx) -> dict:
+    prompt, n = ctx.prompts[0], ctx.args.decode_tokens
+    base = max(ctx.unsplit.decode_tokens_per_s(prompt, n) for _ in range(2))
+    result = {"unsplit_tokens_per_s": base}
+    for stages in (2, 4):
+        with pipeline(ctx.model_dir, stages, ctx.dtype_name) as address:
+            stream_decode_tokens_per_s(address, prompt, 8)  # warm up
+            got = max(stream_decode_tokens_per_s(address, prompt, n) for _ in range(2))
+        result[f"stages_{stages}_tokens_per_s"] = got
+        result[f"stages_{stages}_ratio"] = got / base
+        log(f"  decode: {stages} stages {got:.2f} tok/s vs unsplit {base:.2f} → {got / base:.3f}")
+    return result
+
+
+def part_ttft(ctx) -> dict:
+    long_prompt = (sum(ctx.prompts, []) * 40)[: ctx.args.ttft_tokens]
+    ctx.unsplit.first_token_s(long_prompt[:64])
+    base = min(ctx.unsplit.first_token_s(long_prompt) for _ in range(3))
+    result = {"prompt_tokens": len(long_prompt), "unsplit_s": base}
+    # Whole-prompt prefill (the default up to 512 tokens), and chunks of 128 that let stages
+    # overlap (which pays off when stages have their own cores, not when they share two).
+    for chunk in (512, 128):
+        with pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=chunk) as address:
+            pipeline_first_token_s(address, long_prompt[:64])
+            got = min(pipeline_first_token_s(address, long_prompt) for _ in range(3))
+        result[f"stages_2_chunk_{chunk}_s"] = got
+        result[f"chunk_{chunk}_ratio"] = got / base
+        log(f"  ttft ({len(long_prompt)} tokens, prefill chunks of {chunk}): 2 stages {got:.3f}s vs unsplit "
+            f"{base:.3f}s → {got / base:.3f}")
+    return result
+
+
+def part_concurrency(ctx) -> dict:
+    n = ctx.args.new_tokens
+    levels = [c for c in (1, 4, 16, 64) if c <= ctx.args.max_clients]
+    unsplit = {}
+    for c in levels:
+        batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(c)]
+        unsplit[c] = ctx.unsplit.batch_tokens_per_s(batch, n)
+    pipe, exact = {}, {}
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1) as address:
+        concurrent_clients(address, ctx.prompts[:2], 4)  # warm up
+        alone, started = [], time.perf_counter()
+        for prompt in ctx.prompts:  # one client, one request at a time: the baseline and the reference
+            outputs, _ = concurrent_clients(address, [prompt], n)
+            alone.append(outputs[0])
+        pipe[1] = sum(len(o) for o in alone) / (time.perf_counter() - started)
+        for c in levels[1:]:
+            batch_index = [i % len(ctx.prompts) for i in range(c)]
+            outputs, pipe[c] = concurrent_clients(address, [ctx.prompts[i] for i in batch_index], n)
+            exact[c] = sum(o == alone[i] for o, i in zip(outputs, batch_index))
+            log(f"  concurrency {c}: {pipe[c]:.1f} tok/s ({pipe[c] / pipe[1]:.2f}x one client), "
+                f"{exact[c]}/{c} identical to alone; unsplit batch {unsplit[c]:.1f} tok/s")
+    return {"clients": levels, "pipeline_tokens_per_s": pipe, "unsplit_batch_tokens_per_s": unsplit,
+            "ratio_to_one_client": {c: pipe[c] / pipe[1] for c in levels}, "identical_to_alone": exact}
+
+
+def part_pinned(ctx) -> dict:
+    if len(ALL_CORES) < 2:
+        return {"skipped": "needs 2 cores"}
+    n = ctx.args.new_tokens
+    batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(ctx.args.pinned_batch)]
+    with pinned_to({ALL_CORES[0]}, 1):
+        base = ctx.unsplit.batch_tokens_per_s(batch, n)
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1, cpu_sets=[str(ALL_CORES[0]), str(ALL_CORES[1])],
+                  micro_batches=2) as address:
+        concurrent_clients(address, batch[:2], 4)
+        before, started = cpu_seconds(address), time.perf_counter()
+        _, got = concurrent_clients(address, batch, n)
+        wall = time.perf_counter() - started
+        busy = [(b - a) / wall for a, b in zip(before, cpu_seconds(address))]
+    log(f"  pinned: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on 1 core {base:.1f} → {got / base:.2f}x "
+        f"({got / base / 2:.0%} of ideal); CPU busy: coordinator {busy[0]:.0%}, stages "
+        + ", ".join(f"{b:.0%}" for b in busy[1:]))
+    return {"unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got, "speedup": got / base,
+            "share_of_ideal": got / base / 2, "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
+
+
+def part_wire(ctx) -> dict:
+    rows = {}
+    for name in ("none", "fp16", "bf16", "int8"):
+        with pipeline(ctx.model_dir, 2, ctx.dtype_name, compression=name) as address:
+            before = hop_bytes(address)
+            outputs, _ = concurrent_clients(address, ctx.prompts[:8], ctx.args.new_tokens)
+            sent = hop_bytes(address) - before
+        tokens = sum(len(o) for o in outputs)
+        rows[name] = sent / tokens
+        log(f"  wire {name}: {rows[name]:.0f} bytes per generated token (2 stages, prefill included)")
+    return {"bytes_per_generated_token": rows}
+
+
+class Context:
+    def __init__(self, args, model_dir: Path, dtype_name: str) -> None:
+        self.args, self.model_dir, self.dtype_name = args, model_dir, dtype_name
+        self.tokenization = Tokenization.from_model_dir(model_dir)
+        self.prompts = [self.tokenization.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
+        self.unsplit = Unsplit(model_dir, getattr(torch, dtype_name), self.tokenization)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for dtype, parts in results["dtypes"].items():
+        conc = parts.get("concurrency")
+        if not conc:
+            continue
+        levels = conc["clients"]
+        ax.plot(levels, [conc["pipeline_tokens_per_s"][c] for c in levels], marker="o",
+                label=f"layerline, 2 stages ({dtype})")
+        ax.plot(levels, [conc["unsplit_batch_tokens_per_s"][c] for c in levels], marker="s", linestyle="--",
+                label=f"unsplit generate, static batch ({dtype})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients (32 new tokens each)")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("SmolLM2-135M on 2 CPU cores")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--decode-tokens", type=int, default=48)
+    parser.add_argument("--ttft-tokens", type=int, default=512)
+    parser.add_argument("--max-clients", type=int, default=64)
+    parser.add_argument("--pinned-batch", type=int, default=64, help="sequences in the pinned batch workload")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline_vs_unsplit.json"))
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
+    args = parser.parse_args()
+    torch.set_num_threads(len(ALL_CORES))
+    model_dir = ensure_model("smollm2-135m")
+    results = {"model": "smollm2-135m", "cores": len(ALL_CORES), "torch": torch.__version__, "dtypes": {}}
+    for dtype_name in args.dtypes.split(","):
+        log(f"== {dtype_name}")
+        ctx = Context(args, model_dir, dtype_name)
+        parts = results["dtypes"].setdefault(dtype_name, {})
+        for part in args.parts.split(","):
+            started = time.perf_counter()
+            parts[part] = globals()[f"part_{part}"](ctx)
+            parts[part]["seconds"] = time.perf_counter() - started
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    plot(results, args.plot)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

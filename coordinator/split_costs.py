@@ -1,0 +1,32 @@
+"""Rough compute costs of a model's parts, for planning a balanced split.
+
+Owns: estimating, from a Hugging Face config alone, how much work the final norm +
+LM head does compared with one decoder layer (both are dominated by their matrix
+products, so parameter counts stand in for work). A 135M model with a 49k
+vocabulary has a head worth about eight of its thirty layers: a plain even split
+leaves the last stage the slowest, and a pipeline runs at its slowest stage's pace.
+
+Does not own: the split itself (planner) or anything measured at run time.
+"""
+
+from __future__ import annotations
+
+_UNGATED_MLP = {"gpt2", "opt"}  # two MLP matrices instead of three
+
+
+def layer_parameters(config) -> int:
+    """Weights in one decoder layer (attention + MLP), ignoring norms and biases."""
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inner = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+             or getattr(config, "n_inner", None) or 4 * hidden)
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mlp = (2 if config.model_type in _UNGATED_MLP else 3) * hidden * inner
+    return attention + mlp
+
+
+def head_cost_in_layers(config) -> float:
+    """The LM head's work in units of one decoder layer's."""
+    return config.vocab_size * config.hidden_size / layer_parameters(config)
