@@ -34,6 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 bench: install
+	$(PY) bench/pipeline_vs_unsplit.py
 	$(PY) bench/wire_codecs.py
 	$(PY) bench/slice_memory.py
 

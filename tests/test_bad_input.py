@@ -10,7 +10,7 @@ from waiting import eventually
 from coordinator.client import CoordinatorClient
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
-from protos import codec, stage_pb2, stage_pb2_grpc
+from protos import codec, coordinator_pb2, stage_pb2, stage_pb2_grpc
 
 OK = grpc.StatusCode.OK
 
@@ -231,3 +231,37 @@ def test_stage_rejects_bad_cache_edits(edit, code, words, tiny_api):
     assert code_of(answer) == code, answer.error_message
     assert words in answer.error_message
     assert_still_serving(tiny_api)
+
+
+def test_coordinator_bounds_queue_and_cache(tiny_model, stages):
+    """Beyond the batch bound requests queue (visible in GetModelInfo); beyond the queue, or a
+    request that alone needs more cache than allowed, gets RESOURCE_EXHAUSTED."""
+    import time
+
+    from conftest import running_coordinator
+
+    from coordinator.engine import BatchLimits
+
+    model_dir = tiny_model("llama")
+    limits = BatchLimits(max_batch_rows=1, max_queue=1, max_cache_positions=200)
+    with stages(model_dir, 2) as (addresses, _), \
+            running_coordinator(model_dir, addresses, batch_limits=limits) as (address, _):
+        with CoordinatorClient(address) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(token_ids=[5, 6, 7], max_new_tokens=199)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "cache positions" in err.value.details()
+
+            running = client.generate_stream(token_ids=[5, 6, 7], max_new_tokens=150)
+            next(running)  # admitted and generating: the only row the bound allows
+            waiting = client.stub.Generate.future(coordinator_pb2.GenerateRequest(token_ids=[8, 9], max_new_tokens=4))
+            deadline = time.monotonic() + 10
+            while client.model_info().batching.queued != 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            info = client.model_info().batching
+            assert (info.queued, info.running, info.max_batch_rows, info.max_queue) == (1, 1, 1, 1)
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(token_ids=[10, 11], max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued" in err.value.details()
+            running.cancel()
+            assert len(waiting.result(timeout=30).token_ids) == 4, "the queued request runs once there is room"
