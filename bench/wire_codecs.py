@@ -42,7 +42,8 @@ PROMPTS = [
 
 
 def run_codec(addresses, name, prompts, tokenization, new_tokens):
-    client = PipelineClient(addresses, wire_codec=codec.codec_from_name(name))
+    # Answers relayed along the chain: each hop's byte count arrives with the answer itself.
+    client = PipelineClient(addresses, wire_codec=codec.codec_from_name(name), direct_results=False)
     engine = Engine(client, pad_token_id=tokenization.pad_token_id)
     outputs, elements = [], 0
     started = time.perf_counter()

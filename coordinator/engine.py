@@ -54,7 +54,7 @@ class Engine:
     @property
     def hop_bytes(self) -> int:
         """Activation bytes the stages sent each other, over every run."""
-        return self.scheduler.hop_bytes
+        return self.pipeline.hop_bytes
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()

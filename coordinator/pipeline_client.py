@@ -15,6 +15,7 @@ import itertools
 import logging
 import queue
 import threading
+import uuid
 from concurrent.futures import Future
 
 import grpc
@@ -40,15 +41,43 @@ def status_code_from_value(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-class _Stream:
-    """One live Forward stream and the futures waiting on it."""
+class _Pending:
+    """Futures waiting for answers, keyed by (session, micro-batch), whichever stream answers."""
 
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str) -> None:
+    def __init__(self) -> None:
+        self._futures: dict[tuple[str, int], tuple[Future, object, bool]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, key: tuple[str, int], future: Future, stream: object, direct: bool) -> None:
+        with self._lock:
+            self._futures[key] = (future, stream, direct)
+
+    def resolve(self, response: stage_pb2.ForwardResponse) -> None:
+        with self._lock:
+            entry = self._futures.pop((response.session_id, response.micro_batch_id), None)
+        if entry is not None:
+            entry[0].set_result(response)
+
+    def fail(self, error: Exception, *, stream: object = None, direct_only: bool = False) -> None:
+        """Fail the futures sent on `stream` (or every one), or only those awaiting a direct answer."""
+        with self._lock:
+            doomed = [key for key, (_, sent_on, direct) in self._futures.items()
+                      if (stream is None or sent_on is stream) and (direct or not direct_only)]
+            entries = [self._futures.pop(key) for key in doomed]
+        for future, _, _ in entries:
+            future.set_exception(error)
+
+
+class _Stream:
+    """One live Forward stream to the first stage; answers (or notes of direct answers) come back on it."""
+
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, count_hops) -> None:
         self.address = address
         self.outbox: queue.Queue = queue.Queue()
-        self.pending: dict[tuple[str, int], Future] = {}
+        self.pending = pending
         self.lock = threading.Lock()
         self.alive = True
+        self._count_hops = count_hops
         self.call = stub.Forward(iter(self.outbox.get, _CLOSE))
         threading.Thread(target=self._read, name="pipeline-reader", daemon=True).start()
 
@@ -57,7 +86,7 @@ class _Stream:
         with self.lock:
             if not self.alive:
                 raise StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} is closed")
-            self.pending[(request.session_id, request.micro_batch_id)] = future
+            self.pending.add((request.session_id, request.micro_batch_id), future, self, bool(request.reply_to))
         self.outbox.put(request)
         return future
 
@@ -68,24 +97,45 @@ class _Stream:
         error = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for response in self.call:
-                with self.lock:
-                    future = self.pending.pop((response.session_id, response.micro_batch_id), None)
-                if future is not None:
-                    future.set_result(response)
+                self._count_hops(response)
+                if not response.answered_directly:
+                    self.pending.resolve(response)
         except grpc.RpcError as err:
             error = StageCallError(err.code(), f"first stage {self.address}: {err.details()}", self.address)
         with self.lock:
             self.alive = False
-            pending, self.pending = self.pending, {}
-        for future in pending.values():
-            future.set_exception(error)
+        self.pending.fail(error, stream=self)
+
+
+class _Results:
+    """A Results subscription on the last stage: answers of micro-batches sent with reply_to."""
+
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending) -> None:
+        self.collector_id = uuid.uuid4().hex
+        self.address = address
+        self.pending = pending
+        self.alive = True
+        self.call = stub.Results(stage_pb2.ResultsRequest(collector_id=self.collector_id))
+        threading.Thread(target=self._read, name="pipeline-results", daemon=True).start()
+
+    def _read(self) -> None:
+        detail = "ended"
+        try:
+            for response in self.call:
+                self.pending.resolve(response)
+        except grpc.RpcError as err:
+            detail = f"failed: {err.code().name}: {err.details()}"
+        self.alive = False
+        self.pending.fail(StageCallError(grpc.StatusCode.UNAVAILABLE,
+                                         f"results stream from the last stage {self.address} {detail}",
+                                         self.address), direct_only=True)
 
 
 class PipelineClient:
     """Sends micro-batches down a route of stage addresses and gets logits back."""
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
-                 model_fingerprint: str = "") -> None:
+                 model_fingerprint: str = "", direct_results: bool = True) -> None:
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
@@ -93,15 +143,33 @@ class PipelineClient:
         self.model_fingerprint = model_fingerprint
         self._channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
+        self.direct_results = direct_results and len(self.addresses) > 1
+        self.hop_bytes = 0  # activation bytes the stages sent each other, as they report them
+        self._pending = _Pending()
         self._stream: _Stream | None = None
+        self._results: _Results | None = None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+
+    def _count_hops(self, response: stage_pb2.ForwardResponse) -> None:
+        if response.hop_bytes:
+            with self._lock:
+                self.hop_bytes += sum(response.hop_bytes)
 
     def _live_stream(self) -> _Stream:
         with self._lock:
             if self._stream is None or not self._stream.alive:
-                self._stream = _Stream(self._stubs[0], self.addresses[0])
+                self._stream = _Stream(self._stubs[0], self.addresses[0], self._pending, self._count_hops)
             return self._stream
+
+    def _collector_id(self) -> str:
+        """The id answers may be sent to directly (a Results subscription on the last stage), or ""."""
+        if not self.direct_results:
+            return ""
+        with self._lock:
+            if self._results is None or not self._results.alive:
+                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending)
+            return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
@@ -112,7 +180,7 @@ class PipelineClient:
             session_id=session_id, micro_batch_id=next(self._ids), route=self.addresses[1:],
             activations=codec.encode(activations), position_ids=codec.encode(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
-            model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k)
+            model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id())
         if attention_mask is not None:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
         if cache_edit is not None:
@@ -135,6 +203,8 @@ class PipelineClient:
             if self._stream is not None:
                 self._stream.close()
                 self._stream.call.cancel()
+            if self._results is not None:
+                self._results.call.cancel()
         for channel in self._channels:
             channel.close()
 

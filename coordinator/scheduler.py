@@ -83,7 +83,6 @@ class Scheduler:
         self._lock = threading.RLock()  # re-entrant: an on_token callback may submit more work
         self._thread: threading.Thread | None = None
         self._decode_steps = 0
-        self.hop_bytes = 0
 
     # ---- the caller's side ---------------------------------------------------------------
 
@@ -114,7 +113,7 @@ class Scheduler:
                 queued=len(self._waiting), running=len(running), prefilling=len(prefilling),
                 reserved_positions=sum(s.cache_positions for s in running + prefilling),
                 sessions=sum(not g.empty for g in self._groups) + len(self._prefills),
-                decode_steps=self._decode_steps, hop_bytes=self.hop_bytes)
+                decode_steps=self._decode_steps, hop_bytes=self.pipeline.hop_bytes)
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -235,9 +234,7 @@ class Scheduler:
 
     def _logits(self, future: Future):
         response = future.result()
-        logits = logits_of(response)
-        self.hop_bytes += sum(response.hop_bytes)
-        return logits
+        return logits_of(response)
 
     def _prefill_done(self, prefill: Prefill, future: Future) -> None:
         self._prefills.remove(prefill)

@@ -66,7 +66,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k")
+    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class ForwardRequest(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     CACHE_EDIT_FIELD_NUMBER: _ClassVar[int]
     LOGITS_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     route: _containers.RepeatedScalarFieldContainer[str]
@@ -91,7 +92,14 @@ class ForwardRequest(_message.Message):
     model_fingerprint: str
     cache_edit: CacheEdit
     logits_top_k: int
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ..., reply_to: _Optional[str] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("collector_id",)
+    COLLECTOR_ID_FIELD_NUMBER: _ClassVar[int]
+    collector_id: str
+    def __init__(self, collector_id: _Optional[str] = ...) -> None: ...
 
 class CacheEdit(_message.Message):
     __slots__ = ("keep_rows", "keep_positions", "append_sessions")
@@ -104,7 +112,7 @@ class CacheEdit(_message.Message):
     def __init__(self, keep_rows: _Optional[_Iterable[int]] = ..., keep_positions: _Optional[int] = ..., append_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids")
+    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids", "answered_directly")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +121,7 @@ class ForwardResponse(_message.Message):
     FAILED_STAGE_FIELD_NUMBER: _ClassVar[int]
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_DIRECTLY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     logits: Tensor
@@ -121,7 +130,8 @@ class ForwardResponse(_message.Message):
     failed_stage: str
     hop_bytes: _containers.RepeatedScalarFieldContainer[int]
     top_token_ids: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    answered_directly: bool
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., answered_directly: _Optional[bool] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id", "route")

@@ -50,6 +50,11 @@ class StageStub:
                 request_serializer=protos_dot_stage__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protos_dot_stage__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/layerline.v1.Stage/Results',
+                request_serializer=protos_dot_stage__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=protos_dot_stage__pb2.ForwardResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -78,6 +83,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Results(self, request, context):
+        """Answers of micro-batches sent with reply_to = collector_id, as the last stage
+        produces them (the coordinator subscribes on the last stage).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_stage__pb2.InfoRequest.FromString,
                     response_serializer=protos_dot_stage__pb2.InfoResponse.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=protos_dot_stage__pb2.ResultsRequest.FromString,
+                    response_serializer=protos_dot_stage__pb2.ForwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class Stage:
             '/layerline.v1.Stage/Info',
             protos_dot_stage__pb2.InfoRequest.SerializeToString,
             protos_dot_stage__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/layerline.v1.Stage/Results',
+            protos_dot_stage__pb2.ResultsRequest.SerializeToString,
+            protos_dot_stage__pb2.ForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

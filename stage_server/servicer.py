@@ -73,6 +73,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._inflight = 0
         self.micro_batches_served = 0
         self._inflight_changed = threading.Condition()
+        self._collectors: dict[str, queue.Queue] = {}  # Results subscribers by collector id
+        self._collectors_lock = threading.Lock()
 
     def attach(self, model: StageModel, sessions: SessionStore) -> None:
         self.model, self.sessions = model, sessions
@@ -145,7 +147,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                     route=request.route[1:], activations=codec.encode(output, request.wire_codec),
                     position_ids=request.position_ids, wire_codec=request.wire_codec,
                     start_session=request.start_session, end_session=request.end_session,
-                    model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k)
+                    model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
+                    reply_to=request.reply_to)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -154,7 +157,14 @@ class StageService(stage_pb2_grpc.StageServicer):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
             else:
-                deliver(logits_response(request, output))
+                answer = logits_response(request, output)
+                collector = self._collector(request.reply_to)
+                if collector is None:
+                    deliver(answer)
+                else:  # straight to the coordinator; the chain only gets a note that it is done
+                    collector.put(answer)
+                    deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
+                                                      micro_batch_id=request.micro_batch_id, answered_directly=True))
         except StageRequestError as err:
             deliver(error_response(request, err.code, str(err), self.name))
         except codec.WireFormatError as err:
@@ -208,6 +218,31 @@ class StageService(stage_pb2_grpc.StageServicer):
         if request.end_session:
             sessions.end(request.session_id)
         return output
+
+    # ---- Results: answers sent straight to a subscribed coordinator ------------------------
+
+    def _collector(self, collector_id: str) -> queue.Queue | None:
+        if not collector_id:
+            return None
+        with self._collectors_lock:
+            return self._collectors.get(collector_id)
+
+    def Results(self, request, context):
+        if not request.collector_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "collector_id is empty")
+        answers: queue.Queue = queue.Queue()
+        with self._collectors_lock:
+            if request.collector_id in self._collectors:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                              f"collector {request.collector_id!r} is already subscribed here")
+            self._collectors[request.collector_id] = answers
+        context.add_callback(lambda: answers.put(_END))
+        try:
+            while (answer := answers.get()) is not _END:
+                yield answer
+        finally:
+            with self._collectors_lock:
+                self._collectors.pop(request.collector_id, None)
 
     # ---- draining ------------------------------------------------------------------------
 

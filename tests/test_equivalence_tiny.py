@@ -72,3 +72,21 @@ def test_micro_batch_groups_stay_exact(tiny_model, stages):
                 rows = BATCH[bounds[g]:bounds[g + 1]]
                 assert got[bounds[g]:bounds[g + 1]] == reference_greedy(model_dir, rows, NEW_TOKENS)
             assert len(got) == len(expected)
+
+
+def test_direct_and_relayed_answers_agree(tiny_model, stages):
+    """Answers sent straight from the last stage (the default) and relayed back through every
+    stage give the same tokens, and both count the bytes each hop sent."""
+    model_dir = tiny_model("qwen2")
+    expected = reference_greedy(model_dir, BATCH, NEW_TOKENS)
+    with stages(model_dir, 3) as (addresses, _):
+        for direct in (True, False):
+            client = PipelineClient(addresses, direct_results=direct)
+            try:
+                engine = Engine(client)
+                got = [r.token_ids for r in engine.generate([SequenceRequest(p, NEW_TOKENS) for p in BATCH])]
+                sent = eventually(lambda: engine.hop_bytes > 0, True)
+            finally:
+                client.close()
+            assert got == expected, f"direct_results={direct}"
+            assert sent, "hop bytes are reported either way"
