@@ -85,7 +85,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             result = self._run(prepared, text, context)
         except GenerationCancelled:
-            context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled or its deadline passed")
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed; the work stopped")
+            context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled; the work stopped")
         except Exception as err:
             self._abort_for(err, context)
         return coordinator_pb2.GenerateResponse(

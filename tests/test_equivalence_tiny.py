@@ -85,7 +85,7 @@ def test_direct_and_relayed_answers_agree(tiny_model, stages):
             try:
                 engine = Engine(client)
                 got = [r.token_ids for r in engine.generate([SequenceRequest(p, NEW_TOKENS) for p in BATCH])]
-                sent = eventually(lambda: engine.hop_bytes > 0, True)
+                sent = eventually(lambda engine=engine: engine.hop_bytes > 0, True)
             finally:
                 client.close()
             assert got == expected, f"direct_results={direct}"
