@@ -106,14 +106,21 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._lock:
-            running = [s for g in self._groups for s in g.rows if s.finish is None]
-            prefilling = [s for p in self._prefills for s in p.sequences] + \
-                [s for g in self._groups for p in g.joining for s in p.sequences]
+            _, reserved = self._reserved()
             return SchedulerStats(
-                queued=len(self._waiting), running=len(running), prefilling=len(prefilling),
-                reserved_positions=sum(s.cache_positions for s in running + prefilling),
+                queued=len(self._waiting), running=sum(s.finish is None for s in self._decoding()),
+                prefilling=len(self._prefilling()), reserved_positions=reserved,
                 sessions=sum(not g.empty for g in self._groups) + len(self._prefills),
                 decode_steps=self._decode_steps, hop_bytes=self.pipeline.hop_bytes)
+
+    def _decoding(self) -> list[LiveSequence]:
+        """Rows of the running groups (finished ones included until the next edit drops them)."""
+        return [s for g in self._groups for s in g.rows]
+
+    def _prefilling(self) -> list[LiveSequence]:
+        """Admitted sequences being prefilled, or prefilled and waiting to join their group."""
+        return [s for p in self._prefills for s in p.sequences] + \
+            [s for g in self._groups for p in g.joining for s in p.sequences]
 
     # ---- the loop ------------------------------------------------------------------------
 
@@ -152,9 +159,8 @@ class Scheduler:
             g.empty and not g.joining and g.in_flight is None for g in self._groups)
 
     def _reserved(self) -> tuple[int, int]:
-        live = [s for g in self._groups for s in g.rows if s.finish is None]
-        live += [s for p in self._prefills for s in p.sequences]
-        live += [s for g in self._groups for p in g.joining for s in p.sequences]
+        """(sequences admitted and not finished, the cache positions they reserve)."""
+        live = [s for s in self._decoding() if s.finish is None] + self._prefilling()
         return len(live), sum(s.cache_positions for s in live)
 
     def _admit(self) -> None:
@@ -287,16 +293,11 @@ class Scheduler:
     # ---- failures and cancellation -------------------------------------------------------
 
     def _drop_cancelled(self) -> None:
-        for sequence in [s for s in self._waiting if not _still_wanted(s)]:
+        unwanted = [s for s in self._waiting if not _still_wanted(s)]
+        for sequence in unwanted:
             self._waiting.remove(sequence)
-            sequence.finish = FINISH_CANCELLED
-            _settle(sequence, GenerationCancelled("generation cancelled by the caller"))
-        running = [s for g in self._groups for s in g.rows] + [s for p in self._prefills for s in p.sequences] \
-            + [s for g in self._groups for p in g.joining for s in p.sequences]
-        for sequence in running:
-            if sequence.finish is None and not _still_wanted(sequence):
-                sequence.finish = FINISH_CANCELLED
-                _settle(sequence, GenerationCancelled("generation cancelled by the caller"))
+        unwanted += [s for s in self._decoding() + self._prefilling() if s.finish is None and not _still_wanted(s)]
+        self._resolve_all(unwanted, GenerationCancelled("generation cancelled by the caller"))
 
     def _fail_group(self, group: Group, err: Exception) -> None:
         self._resolve_all(group.rows, err)
@@ -311,10 +312,7 @@ class Scheduler:
                 _settle(sequence, err)
 
     def _fail_everything(self, err: Exception) -> None:
-        everyone = list(self._waiting) + [s for g in self._groups for s in g.rows] + \
-            [s for p in self._prefills for s in p.sequences] + \
-            [s for g in self._groups for p in g.joining for s in p.sequences]
-        self._resolve_all(everyone, err)
+        self._resolve_all(list(self._waiting) + self._decoding() + self._prefilling(), err)
         self._waiting.clear()
         for group in self._groups:
             if group.session_id is not None:
@@ -324,11 +322,10 @@ class Scheduler:
             group.joining = []
             group.reset()
             group.in_flight = None
+            group.incoming = 0
         for prefill in self._prefills:
             self._end_session(prefill.session_id)
         self._prefills = []
-        for group in self._groups:
-            group.incoming = 0
 
     def _end_session(self, session_id: str, *, wait: bool = False) -> None:
         """Free a session on every stage: now (wait=True), or without blocking the loop."""
