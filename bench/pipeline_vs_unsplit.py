@@ -39,18 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from coordinator.client import AsyncCoordinatorClient, CoordinatorClient  # noqa: E402
 from coordinator.launcher import LocalStages  # noqa: E402
 from coordinator.planner import plan_partition  # noqa: E402
+from coordinator.running_batch import left_padded  # noqa: E402
 from coordinator.split_costs import head_cost_in_layers  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
 from stage_server.model_store import ensure_model  # noqa: E402
 
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU does.",
-    "List three colours of the rainbow.", "How many legs does a spider have?", "Give me a tip for sleeping well.",
-    "What is photosynthesis?", "Translate 'good morning' into Spanish.", "Name a famous painter.",
-    "Why is the sky blue?", "Suggest a name for a pet cat.", "What is 12 times 12?",
-    "Describe a rainy day in two sentences.", "What does a compiler do?", "Who wrote Romeo and Juliet?",
-    "Give me a recipe idea for dinner.",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_prompts import CHAT_QUESTIONS  # noqa: E402
+
+QUESTIONS = CHAT_QUESTIONS[:16]
 PARTS = ("decode", "ttft", "concurrency", "pinned", "wire")
 ALL_CORES = sorted(os.sched_getaffinity(0))
 
@@ -71,9 +68,8 @@ class Unsplit:
         self.pad = tokenization.pad_token_id
 
     def _generate(self, rows: list[list[int]], new_tokens: int, streamer=None) -> torch.Tensor:
-        longest = max(len(r) for r in rows)
-        ids = torch.tensor([[self.pad] * (longest - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        ids, mask = left_padded(rows, self.pad)
+        longest = ids.shape[1]
         with torch.inference_mode():
             return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad,

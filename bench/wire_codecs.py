@@ -29,16 +29,10 @@ from protos import codec  # noqa: E402
 from stage_server.model_store import ensure_model  # noqa: E402
 from stage_server.server import StageServer, StageServerConfig  # noqa: E402
 
-PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain what a CPU does.",
-    "List three colours of the rainbow.", "How many legs does a spider have?", "Give me a tip for sleeping well.",
-    "What is photosynthesis?", "Translate 'good morning' into Spanish.", "Name a famous painter.",
-    "Why is the sky blue?", "Suggest a name for a pet cat.", "What is 12 times 12?",
-    "Describe a rainy day in two sentences.", "What does a compiler do?", "Who wrote Romeo and Juliet?",
-    "Give me a recipe idea for dinner.", "What is the boiling point of water?", "Write a short poem about autumn.",
-    "What is machine learning?", "How do airplanes stay in the air?", "What causes the seasons?",
-    "Tell me a fun fact about octopuses.", "What is the largest planet?", "How can I learn to code?",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from chat_prompts import CHAT_QUESTIONS  # noqa: E402
+
+PROMPTS = CHAT_QUESTIONS
 
 
 def run_codec(addresses, name, prompts, tokenization, new_tokens):
