@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+from waiting import eventually, stage_sessions
 
 from coordinator.client import CoordinatorClient
 from coordinator.pipeline_client import PipelineClient
@@ -29,16 +30,7 @@ def assert_work_stopped(stage_addresses, before: list[int], budget: int) -> None
 
 
 def wait_for_no_sessions(stage_addresses, timeout_s=10.0):
-    client = PipelineClient(stage_addresses)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            live = [info.active_sessions for info in client.stage_infos()]
-            if not any(live) or time.monotonic() > deadline:
-                return live
-            time.sleep(0.05)
-    finally:
-        client.close()
+    return eventually(lambda: stage_sessions(stage_addresses), [0] * len(stage_addresses), timeout_s)
 
 
 def test_cancelled_stream_frees_sessions(tiny_api):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from tiny_models import reference_greedy
-from waiting import eventually
+from waiting import eventually, stage_sessions
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
@@ -30,14 +30,6 @@ def pipeline_greedy(addresses, prompts, micro_batches=1):
     finally:
         client.close()
     return [r.token_ids for r in results], infos
-
-
-def stage_sessions(addresses):
-    client = PipelineClient(addresses)
-    try:
-        return [info.active_sessions for info in client.stage_infos()]
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import reference_greedy
 from transformers import AutoTokenizer
-from waiting import eventually
+from waiting import eventually, stage_sessions
 
 from coordinator.client import CoordinatorClient
 from coordinator.pipeline_client import PipelineClient
@@ -18,14 +18,6 @@ from protos import coordinator_pb2
 def client(tiny_api):
     with CoordinatorClient(tiny_api[0], timeout_s=60) as c:
         yield c
-
-
-def stage_sessions(stage_addresses):
-    client = PipelineClient(stage_addresses)
-    try:
-        return [info.active_sessions for info in client.stage_infos()]
-    finally:
-        client.close()
 
 
 def test_prompt_matches_unsplit_greedy(client, tiny_api):

@@ -1,9 +1,11 @@
-"""Polling helper for effects that land shortly after a call returns (sessions freed in the background)."""
+"""Polling for effects that land shortly after a call returns, such as sessions freed on the stages."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+
+from coordinator.pipeline_client import PipelineClient
 
 
 def eventually(probe: Callable[[], object], expected: object, timeout_s: float = 10.0) -> object:
@@ -14,3 +16,12 @@ def eventually(probe: Callable[[], object], expected: object, timeout_s: float =
         if value == expected or time.monotonic() > deadline:
             return value
         time.sleep(0.05)
+
+
+def stage_sessions(stage_addresses: list[str]) -> list[int]:
+    """Live sessions on each stage, read through Info."""
+    client = PipelineClient(stage_addresses)
+    try:
+        return [info.active_sessions for info in client.stage_infos()]
+    finally:
+        client.close()
