@@ -97,6 +97,9 @@ class PlannedEdit:
         names = list(edit.append_sessions)
         if len(set(names)) != len(names) or session.session_id in names:
             raise InvalidRequest("cache_edit.append_sessions names a session twice (or the session itself)")
+        if names and session.tokens_seen == 0:
+            raise InvalidRequest(f"cache_edit.append_sessions needs session {session.session_id!r} to hold "
+                                 "cached positions first; start it with a prefill, then append in a later step")
         self.others = [sessions.get(name) for name in names]
         for other in self.others:
             if other.tokens_seen == 0:

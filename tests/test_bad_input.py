@@ -265,3 +265,22 @@ def test_coordinator_bounds_queue_and_cache(tiny_model, stages):
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "queued" in err.value.details()
             running.cancel()
             assert len(waiting.result(timeout=30).token_ids) == 4, "the queued request runs once there is room"
+
+
+def test_stage_refuses_appending_onto_an_empty_session(tiny_api):
+    """Appending prefilled rows needs positions to align to; a brand-new session has none."""
+    _, stage_addresses, _ = tiny_api
+    address, route = stage_addresses[0], stage_addresses[1:]
+    fresh = valid_prefill("s-fresh", route)
+    fresh.micro_batch_id = 2
+    fresh.cache_edit.CopyFrom(stage_pb2.CacheEdit(append_sessions=["s-full"]))
+    with grpc.insecure_channel(address) as channel:
+        stub = stage_pb2_grpc.StageStub(channel)
+        answers = sorted(stub.Forward(iter([valid_prefill("s-full", route), fresh]), timeout=30),
+                         key=lambda a: a.micro_batch_id)
+        for name in ("s-full", "s-fresh"):
+            stub.EndSession(stage_pb2.EndSessionRequest(session_id=name, route=route))
+    assert answers[0].status_code == 0, answers[0].error_message
+    assert code_of(answers[1]) == grpc.StatusCode.INVALID_ARGUMENT, answers[1].error_message
+    assert "cached positions first" in answers[1].error_message
+    assert_still_serving(tiny_api)
