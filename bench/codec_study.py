@@ -10,6 +10,7 @@ Columns:
   prefix      mean number of leading tokens that match (a codec's run stops at its first mismatch)
   tf-top1     teacher forced on the baseline continuation: positions whose argmax still agrees
   tf-KL       mean KL(baseline || codec) of the next-token distributions there (nats)
+  tf-dlp      root mean square change of the next-token log-probabilities there
   B/elem      payload bytes (data + scales + outlier indices + outlier values) per element sent
 
 The teacher-forced columns are finer grained than "identical", which flips on near ties.
@@ -89,15 +90,19 @@ PROMPTS = [
 DEFAULT_CONFIGS: dict[str, tuple[int, dict]] = {
     "fp16": (stage_pb2.CODEC_FP16, {}),
     "bf16": (stage_pb2.CODEC_BF16, {}),
-    "int8 per-row, no outliers": (stage_pb2.CODEC_INT8, {"outliers_per_row": 0, "block_size": 0}),
-    "int8 block 32, no outliers": (stage_pb2.CODEC_INT8, {"outliers_per_row": 0, "block_size": 32}),
-    "int8 block 8, no outliers": (stage_pb2.CODEC_INT8, {"outliers_per_row": 0, "block_size": 8}),
-    "int8 per-row, 16 outliers": (stage_pb2.CODEC_INT8, {"outliers_per_row": 16, "block_size": 0}),
-    "int8 (module defaults)": (stage_pb2.CODEC_INT8, {}),
+    **{name: (stage_pb2.CODEC_INT8, {"int8_layout": stage_pb2.INT8_LAYOUT_BLOCKS, "outliers_per_row": k,
+                                     "block_size": b})
+       for name, k, b in [("int8 per-row, no outliers", 0, 0), ("int8 block 32, no outliers", 0, 32),
+                          ("int8 block 8, no outliers", 0, 8), ("int8 per-row, 16 outliers", 16, 0)]},
+    "int8 blocks layout (K=16, blocks of 32)": (stage_pb2.CODEC_INT8, {"int8_layout": stage_pb2.INT8_LAYOUT_BLOCKS}),
+    "int8 (module defaults: Rice layout)": (stage_pb2.CODEC_INT8, {}),
 }
 SWEEP_CONFIGS: dict[str, tuple[int, dict]] = {
-    f"int8 K={k} block={b}": (stage_pb2.CODEC_INT8, {"outliers_per_row": k, "block_size": b})
-    for k in (0, 4, 8, 12, 16, 24, 32) for b in (0, 32, 64, 128)
+    **{f"int8 K={k} block={b}": (stage_pb2.CODEC_INT8, {"int8_layout": stage_pb2.INT8_LAYOUT_BLOCKS,
+                                                         "outliers_per_row": k, "block_size": b})
+       for k in (0, 4, 8, 12, 16, 24, 32) for b in (0, 32, 64, 128)},
+    **{f"int8 Rice K={k} step=rms/{round(1 / f)}": (stage_pb2.CODEC_INT8, {"outliers_per_row": k, "step_fraction": f})
+       for k in (2, 4, 8, 16) for f in (1 / 80, 1 / 128, 1 / 160)},
 }
 
 
@@ -235,6 +240,10 @@ def main() -> None:
             h.remove()
         print(f"baseline in {time.perf_counter() - t:.0f} s; max |hidden| at the cuts over the prompts: "
               f"{max(observed.max_abs):.0f}", file=sys.stderr)
+        margins = sorted((float(top[0] - top[1]), p, i) for p, lp in enumerate(base_lp)
+                         for i, top in enumerate(lp.topk(2, dim=-1).values))
+        print("closest calls of the baseline (top-1 minus runner-up log-prob, prompt, position): "
+              + ", ".join(f"{m:.4f} ({p}, {i})" for m, p, i in margins[:4]), file=sys.stderr)
 
         results = []
         for name, (codec, kwargs) in configs.items():
@@ -243,7 +252,7 @@ def main() -> None:
             hooks = install_hooks(model, cuts, codec, kwargs, traffic)
             try:
                 identical = prefix = agree = positions = 0
-                kl_sum = 0.0
+                kl_sum = square_sum = 0.0
                 for ids, ref, ref_lp in zip(prompts, base_tokens, base_lp, strict=True):
                     if not args.tf_only:
                         got = greedy(model, ids, args.new_tokens, stop_ids, reference=ref)
@@ -253,12 +262,14 @@ def main() -> None:
                     agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
                     positions += len(ref)
                     kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum())
+                    square_sum += float((lp - ref_lp).pow(2).mean(dim=-1).sum())
             finally:
                 for h in hooks:
                     h.remove()
             row = {"codec": name, "identical": identical, "prompts": len(prompts),
                    "mean_prefix": prefix / len(prompts), "mean_baseline_len": positions / len(prompts),
                    "tf_top1": agree, "tf_positions": positions, "tf_kl": kl_sum / positions,
+                   "tf_logprob_rms": (square_sum / positions) ** 0.5,
                    "bytes_per_element": traffic.bytes / traffic.elements, "seconds": time.perf_counter() - t}
             results.append(row)
             print(f"  {name}: {identical}/{len(prompts)} identical, tf-top1 {agree}/{positions}, "
@@ -266,14 +277,15 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-Instruct, cuts after layers {cuts}, {len(prompts)} prompts x {args.new_tokens} "
           f"greedy tokens (baseline mean length {results[0]['mean_baseline_len'] if results else 0:.1f})")
-    print(f"{'codec':<30} {'identical':>9} {'prefix':>7} {'tf-top1':>11} {'tf-KL':>9} {'B/elem':>7}")
-    print(f"{'none (float32 raw)':<30} {'-':>9} {'-':>7} {'-':>11} {'-':>9} {4.0:>7.3f}")
+    print(f"{'codec':<30} {'identical':>9} {'prefix':>7} {'tf-top1':>11} {'tf-KL':>9} {'tf-dlp':>7} {'B/elem':>7}")
+    print(f"{'none (float32 raw)':<30} {'-':>9} {'-':>7} {'-':>11} {'-':>9} {'-':>7} {4.0:>7.3f}")
     for r in results:
         greedy_cols = (f"{'-':>9} {'-':>7}" if args.tf_only
                        else f"{r['identical']:>6}/{r['prompts']:<2} {r['mean_prefix']:>7.1f}")
         print(f"{r['codec']:<30} {greedy_cols} "
-              f"{r['tf_top1']:>5}/{r['tf_positions']:<5} {r['tf_kl']:>9.2e} {r['bytes_per_element']:>7.3f}")
-    print(f"module defaults: int8 outliers_per_row = N // {wire.INT8_ROW_ELEMENTS_PER_OUTLIER}, "
+              f"{r['tf_top1']:>5}/{r['tf_positions']:<5} {r['tf_kl']:>9.2e} {r['tf_logprob_rms']:>7.4f} "
+              f"{r['bytes_per_element']:>7.3f}")
+    print(f"blocks layout defaults: int8 outliers_per_row = N // {wire.INT8_ROW_ELEMENTS_PER_OUTLIER}, "
           f"block_size = {wire.INT8_BLOCK_SIZE}; total {time.perf_counter() - t0:.0f} s")
     if args.json:
         with open(args.json, "w") as f:

@@ -13,36 +13,46 @@ Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
 * NONE: the tensor's own dtype, bit exact. Used for every non-floating tensor whatever was asked.
 * FP16 / BF16: floating tensors cast to half / bfloat16 (2 B/elem). FP16 overflows above 65504, so
   a tensor holding a finite value fp16 cannot hold is sent raw (NONE) instead of turning it into inf.
-* INT8: for floating tensors. A *row* is the last dimension (a token's hidden vector), of length N.
-  Per row, the `outliers_per_row` (K) largest-magnitude values are sent on the side (column index +
-  value) and zeroed; what is left is quantized symmetrically, ``q = round(x / s)`` clamped to
-  [-127, 127], with one float32 scale ``s = absmax / 127`` per block of `block_size` columns (the last
-  block of a row may be shorter; 0 = one scale per row). Decoding is ``q * s`` with the outliers
-  scattered back, so the error of every non-outlier is at most ``s / 2`` of its own block.
+* INT8: the ~1 byte per element tier, for floating tensors. A *row* is the last dimension (a token's
+  hidden vector), of length N. Per row, the K largest-magnitude values (`outliers_per_row`) are sent
+  on the side (column index + value) and zeroed; what is left is quantized to whole numbers of a
+  step. Decoding multiplies back and scatters the outliers in, so every non-outlier is off by at most
+  half a step. Two layouts (`Tensor.int8_layout`):
+
+  - RICE (the default): one step per row, ``INT8_STEP_FRACTION`` (1/128) of the row's RMS after
+    its outliers are out; the integers are zigzag mapped and Rice coded with one parameter per row
+    (protos/rice_coding.py), so a value costs about log2 of its size in bits and the step is the same
+    over the whole row. K = N // RICE_ROW_ELEMENTS_PER_OUTLIER (4 at N = 576). Measured on
+    SmolLM2-135M's hidden states at the 3-stage cuts: 1.16 bytes per element, and teacher-forced
+    logits off by 0.012 (standard deviation) from the exact pipeline's, against 0.016 for bf16
+    (2 B/elem) and 0.026 for the blocks layout (1.17 B/elem); see bench/wire_codecs.py.
+  - BLOCKS: fixed rate, one int8 per element, ``q = round(x / s)`` clamped to [-127, 127] with one
+    scale ``s = absmax / 127`` per block of `block_size` columns (the last block of a row may be
+    shorter; 0 = one scale per row). K = N // INT8_ROW_ELEMENTS_PER_OUTLIER (16 at N = 576) and
+    blocks of INT8_BLOCK_SIZE (32): 1 + 2/32 + 4*16/576 = 1.17 B/elem. Simpler and faster to code,
+    but the absmax of a block sets the step of all its values.
+
   Layouts, all little-endian:
 
-  - ``data``: R*N int8, R = number of rows;
-  - ``scales``: R*G scales, G = ceil(N / block_size) (1 when block_size is 0), finite and >= 0:
-    float16 when every scale fits it (rounded up, and values are quantized with that rounded scale,
-    so the error bound holds exactly), else float32; `scale_dtype` says which;
+  - ``scales``: float16 when every scale fits it (BLOCKS rounds them up, so no value is clipped;
+    values are quantized with the scale the decoder sees), else float32; `scale_dtype` says which.
+    BLOCKS: R*G block scales, G = ceil(N / block_size) (1 when block_size is 0). RICE: R row steps.
+    All finite and >= 0 (0 for an all-zero row or block);
+  - ``data``: BLOCKS: R*N int8, R = number of rows. RICE: the unary stream (see stage.proto), with
+    ``rice_parameters`` (R bytes) and ``low_bits``;
   - ``outlier_indices``: R*K column indices, int16 when N <= 32768 else int32, distinct within a row;
   - ``outlier_values``: R*K values, float16 when they all fit it, else float32; the decoder tells
     which from the byte length (2*R*K or 4*R*K).
 
-  Defaults (both written into the message, so the decoder needs no out-of-band knowledge):
-  ``K = N // INT8_ROW_ELEMENTS_PER_OUTLIER`` (16 for a 576-wide model) and
-  ``block_size = INT8_BLOCK_SIZE`` (32): 1 + 2/32 + 4*16/576 = 1.17 bytes per element at N = 576.
-  Chosen on SmolLM2-135M (bench/codec_study.py), whose hidden states reach ~25,000 in the first
-  token's row and ~100 in ordinary rows against a median of ~4: a single scale per row makes steps
-  far coarser than the typical value (1/20 greedy continuations identical at cuts 9,19). Keeping the
-  largest values on the side and scaling the rest per block kept most continuations; through the
-  real 3-stage pipeline (bench/wire_codecs.py, 20 prompts) blocks of 64 kept 18/20 and blocks of 32
-  kept 20/20 with float32 scales (1.236 B/elem), while more outliers (24 or 32 per row) did not help.
-  Block size is what matters, so the scales travel as float16 to pay for blocks of 32 within
-  1.2 B/elem; that layout measured 18/20 (the two misses are near-ties that flip under tiny
-  perturbations). Keeping the first position's row (the attention sink, ~25,000 in many channels)
-  exact lifted it to 19/20 in a simulation: the next step for this codec. float32 instead of
-  float16 outlier values changed nothing measurable.
+  Every parameter is written into the message, so the decoder needs no out-of-band knowledge.
+  Why these choices (bench/codec_study.py, bench/wire_codecs.py): SmolLM2's hidden states reach
+  ~25,000 in the first token's row and ~100 in ordinary rows against a median of ~4, so a single
+  int8 scale per row makes steps far coarser than the typical value (1/20 greedy continuations kept).
+  Taking the largest values out and scaling the rest per block of 32 kept 18/20; as blocks are
+  close to Gaussian once the outliers are out (absmax ~2.5 RMS), a fixed-rate code cannot do much
+  better in 1.2 B/elem. An entropy code can: it spends bits where the values are large, so the same
+  bytes buy a step 2-3x finer, and fewer outliers are needed since a large value merely costs more
+  bits.
   Empty tensors, and tensors whose non-outlier values are not all finite, are sent raw (NONE).
 
 The decoded tensor always has the message's logical dtype (`Tensor.dtype`): a float32 tensor sent as
@@ -56,11 +66,14 @@ import math
 import numpy as np
 import torch
 
-from protos import stage_pb2
+from protos import rice_coding, stage_pb2
 
 __all__ = [
     "CODEC_NAMES",
     "INT8_BLOCK_SIZE",
+    "INT8_DEFAULT_LAYOUT",
+    "INT8_STEP_FRACTION",
+    "RICE_ROW_ELEMENTS_PER_OUTLIER",
     "INT8_ROW_ELEMENTS_PER_OUTLIER",
     "MAX_NDIM",
     "WireFormatError",
@@ -83,11 +96,18 @@ CODEC_NAMES: dict[str, int] = {
     "int8": stage_pb2.CODEC_INT8,
 }
 
-# int8 defaults. One outlier is kept per this many elements of a row (576 -> 16): with an int16
-# index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
+# int8 defaults. Blocks layout: one outlier per this many elements of a row (576 -> 16): with an
+# int16 index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
 INT8_ROW_ELEMENTS_PER_OUTLIER = 36
-# One (float16) scale per this many columns of a row: 2 / 32 = 0.06 B/elem.
+# Blocks layout: one (float16) scale per this many columns of a row: 2 / 32 = 0.06 B/elem.
 INT8_BLOCK_SIZE = 32
+# Rice layout: one outlier per this many elements of a row (576 -> 4, 0.03 B/elem).
+RICE_ROW_ELEMENTS_PER_OUTLIER = 144
+# The layout `encode` uses for CODEC_INT8 unless told otherwise.
+INT8_DEFAULT_LAYOUT = stage_pb2.INT8_LAYOUT_RICE
+# Rice layout: the quantization step of a row is this fraction of the row's root mean square (after
+# its outliers are taken out), so every value is off by at most 1/256 of the row's RMS.
+INT8_STEP_FRACTION = 1 / 128
 # Rows this long or shorter index their outliers with int16.
 _INT16_INDEX_MAX_ROW = 32768
 # Deepest tensor shape accepted on decode (a sanity bound, far above anything layerline sends).
@@ -118,9 +138,10 @@ def codec_from_name(name: str) -> int:
     return CODEC_NAMES[key]
 
 
-def default_outliers_per_row(row_length: int) -> int:
+def default_outliers_per_row(row_length: int, layout: int = INT8_DEFAULT_LAYOUT) -> int:
     """How many exact outliers the int8 codec keeps per row of `row_length` elements by default."""
-    return max(0, int(row_length)) // INT8_ROW_ELEMENTS_PER_OUTLIER
+    per = RICE_ROW_ELEMENTS_PER_OUTLIER if layout == stage_pb2.INT8_LAYOUT_RICE else INT8_ROW_ELEMENTS_PER_OUTLIER
+    return max(0, int(row_length)) // per
 
 
 def payload_bytes(message: stage_pb2.Tensor) -> int:
@@ -129,8 +150,8 @@ def payload_bytes(message: stage_pb2.Tensor) -> int:
     Costs about one copy of the payload: the upb protobuf runtime hands out a fresh `bytes` for
     every read of a bytes field (and `ByteSize()` serializes, which is slower still).
     """
-    return (len(message.data) + len(message.scales)
-            + len(message.outlier_indices) + len(message.outlier_values))
+    return (len(message.data) + len(message.scales) + len(message.outlier_indices)
+            + len(message.outlier_values) + len(message.rice_parameters) + len(message.low_bits))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,13 +188,17 @@ def encode(
     *,
     outliers_per_row: int | None = None,
     block_size: int | None = None,
+    int8_layout: int | None = None,
+    step_fraction: float | None = None,
 ) -> stage_pb2.Tensor:
     """Encode `tensor` with `codec` (a `stage_pb2.Codec` value).
 
     Lossy codecs apply to floating tensors only; other tensors, empty ones, and the cases described
-    in the module docstring go out raw and the message records `CODEC_NONE`. `outliers_per_row` and
-    `block_size` override the int8 defaults (None = `default_outliers_per_row(N)` and
-    `INT8_BLOCK_SIZE`; block_size 0 = one scale per row); they are ignored by the other codecs.
+    in the module docstring go out raw and the message records `CODEC_NONE`. The keywords override
+    the int8 defaults and are ignored by the other codecs: `int8_layout` (None =
+    `INT8_DEFAULT_LAYOUT`), `outliers_per_row` (None = `default_outliers_per_row(N)`), `block_size`
+    for the blocks layout (None = `INT8_BLOCK_SIZE`, 0 = one scale per row) and `step_fraction` for
+    the Rice layout (None = `INT8_STEP_FRACTION`).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(tensor).__name__}")
@@ -195,32 +220,84 @@ def encode(
     if codec == stage_pb2.CODEC_BF16:
         return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec,
                                 data=_raw_bytes(t.to(torch.bfloat16)))
-    message = _encode_int8(t, wire_dtype, outliers_per_row, block_size)
+    message = _encode_int8(t, wire_dtype, outliers_per_row, block_size, int8_layout, step_fraction)
     return message if message is not None else _raw_message(t, wire_dtype)
 
 
-def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
-                 block_size: int | None) -> stage_pb2.Tensor | None:
+def _split_outliers(x: torch.Tensor, k: int):
+    """The k largest-magnitude columns of every row (ascending), their values, and x with them zeroed."""
+    if not k:
+        return None, None, x  # x is only read by the callers
+    idx = x.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # deterministic order
+    return idx, x.gather(1, idx), x.scatter(1, idx, 0.0)
+
+
+def _attach_outliers(message: stage_pb2.Tensor, idx: torch.Tensor | None, values: torch.Tensor | None,
+                     n: int) -> None:
+    if idx is None:
+        return
+    narrow = n <= _INT16_INDEX_MAX_ROW
+    message.outlier_indices = _le_bytes(idx.to(torch.int16 if narrow else torch.int32),
+                                        np.dtype("<i2" if narrow else "<i4"))
+    half = values.to(torch.float16)
+    if _overflowed(values, half):
+        message.outlier_values = _le_bytes(values, np.dtype("<f4"))
+    else:
+        message.outlier_values = _le_bytes(half, np.dtype("<f2"))
+
+
+def _half_scales(scales: torch.Tensor, round_up: bool) -> torch.Tensor | None:
+    """`scales` as float16 (rounded up if asked), or None when one of them does not fit: overflows,
+    or a positive scale that would become 0."""
+    half = scales.to(torch.float16)
+    if round_up:
+        rounded_down = half.to(torch.float32) < scales
+        half = torch.where(rounded_down, torch.nextafter(half, torch.full_like(half, math.inf)), half)
+    if not bool(half.isfinite().all()) or bool(((half == 0) & (scales > 0)).any()):
+        return None
+    return half
+
+
+def _scale_fields(scales: torch.Tensor, half: torch.Tensor | None) -> dict:
+    if half is not None:
+        return {"scales": _le_bytes(half.reshape(-1), np.dtype("<f2")), "scale_dtype": stage_pb2.DTYPE_FLOAT16}
+    return {"scales": _le_bytes(scales.reshape(-1), np.dtype("<f4")), "scale_dtype": stage_pb2.DTYPE_FLOAT32}
+
+
+def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None, block_size: int | None,
+                 layout: int | None, step_fraction: float | None) -> stage_pb2.Tensor | None:
     n = t.shape[-1] if t.dim() > 0 else 1
     x = t.reshape(-1, n).to(torch.float32)  # a copy unless t already is float32
-    rows = x.shape[0]
-    k = default_outliers_per_row(n) if outliers_per_row is None else int(outliers_per_row)
-    block = INT8_BLOCK_SIZE if block_size is None else int(block_size)
-    if k < 0 or block < 0:
-        raise ValueError(f"outliers_per_row and block_size must be >= 0, got {k} and {block}")
-    k = min(k, n)
+    layout = INT8_DEFAULT_LAYOUT if layout is None else layout
+    if layout not in (stage_pb2.INT8_LAYOUT_BLOCKS, stage_pb2.INT8_LAYOUT_RICE):
+        raise ValueError(f"unknown int8 layout {layout!r}")
+    k = default_outliers_per_row(n, layout) if outliers_per_row is None else int(outliers_per_row)
+    if k < 0:
+        raise ValueError(f"outliers_per_row must be >= 0, got {k}")
+    idx, values, residual = _split_outliers(x, min(k, n))
+    if layout == stage_pb2.INT8_LAYOUT_RICE:
+        if block_size:
+            raise ValueError("the Rice layout has one step per row; block_size applies to INT8_LAYOUT_BLOCKS")
+        message = _rice_message(residual, INT8_STEP_FRACTION if step_fraction is None else float(step_fraction))
+    else:
+        message = _blocks_message(residual, INT8_BLOCK_SIZE if block_size is None else int(block_size))
+    if message is None:
+        return None
+    message.shape[:] = t.shape
+    message.dtype = wire_dtype
+    message.outliers_per_row = min(k, n)
+    _attach_outliers(message, idx, values, n)
+    return message
+
+
+def _blocks_message(residual: torch.Tensor, block: int) -> stage_pb2.Tensor | None:
+    rows, n = residual.shape
+    if block < 0:
+        raise ValueError(f"block_size must be >= 0, got {block}")
     if block >= n:
         block = 0  # one block covering the row is the same as one scale per row
     groups = 1 if block == 0 else -(-n // block)
     width = n if block == 0 else block
-
-    if k:
-        idx = x.abs().topk(k, dim=1, sorted=False).indices
-        idx = idx.sort(dim=1).values  # ascending: deterministic for a given selection
-        values = x.gather(1, idx)
-        residual = x.scatter(1, idx, 0.0)
-    else:
-        residual = x  # only read below
     padded = residual
     if groups * width != n:
         padded = torch.nn.functional.pad(residual, (0, groups * width - n))
@@ -229,34 +306,30 @@ def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
     if not bool(scales.isfinite().all()):
         return None  # inf/nan beyond the outliers: int8 cannot carry it, the caller sends it raw
     # Scales travel as float16, rounded *up* so that |x| / scale never exceeds 127 (error <= scale/2).
-    half_scales = scales.to(torch.float16)
-    rounded_down = half_scales.to(torch.float32) < scales
-    half_scales = torch.where(rounded_down, torch.nextafter(half_scales, torch.full_like(half_scales, math.inf)),
-                              half_scales)
-    scales_fit_half = bool(half_scales.isfinite().all())
-    if scales_fit_half:
-        scales = half_scales.to(torch.float32)  # quantize with exactly the scale the decoder will see
+    half = _half_scales(scales, round_up=True)
+    if half is not None:
+        scales = half.to(torch.float32)  # quantize with exactly the scale the decoder will see
     q = blocks / torch.where(scales > 0, scales, 1.0)  # all-zero blocks stay 0
     q = q.round_().clamp_(-127, 127).to(torch.int8).view(rows, groups * width)[:, :n]
+    return stage_pb2.Tensor(codec=stage_pb2.CODEC_INT8, int8_layout=stage_pb2.INT8_LAYOUT_BLOCKS,
+                            data=_le_bytes(q, np.dtype("i1")), block_size=block, **_scale_fields(scales, half))
 
-    message = stage_pb2.Tensor(
-        shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_INT8,
-        data=_le_bytes(q, np.dtype("i1")),
-        scales=(_le_bytes(half_scales.reshape(-1), np.dtype("<f2")) if scales_fit_half
-                else _le_bytes(scales.reshape(-1), np.dtype("<f4"))),
-        outliers_per_row=k, block_size=block,
-        scale_dtype=stage_pb2.DTYPE_FLOAT16 if scales_fit_half else stage_pb2.DTYPE_FLOAT32,
-    )
-    if k:
-        narrow = n <= _INT16_INDEX_MAX_ROW
-        message.outlier_indices = _le_bytes(idx.to(torch.int16 if narrow else torch.int32),
-                                            np.dtype("<i2" if narrow else "<i4"))
-        half = values.to(torch.float16)
-        if _overflowed(values, half):
-            message.outlier_values = _le_bytes(values, np.dtype("<f4"))
-        else:
-            message.outlier_values = _le_bytes(half, np.dtype("<f2"))
-    return message
+
+def _rice_message(residual: torch.Tensor, step_fraction: float) -> stage_pb2.Tensor | None:
+    if not (math.isfinite(step_fraction) and step_fraction > 0):
+        raise ValueError(f"step_fraction must be a positive number, got {step_fraction}")
+    rms = residual.pow(2).mean(dim=1, keepdim=True).sqrt_()
+    steps = rms * step_fraction
+    if not bool(steps.isfinite().all()):
+        return None  # inf/nan beyond the outliers: the caller sends the tensor raw
+    half = _half_scales(steps, round_up=False)
+    if half is not None:
+        steps = half.to(torch.float32)  # quantize with exactly the step the decoder will see
+    q = (residual / torch.where(steps > 0, steps, 1.0)).round_().to(torch.int64)  # all-zero rows stay 0
+    zigzag = torch.where(q >= 0, 2 * q, -2 * q - 1)
+    parameters, unary, low = rice_coding.encode_rows(zigzag.cpu().numpy())
+    return stage_pb2.Tensor(codec=stage_pb2.CODEC_INT8, int8_layout=stage_pb2.INT8_LAYOUT_RICE, data=unary,
+                            rice_parameters=parameters, low_bits=low, **_scale_fields(steps, half))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -275,13 +348,13 @@ def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | N
 
 
 def _expect_empty(message: stage_pb2.Tensor, codec_name: str) -> None:
-    for field in ("scales", "outlier_indices", "outlier_values"):
+    for field in ("scales", "outlier_indices", "outlier_values", "rice_parameters", "low_bits"):
         if getattr(message, field):
             raise WireFormatError(f"codec {codec_name} carries no {field}, "
                                   f"got {len(getattr(message, field))} bytes")
-    if message.outliers_per_row or message.block_size:
-        raise WireFormatError(f"codec {codec_name} takes no outliers_per_row/block_size, got "
-                              f"{message.outliers_per_row}/{message.block_size}")
+    if message.outliers_per_row or message.block_size or message.int8_layout:
+        raise WireFormatError(f"codec {codec_name} takes no outliers_per_row/block_size/int8_layout, got "
+                              f"{message.outliers_per_row}/{message.block_size}/{message.int8_layout}")
 
 
 def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.Tensor:
@@ -338,25 +411,46 @@ def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) 
     n = shape[-1] if shape else 1
     rows = numel // n if n else 0
     k = int(message.outliers_per_row)
-    block = int(message.block_size)
     if k > n:
         raise WireFormatError(f"outliers_per_row {k} exceeds the row length {n}")
-    groups = (1 if block == 0 else -(-n // block)) if n else 0
-    width = block if block else n
-
-    q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
     scale_types = {stage_pb2.DTYPE_UNSPECIFIED: "<f4", stage_pb2.DTYPE_FLOAT32: "<f4", stage_pb2.DTYPE_FLOAT16: "<f2"}
     if message.scale_dtype not in scale_types:
         raise WireFormatError(f"int8 scale_dtype must be float16 or float32, got {message.scale_dtype}")
     scale_type = np.dtype(scale_types[message.scale_dtype])
-    scales = _read(message.scales, scale_type, rows * groups, "scales", as_type=np.dtype(np.float32))
-    if not np.isfinite(scales).all() or (scales < 0).any():
-        raise WireFormatError("scales must be finite and >= 0")
+    if message.int8_layout == stage_pb2.INT8_LAYOUT_BLOCKS:
+        if message.rice_parameters or message.low_bits:
+            raise WireFormatError("the int8 blocks layout carries no rice_parameters or low_bits")
+        x = _decode_blocks(message, rows, n, numel, scale_type)
+    elif message.int8_layout == stage_pb2.INT8_LAYOUT_RICE:
+        if message.block_size:
+            raise WireFormatError(f"the int8 Rice layout has no blocks, got block_size {message.block_size}")
+        x = _decode_rice(message, rows, n, scale_type)
+    else:
+        raise WireFormatError(f"unknown int8 layout {message.int8_layout}; expected "
+                              f"{stage_pb2.INT8_LAYOUT_BLOCKS} (blocks) or {stage_pb2.INT8_LAYOUT_RICE} (rice)")
     if numel == 0:
         if message.outlier_indices or message.outlier_values:
             raise WireFormatError("an empty tensor carries no outliers")
         return torch.empty(shape, dtype=torch.float32)
+    _scatter_outliers(x, message, rows, n, k)
+    return x
 
+
+def _read_scales(buf: bytes, scale_type: np.dtype, count: int, what: str) -> np.ndarray:
+    scales = _read(buf, scale_type, count, what, as_type=np.dtype(np.float32))
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise WireFormatError(f"{what} must be finite and >= 0")
+    return scales
+
+
+def _decode_blocks(message: stage_pb2.Tensor, rows: int, n: int, numel: int, scale_type: np.dtype) -> torch.Tensor:
+    block = int(message.block_size)
+    groups = (1 if block == 0 else -(-n // block)) if n else 0
+    width = block if block else n
+    q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
+    scales = _read_scales(message.scales, scale_type, rows * groups, "scales")
+    if numel == 0:
+        return torch.empty(0)
     x = torch.from_numpy(q).view(rows, n)
     s = torch.from_numpy(scales).view(rows, groups, 1)
     if groups == 1:
@@ -366,12 +460,25 @@ def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) 
     else:
         x = (torch.nn.functional.pad(x, (0, groups * width - n)).view(rows, groups, width) * s)
         x = x.view(rows, groups * width)[:, :n].contiguous()
+    return x
 
+
+def _decode_rice(message: stage_pb2.Tensor, rows: int, n: int, scale_type: np.dtype) -> torch.Tensor:
+    steps = _read_scales(message.scales, scale_type, rows, "steps (scales)")
+    try:
+        zigzag = rice_coding.decode_rows(message.rice_parameters, message.data, message.low_bits, rows, n)
+    except rice_coding.RiceFormatError as err:
+        raise WireFormatError(str(err)) from None
+    q = np.where(zigzag & 1, -((zigzag + 1) >> 1), zigzag >> 1)
+    return torch.from_numpy(q.astype(np.float32) * steps.reshape(rows, 1))
+
+
+def _scatter_outliers(x: torch.Tensor, message: stage_pb2.Tensor, rows: int, n: int, k: int) -> None:
     count = rows * k
     if count == 0:
         if message.outlier_indices or message.outlier_values:
             raise WireFormatError("outliers_per_row is 0 but outlier fields are not empty")
-        return x
+        return
     index_dtype = np.dtype("<i2") if n <= _INT16_INDEX_MAX_ROW else np.dtype("<i4")
     idx = _read(message.outlier_indices, index_dtype, count, "outlier_indices").reshape(rows, k)
     if int(idx.min()) < 0 or int(idx.max()) >= n:
@@ -388,4 +495,3 @@ def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) 
         raise WireFormatError(f"outlier_values holds {nbytes} bytes; expected {2 * count} (float16) or "
                               f"{4 * count} (float32) for {count} outliers")
     x.scatter_(1, torch.from_numpy(idx).to(torch.int64), values.view(rows, k).to(torch.float32))
-    return x
