@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")
+    parser.add_argument("--small-step-threads", type=int, default=1,
+                        help="threads for steps of at most 4 new tokens, e.g. one sequence decoding, which is "
+                             "bound by memory bandwidth (default 1; 0 = as many as --threads)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
-            threads=args.threads, progress=not args.quiet)
+            threads=args.threads, small_step_threads=args.small_step_threads, progress=not args.quiet)
         run_until_signalled(StageServer(config))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_options import channel_options
 from protos.reflection import enable_reflection
+from stage_server.compute_threads import ComputeThreads
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
@@ -46,6 +47,7 @@ class StageServerConfig:
     session_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    small_step_threads: int = 1  # threads for steps of <= SMALL_STEP_TOKENS new tokens; 0 = `threads`
     progress: bool = True
 
 
@@ -81,6 +83,7 @@ class StageServer:
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.service.threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
         try:
             loaded = load_slice(cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype,
                                 device=cfg.device, progress=cfg.progress)

@@ -22,6 +22,7 @@ import torch
 
 from protos import codec, stage_pb2, stage_pb2_grpc
 from stage_server.cache_edits import PlannedEdit
+from stage_server.compute_threads import ComputeThreads
 from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.sessions import SessionStore
@@ -69,6 +70,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.sessions: SessionStore | None = None
         self.draining = False
         self._compute_lock = threading.Lock()
+        self.threads: ComputeThreads | None = None  # None: leave torch's thread count alone
         self._channels = ChannelPool()
         self._inflight = 0
         self.micro_batches_served = 0
@@ -209,6 +211,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
                 with self._compute_lock:
+                    if self.threads is not None:
+                        self.threads.for_step(activations.shape[0] * new_tokens)
                     output = model.forward(session, activations, position_ids, mask)
                     self.micro_batches_served += 1
         except Exception:
