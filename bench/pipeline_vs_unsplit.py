@@ -3,7 +3,9 @@
 Everything runs on SmolLM2-135M-Instruct on this machine, per dtype (float32, bfloat16).
 Stage servers and the coordinator are separate processes (as deployed); the unsplit
 model runs in this process while they sit idle. Each figure is printed as a ratio to
-its baseline measured minutes apart in the same run:
+its baseline measured in the same run; decode and ttft alternate pipeline and unsplit runs
+over several rounds and report the median of the per-round ratios, because this machine's
+speed drifts by 10-20 % within minutes:
 
   1. decode      single-request decode tokens/s through 2 and 4 stages ÷ unsplit `generate`
   2. ttft        time to first token of a 512-token prompt through 2 stages ÷ unsplit
@@ -27,6 +29,7 @@ import contextlib
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -216,35 +219,58 @@ def hop_bytes(address: str) -> int:
 
 # ---- the parts -----------------------------------------------------------------------------------
 
+def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
+    """Run every measure once per round, in turn, so slow phases of a noisy machine hit them all."""
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            samples[name].append(measure())
+    return samples
+
+
+def median_ratio(samples: list[float], baseline: list[float]) -> float:
+    """Median over rounds of (this round's figure ÷ the same round's baseline)."""
+    return statistics.median(a / b for a, b in zip(samples, baseline, strict=True))
+
+
 def part_decode(ctx) -> dict:
     prompt, n = ctx.prompts[0], ctx.args.decode_tokens
-    base = max(ctx.unsplit.decode_tokens_per_s(prompt, n) for _ in range(2))
-    result = {"unsplit_tokens_per_s": base}
-    for stages in (2, 4):
-        with pipeline(ctx.model_dir, stages, ctx.dtype_name) as address:
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name) as two, pipeline(ctx.model_dir, 4, ctx.dtype_name) as four:
+        for address in (two, four):
             stream_decode_tokens_per_s(address, prompt, 8)  # warm up
-            got = max(stream_decode_tokens_per_s(address, prompt, n) for _ in range(2))
-        result[f"stages_{stages}_tokens_per_s"] = got
-        result[f"stages_{stages}_ratio"] = got / base
-        log(f"  decode: {stages} stages {got:.2f} tok/s vs unsplit {base:.2f} → {got / base:.3f}")
+        samples = interleaved({"unsplit": lambda: ctx.unsplit.decode_tokens_per_s(prompt, n),
+                               "stages_2": lambda: stream_decode_tokens_per_s(two, prompt, n),
+                               "stages_4": lambda: stream_decode_tokens_per_s(four, prompt, n)}, ctx.args.rounds)
+    result = {"rounds": ctx.args.rounds, "unsplit_tokens_per_s": statistics.median(samples["unsplit"])}
+    for stages in (2, 4):
+        got, ratio = statistics.median(samples[f"stages_{stages}"]), median_ratio(samples[f"stages_{stages}"],
+                                                                                  samples["unsplit"])
+        result[f"stages_{stages}_tokens_per_s"], result[f"stages_{stages}_ratio"] = got, ratio
+        log(f"  decode: {stages} stages {got:.2f} tok/s vs unsplit {result['unsplit_tokens_per_s']:.2f} → "
+            f"{ratio:.3f} (median of {ctx.args.rounds} interleaved rounds)")
     return result
 
 
 def part_ttft(ctx) -> dict:
     long_prompt = (sum(ctx.prompts, []) * 40)[: ctx.args.ttft_tokens]
     ctx.unsplit.first_token_s(long_prompt[:64])
-    base = min(ctx.unsplit.first_token_s(long_prompt) for _ in range(3))
-    result = {"prompt_tokens": len(long_prompt), "unsplit_s": base}
+    result = {"prompt_tokens": len(long_prompt), "rounds": ctx.args.rounds}
     # Whole-prompt prefill (the default up to 512 tokens), and chunks of 128 that let stages
     # overlap (which pays off when stages have their own cores, not when they share two).
-    for chunk in (512, 128):
-        with pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=chunk) as address:
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=512) as whole, \
+            pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=128) as chunked:
+        for address in (whole, chunked):
             pipeline_first_token_s(address, long_prompt[:64])
-            got = min(pipeline_first_token_s(address, long_prompt) for _ in range(3))
-        result[f"stages_2_chunk_{chunk}_s"] = got
-        result[f"chunk_{chunk}_ratio"] = got / base
+        samples = interleaved({"unsplit": lambda: ctx.unsplit.first_token_s(long_prompt),
+                               "chunk_512": lambda: pipeline_first_token_s(whole, long_prompt),
+                               "chunk_128": lambda: pipeline_first_token_s(chunked, long_prompt)}, ctx.args.rounds)
+    result["unsplit_s"] = statistics.median(samples["unsplit"])
+    for chunk in (512, 128):
+        got, ratio = statistics.median(samples[f"chunk_{chunk}"]), median_ratio(samples[f"chunk_{chunk}"],
+                                                                                samples["unsplit"])
+        result[f"stages_2_chunk_{chunk}_s"], result[f"chunk_{chunk}_ratio"] = got, ratio
         log(f"  ttft ({len(long_prompt)} tokens, prefill chunks of {chunk}): 2 stages {got:.3f}s vs unsplit "
-            f"{base:.3f}s → {got / base:.3f}")
+            f"{result['unsplit_s']:.3f}s → {ratio:.3f} (median of {ctx.args.rounds} interleaved rounds)")
     return result
 
 
@@ -385,6 +411,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--ttft-tokens", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the decode and ttft ratios")
     parser.add_argument("--max-clients", type=int, default=64)
     parser.add_argument("--pinned-batch", type=int, default=64, help="sequences in the pinned batch workload")
     parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline_vs_unsplit.json"))

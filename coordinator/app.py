@@ -94,7 +94,7 @@ def batching_state(engine: Engine, limits: BatchLimits, groups: int) -> coordina
         queued=stats.queued, running=stats.running, prefilling=stats.prefilling,
         reserved_positions=stats.reserved_positions, max_batch_rows=limits.max_batch_rows,
         max_cache_positions=limits.max_cache_positions, max_queue=limits.max_queue, micro_batches=groups,
-        decode_steps=stats.decode_steps, hop_bytes=stats.hop_bytes)
+        decode_steps=stats.decode_steps, prefills=stats.prefills, hop_bytes=stats.hop_bytes)
 
 
 class CoordinatorServer:

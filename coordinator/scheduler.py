@@ -65,6 +65,7 @@ class SchedulerStats:
     reserved_positions: int
     sessions: int
     decode_steps: int
+    prefills: int
     hop_bytes: int
 
 
@@ -83,6 +84,7 @@ class Scheduler:
         self._lock = threading.RLock()  # re-entrant: an on_token callback may submit more work
         self._thread: threading.Thread | None = None
         self._decode_steps = 0
+        self._prefills_started = 0
 
     # ---- the caller's side ---------------------------------------------------------------
 
@@ -111,7 +113,8 @@ class Scheduler:
                 queued=len(self._waiting), running=sum(s.finish is None for s in self._decoding()),
                 prefilling=len(self._prefilling()), reserved_positions=reserved,
                 sessions=sum(not g.empty for g in self._groups) + len(self._prefills),
-                decode_steps=self._decode_steps, hop_bytes=self.pipeline.hop_bytes)
+                decode_steps=self._decode_steps, prefills=self._prefills_started,
+                hop_bytes=self.pipeline.hop_bytes)
 
     def _decoding(self) -> list[LiveSequence]:
         """Rows of the running groups (finished ones included until the next edit drops them)."""
@@ -200,6 +203,7 @@ class Scheduler:
             self._resolve_all(sequences, err)
             return
         prefill.futures = futures
+        self._prefills_started += 1
         target.incoming += len(sequences)
         self._prefills.append(prefill)
         futures[-1].add_done_callback(lambda f: self._events.put(("prefill", prefill, f)))

@@ -109,7 +109,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ...) -> None: ...
 
 class BatchingState(_message.Message):
-    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes")
+    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes", "prefills")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PREFILLING_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class BatchingState(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFILLS_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     prefilling: int
@@ -130,7 +131,8 @@ class BatchingState(_message.Message):
     micro_batches: int
     decode_steps: int
     hop_bytes: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ...) -> None: ...
+    prefills: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions")

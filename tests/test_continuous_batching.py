@@ -76,6 +76,26 @@ def test_joining_and_leaving_is_exact(family, tiny_model, stages):
                 assert tokens == expected, f"{family}, {groups} groups: joiner {index} differs from running alone"
             assert sessions == [0, 0], "every session is freed once the batch drains"
             assert stats.decode_steps < FIRST[1] + sum(n for _, n, _ in JOINERS), "sequences shared decode steps"
+            assert stats.prefills == 1 + len(JOINERS), "each arrival is prefilled once"
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_requests_arriving_together_share_prefills_and_steps(groups, tiny_model, stages):
+    """A batch submitted at once is prefilled as one micro-batch per group and decoded in lockstep."""
+    model_dir = tiny_model("qwen2")
+    prompts = [[5, 6, 7], [9] * 7, [11, 12], [40, 41, 42, 43], [8]]
+    want = [reference_greedy(model_dir, [p], 4)[0] for p in prompts]
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        try:
+            engine = Engine(client, micro_batches=groups)
+            got = [r.token_ids for r in engine.generate([SequenceRequest(p, 4) for p in prompts])]
+            stats = engine.stats()
+        finally:
+            client.close()
+    assert got == want
+    assert stats.prefills == groups
+    assert stats.decode_steps == 3 * groups  # the first token comes with the prefill
 
 
 def test_chunked_prefill_and_three_stages_stay_exact(tiny_model, stages):
