@@ -16,6 +16,18 @@ from stage_server.server import StageServer, StageServerConfig, run_until_signal
 from stage_server.slice_loader import SliceLoadError, parse_layer_range
 
 
+def _thread_count(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a thread count >= 0 or 'auto', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stage-server", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -30,9 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")
-    parser.add_argument("--small-step-threads", type=int, default=1,
-                        help="threads for steps of at most 4 new tokens, e.g. one sequence decoding, which is "
-                             "bound by memory bandwidth (default 1; 0 = as many as --threads)")
+    parser.add_argument("--small-step-threads", type=_thread_count, default="auto",
+                        help="threads for steps of at most 4 new tokens (one sequence decoding): a count, 0 = as "
+                             "many as --threads, or auto (default): time the slice at start and use one thread "
+                             "unless all threads are clearly faster")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser

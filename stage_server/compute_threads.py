@@ -1,17 +1,19 @@
 """How many CPU threads each forward step of a stage runs on.
 
 Owns: the choice, per step, between the stage's full thread count and a smaller one for small
-steps, and applying it to torch. Does not own: running the step (stage_model) or locking (the
-servicer runs one step at a time under its compute lock, which is what makes a process-wide
-setting safe here).
+steps, measuring which is faster for this slice on this machine, and applying it to torch. Does
+not own: running the step (stage_model) or locking (the servicer runs one step at a time under its
+compute lock, and sets the count on the thread that then computes).
 
-Why small steps get fewer threads: a step of a few tokens (one sequence decoding) reads every
-weight of the slice once and does little arithmetic per byte, so it is bound by memory bandwidth;
-on SmolLM2-135M a second thread does not speed it up at all (and slows it when stages share
-cores: their thread teams fight over the cores as the token passes from stage to stage). Prefill
-and batched decode do enough arithmetic per weight for more threads to pay (1.3x at 16-64 rows,
-1.9x for a 512-token prompt on two cores). Measured through 4 local stages sharing 2 cores,
-interleaved runs: single-sequence decode went from 0.82 to 0.91 of the unsplit model's tokens/s.
+Why small steps may get fewer threads: a step of a few tokens (one sequence decoding) does little
+arithmetic per weight it reads. In float32 it is bound by memory bandwidth: on SmolLM2-135M a
+second thread gains nothing alone, and when stages share cores their thread teams fight over them
+as the token passes from stage to stage (4 stages on 2 cores, interleaved runs: 0.82 -> 0.91 of
+the unsplit model's decode tokens/s with one thread). In bfloat16 on a CPU without bf16 units the
+same step is bound by arithmetic, and one thread made 2-stage decode 25 % slower. So by default
+("auto") a stage times one small step of its own slice both ways when it starts and keeps one
+thread only if all threads are not clearly faster. Prefill and batched decode always get all
+threads (1.3x at 16-64 rows, 1.9x for a 512-token prompt on two cores).
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
@@ -21,20 +23,33 @@ against the unsplit model at full threads.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
+
+log = logging.getLogger(__name__)
 
 # Steps carrying at most this many new tokens in total (rows x tokens) count as small.
 SMALL_STEP_TOKENS = 4
+# "auto" keeps one thread for small steps unless all threads are at least this much faster.
+AUTO_MIN_GAIN = 1.15
+AUTO = "auto"
 
 
 class ComputeThreads:
-    """`for_step(tokens)` sets torch's intra-op threads for a step of `tokens` new tokens."""
+    """`for_step(tokens)` sets torch's intra-op threads for a step of `tokens` new tokens.
 
-    def __init__(self, full: int = 0, small_step: int = 1) -> None:
-        if full < 0 or small_step < 0:
-            raise ValueError(f"thread counts must be >= 0, got {full} and {small_step}")
+    `small_step` is a thread count (0 = as many as `full`) or "auto": one thread until
+    `calibrate` has timed the slice and found that all threads pay.
+    """
+
+    def __init__(self, full: int = 0, small_step: int | str = AUTO) -> None:
+        if full < 0 or (small_step != AUTO and (not isinstance(small_step, int) or small_step < 0)):
+            raise ValueError(f"thread counts must be >= 0 (or small_step 'auto'), got {full} and {small_step!r}")
         self.full = full or torch.get_num_threads()
-        self.small_step = min(small_step or self.full, self.full)
+        self.auto = small_step == AUTO
+        self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
 
     def threads_for(self, tokens: int) -> int:
         return self.small_step if tokens <= SMALL_STEP_TOKENS else self.full
@@ -45,3 +60,20 @@ class ComputeThreads:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return threads
+
+    def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 3) -> None:
+        """In "auto" mode, time `small_step_seconds` (one small step) on one thread and on all,
+        alternating, and keep one thread only if all threads are not AUTO_MIN_GAIN faster."""
+        if not self.auto or self.full == 1:
+            return
+        best = {1: float("inf"), self.full: float("inf")}
+        try:
+            for _ in range(rounds + 1):  # the first round warms up both
+                for threads in best:
+                    torch.set_num_threads(threads)
+                    best[threads] = min(best[threads], small_step_seconds())
+        finally:
+            torch.set_num_threads(self.full)
+        self.small_step = self.full if best[1] > best[self.full] * AUTO_MIN_GAIN else 1
+        log.info("small steps: %.1f ms on 1 thread, %.1f ms on %d; using %d", best[1] * 1e3,
+                 best[self.full] * 1e3, self.full, self.small_step)

@@ -47,7 +47,8 @@ class StageServerConfig:
     session_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    small_step_threads: int = 1  # threads for steps of <= SMALL_STEP_TOKENS new tokens; 0 = `threads`
+    small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
+    # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
     progress: bool = True
 
 
@@ -83,7 +84,7 @@ class StageServer:
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.service.threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
+        threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
         try:
             loaded = load_slice(cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype,
                                 device=cfg.device, progress=cfg.progress)
@@ -91,6 +92,9 @@ class StageServer:
             self.grpc_server.stop(0)
             raise
         model = StageModel(loaded)
+        if loaded.device.type == "cpu":
+            threads.calibrate(model.small_step_seconds)
+            self.service.threads = threads
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
                                 idle_timeout_s=cfg.session_timeout_s)

@@ -10,6 +10,8 @@ network or the route (servicer).
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import DynamicCache
 
@@ -40,6 +42,21 @@ class StageModel:
 
     def new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.loaded.sliced_config)
+
+    @torch.inference_mode()
+    def small_step_seconds(self) -> float:
+        """Seconds one single-token step of this slice takes, on a throwaway cache (for calibration)."""
+        loaded, arch = self.loaded, self.loaded.architecture
+        positions = torch.zeros(1, 1, dtype=torch.long, device=loaded.device)
+        started = time.perf_counter()
+        if loaded.is_first:
+            hidden = arch.embed(positions, positions)
+        else:
+            hidden = torch.zeros(1, 1, self.hidden_size, dtype=loaded.dtype, device=loaded.device)
+        hidden = arch.run_layers(hidden, positions, None, self.new_cache())
+        if loaded.is_last:
+            arch.head(hidden[:, -1, :])
+        return time.perf_counter() - started
 
     def check_step(self, session: Session, activations: torch.Tensor, position_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None, *, rows_and_positions: tuple[int, int] | None = None) -> int:

@@ -1,9 +1,10 @@
-"""Small steps run on fewer threads; big ones on all of them (stage_server/compute_threads.py)."""
+"""Small steps run on the thread count that suits them; big ones on all (stage_server/compute_threads.py)."""
 
 import pytest
 import torch
 
-from stage_server.compute_threads import SMALL_STEP_TOKENS, ComputeThreads
+from stage_server.cli import build_parser
+from stage_server.compute_threads import AUTO_MIN_GAIN, SMALL_STEP_TOKENS, ComputeThreads
 
 
 @pytest.fixture(autouse=True)
@@ -26,5 +27,45 @@ def test_defaults_and_bounds():
     assert ComputeThreads().full == 2  # 0 = what torch uses now
     assert ComputeThreads(full=3, small_step=0).threads_for(1) == 3  # 0 = as many as full
     assert ComputeThreads(full=1, small_step=4).threads_for(1) == 1  # never more than full
-    with pytest.raises(ValueError):
-        ComputeThreads(full=-1)
+    for bad in ({"full": -1}, {"small_step": -2}, {"small_step": "fast"}):
+        with pytest.raises(ValueError):
+            ComputeThreads(**bad)
+
+
+def fake_step(seconds_by_threads: dict[int, float]):
+    calls = []
+
+    def step() -> float:
+        calls.append(torch.get_num_threads())
+        return seconds_by_threads[torch.get_num_threads()]
+    return step, calls
+
+
+@pytest.mark.parametrize("one,two,chosen", [
+    (1.0, 1.0, 1),  # memory-bound (float32 decode): one thread is as fast, and leaves the other core free
+    (1.0, 0.6, 2),  # compute-bound (bfloat16 without bf16 units): all threads pay
+    (1.0, 1.0 / AUTO_MIN_GAIN + 0.01, 1),  # not clearly faster: one thread
+])
+def test_auto_times_both_and_keeps_one_thread_unless_all_clearly_pay(one, two, chosen):
+    threads = ComputeThreads(full=2)
+    assert threads.threads_for(1) == 1  # before calibration
+    step, calls = fake_step({1: one, 2: two})
+    threads.calibrate(step)
+    assert threads.threads_for(1) == chosen and threads.threads_for(64) == 2
+    assert sorted(set(calls)) == [1, 2] and calls.count(1) == calls.count(2) >= 2
+    assert torch.get_num_threads() == 2  # left at the full count
+
+
+def test_fixed_counts_are_not_calibrated():
+    step, calls = fake_step({1: 1.0, 2: 0.1})
+    threads = ComputeThreads(full=2, small_step=1)
+    threads.calibrate(step)
+    assert threads.threads_for(1) == 1 and not calls
+
+
+def test_cli_takes_a_count_or_auto():
+    base = ["--model", "m", "--layers", "0:1"]
+    assert build_parser().parse_args(base).small_step_threads == "auto"
+    assert build_parser().parse_args(base + ["--small-step-threads", "0"]).small_step_threads == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--small-step-threads", "-3"])
