@@ -47,8 +47,21 @@ def _choose_parameters(u: np.ndarray) -> np.ndarray:
     return best_k
 
 
-def _row_low_bytes(parameters: np.ndarray, n: int) -> np.ndarray:
-    return (parameters * n + 7) // 8
+def _low_bits_layout(parameters: np.ndarray, n: int):
+    """Where each row's low bits lie: (total bytes, an iterator of (k, byte offsets, rows)) with rows
+    grouped by their parameter k > 0, in batches of about _CHUNK_ELEMENTS values so that the
+    bit-level temporaries stay small."""
+    row_bytes = (parameters * n + 7) // 8
+    starts = np.concatenate(([0], np.cumsum(row_bytes)[:-1]))
+    batches = max(1, -(-parameters.size * n // _CHUNK_ELEMENTS))
+
+    def groups():
+        for k in np.unique(parameters[parameters > 0]):
+            same_k = np.flatnonzero(parameters == k)
+            for part in np.array_split(same_k, min(batches, same_k.size)):
+                yield int(k), starts[part, None] + np.arange(int(row_bytes[part[0]])), part
+
+    return int(row_bytes.sum()), groups()
 
 
 def encode_rows(u: np.ndarray) -> tuple[bytes, bytes, bytes]:
@@ -64,21 +77,12 @@ def encode_rows(u: np.ndarray) -> tuple[bytes, bytes, bytes]:
     unary = np.ones(-(-int(ends[-1] + 1) // 8) * 8, dtype=np.uint8)
     unary[ends] = 0
 
-    row_bytes = _row_low_bytes(parameters, n)
-    starts = np.concatenate(([0], np.cumsum(row_bytes)[:-1]))
-    low = np.empty(int(row_bytes.sum()), dtype=np.uint8)
-    chunk_rows = max(1, _CHUNK_ELEMENTS // n)
-    for k in np.unique(parameters):
-        if k == 0:
-            continue
+    total, groups = _low_bits_layout(parameters, n)
+    low = np.empty(total, dtype=np.uint8)
+    for k, offsets, part in groups:
         shifts = np.arange(k - 1, -1, -1, dtype=np.int64)
-        width = int(row_bytes[parameters == k][0])
-        for part in np.array_split(np.flatnonzero(parameters == k), max(1, -(-rows // chunk_rows))):
-            if part.size == 0:
-                continue
-            bits = ((u[part, :, None] >> shifts) & 1).astype(np.uint8).reshape(part.size, n * k)
-            packed = np.packbits(bits, axis=1)  # pads each row to whole bytes with 0 bits
-            low[starts[part, None] + np.arange(width)] = packed
+        bits = ((u[part, :, None] >> shifts) & 1).astype(np.uint8).reshape(part.size, n * k)
+        low[offsets] = np.packbits(bits, axis=1)  # pads each row to whole bytes with 0 bits
     return parameters.astype(np.uint8).tobytes(), np.packbits(unary).tobytes(), low.tobytes()
 
 
@@ -108,21 +112,12 @@ def decode_rows(parameters: bytes, unary: bytes, low: bytes, rows: int, n: int) 
         raise RiceFormatError(f"a unary part is {int(high.max())} bits long; at most {MAX_UNARY} are allowed")
     values = high.reshape(rows, n) << k[:, None]
 
-    row_bytes = _row_low_bytes(k, n)
-    if len(low) != int(row_bytes.sum()):
-        raise RiceFormatError(f"low_bits holds {len(low)} bytes; the Rice parameters need {int(row_bytes.sum())}")
+    total, groups = _low_bits_layout(k, n)
+    if len(low) != total:
+        raise RiceFormatError(f"low_bits holds {len(low)} bytes; the Rice parameters need {total}")
     low_array = np.frombuffer(low, dtype=np.uint8)
-    starts = np.concatenate(([0], np.cumsum(row_bytes)[:-1]))
-    chunk_rows = max(1, _CHUNK_ELEMENTS // n)
-    for kk in np.unique(k):
-        if kk == 0:
-            continue
+    for kk, offsets, part in groups:
         weights = np.left_shift(1, np.arange(kk - 1, -1, -1, dtype=np.int64))
-        width = int(row_bytes[k == kk][0])
-        for part in np.array_split(np.flatnonzero(k == kk), max(1, -(-rows // chunk_rows))):
-            if part.size == 0:
-                continue
-            packed = low_array[starts[part, None] + np.arange(width)]
-            field = np.unpackbits(packed, axis=1)[:, : n * kk].reshape(part.size, n, kk)
-            values[part] |= field.astype(np.int64) @ weights
+        field = np.unpackbits(low_array[offsets], axis=1)[:, : n * kk].reshape(part.size, n, kk)
+        values[part] |= field.astype(np.int64) @ weights
     return values
