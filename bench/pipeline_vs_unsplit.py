@@ -228,9 +228,10 @@ def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
     return samples
 
 
-def median_ratio(samples: list[float], baseline: list[float]) -> float:
-    """Median over rounds of (this round's figure ÷ the same round's baseline)."""
-    return statistics.median(a / b for a, b in zip(samples, baseline, strict=True))
+def against_unsplit(samples: dict[str, list[float]], name: str) -> tuple[float, float]:
+    """(median of `name`'s figures, median over rounds of its figure ÷ the same round's unsplit one)."""
+    ratios = (a / b for a, b in zip(samples[name], samples["unsplit"], strict=True))
+    return statistics.median(samples[name]), statistics.median(ratios)
 
 
 def part_decode(ctx) -> dict:
@@ -243,8 +244,7 @@ def part_decode(ctx) -> dict:
                                "stages_4": lambda: stream_decode_tokens_per_s(four, prompt, n)}, ctx.args.rounds)
     result = {"rounds": ctx.args.rounds, "unsplit_tokens_per_s": statistics.median(samples["unsplit"])}
     for stages in (2, 4):
-        got, ratio = statistics.median(samples[f"stages_{stages}"]), median_ratio(samples[f"stages_{stages}"],
-                                                                                  samples["unsplit"])
+        got, ratio = against_unsplit(samples, f"stages_{stages}")
         result[f"stages_{stages}_tokens_per_s"], result[f"stages_{stages}_ratio"] = got, ratio
         log(f"  decode: {stages} stages {got:.2f} tok/s vs unsplit {result['unsplit_tokens_per_s']:.2f} → "
             f"{ratio:.3f} (median of {ctx.args.rounds} interleaved rounds)")
@@ -266,8 +266,7 @@ def part_ttft(ctx) -> dict:
                                "chunk_128": lambda: pipeline_first_token_s(chunked, long_prompt)}, ctx.args.rounds)
     result["unsplit_s"] = statistics.median(samples["unsplit"])
     for chunk in (512, 128):
-        got, ratio = statistics.median(samples[f"chunk_{chunk}"]), median_ratio(samples[f"chunk_{chunk}"],
-                                                                                samples["unsplit"])
+        got, ratio = against_unsplit(samples, f"chunk_{chunk}")
         result[f"stages_2_chunk_{chunk}_s"], result[f"chunk_{chunk}_ratio"] = got, ratio
         log(f"  ttft ({len(long_prompt)} tokens, prefill chunks of {chunk}): 2 stages {got:.3f}s vs unsplit "
             f"{result['unsplit_s']:.3f}s → {ratio:.3f} (median of {ctx.args.rounds} interleaved rounds)")
