@@ -47,10 +47,11 @@ class StageModel:
     def small_step_seconds(self) -> float:
         """Seconds one single-token step of this slice takes, on a throwaway cache (for calibration)."""
         loaded, arch = self.loaded, self.loaded.architecture
-        positions = torch.zeros(1, 1, dtype=torch.long, device=loaded.device)
+        zeros = torch.zeros(1, 1, dtype=torch.long, device=loaded.device)  # token 0 at position 0
+        positions = zeros
         started = time.perf_counter()
         if loaded.is_first:
-            hidden = arch.embed(positions, positions)
+            hidden = arch.embed(zeros, positions)
         else:
             hidden = torch.zeros(1, 1, self.hidden_size, dtype=loaded.dtype, device=loaded.device)
         hidden = arch.run_layers(hidden, positions, None, self.new_cache())
