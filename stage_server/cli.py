@@ -10,10 +10,7 @@ import argparse
 import logging
 import sys
 
-from stage_server.architectures import UnsupportedArchitectureError
-from stage_server.model_store import ModelNotFoundError, resolve_model
-from stage_server.server import StageServer, StageServerConfig, run_until_signalled
-from stage_server.slice_loader import SliceLoadError, parse_layer_range
+from stage_server.machine_lock import MachineLock
 
 
 def _thread_count(text: str) -> int | str:
@@ -54,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Held shared through the heavy imports and the weight load, so that a stage starting beside
+    # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
+    startup_lock = MachineLock()
+    startup_lock.acquire(exclusive=False)
+    from stage_server.architectures import UnsupportedArchitectureError
+    from stage_server.model_store import ModelNotFoundError, resolve_model
+    from stage_server.server import StageServer, StageServerConfig, run_until_signalled
+    from stage_server.slice_loader import SliceLoadError, parse_layer_range
+
     try:
         start, end = parse_layer_range(args.layers)
         model_dir = resolve_model(args.model)
@@ -62,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads, progress=not args.quiet)
-        run_until_signalled(StageServer(config))
+        run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        startup_lock.release()  # normally released once the weights are in; here on early errors
     return 0
 
 

@@ -15,6 +15,12 @@ same step is bound by arithmetic, and one thread made 2-stage decode 25 % slower
 thread only if all threads are not clearly faster. Prefill and batched decode always get all
 threads (1.3x at 16-64 rows, 1.9x for a 512-token prompt on two cores).
 
+Stages that share a machine calibrate one at a time and never while another loads its weights
+(stage_server/machine_lock.py): a stage timing itself while another stage
+works finds the other core busy, sees no gain from a second thread, and settles on one. That cost
+bfloat16 decode through 2 local stages a fifth of its speed (one or both chose one thread although
+two are 1.4x faster alone).
+
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
 bfloat16, decode and prefill shapes), and the equivalence tests run stages under this policy
@@ -27,6 +33,8 @@ import logging
 from collections.abc import Callable
 
 import torch
+
+from stage_server.machine_lock import MachineLock
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +69,22 @@ class ComputeThreads:
             torch.set_num_threads(threads)
         return threads
 
-    def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 3) -> None:
+    def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 3,
+                  lock: MachineLock | None = None) -> None:
         """In "auto" mode, time `small_step_seconds` (one small step) on one thread and on all,
-        alternating, and keep one thread only if all threads are not AUTO_MIN_GAIN faster."""
+        alternating, and keep one thread only if all threads are not AUTO_MIN_GAIN faster.
+        Holds `lock` (default: this machine's stage lock) exclusively meanwhile."""
         if not self.auto or self.full == 1:
             return
         best = {1: float("inf"), self.full: float("inf")}
-        try:
-            for _ in range(rounds + 1):  # the first round warms up both
-                for threads in best:
-                    torch.set_num_threads(threads)
-                    best[threads] = min(best[threads], small_step_seconds())
-        finally:
-            torch.set_num_threads(self.full)
+        with (lock or MachineLock()).held(exclusive=True):
+            try:
+                for _ in range(rounds + 1):  # the first round warms up both
+                    for threads in best:
+                        torch.set_num_threads(threads)
+                        best[threads] = min(best[threads], small_step_seconds())
+            finally:
+                torch.set_num_threads(self.full)
         self.small_step = self.full if best[1] > best[self.full] * AUTO_MIN_GAIN else 1
         log.info("small steps: %.1f ms on 1 thread, %.1f ms on %d; using %d", best[1] * 1e3,
                  best[self.full] * 1e3, self.full, self.small_step)

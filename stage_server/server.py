@@ -22,6 +22,7 @@ from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_options import channel_options
 from protos.reflection import enable_reflection
 from stage_server.compute_threads import ComputeThreads
+from stage_server.machine_lock import MachineLock
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
@@ -55,8 +56,11 @@ class StageServerConfig:
 class StageServer:
     """A running stage: `start()` binds and loads, `stop()` drains and stops."""
 
-    def __init__(self, config: StageServerConfig) -> None:
+    def __init__(self, config: StageServerConfig, startup_lock: MachineLock | None = None) -> None:
+        """`startup_lock`: this machine's stage lock, held shared since the process started (the CLI
+        takes it before importing torch); released once the weights are in."""
         self.config = config
+        self.startup_lock = startup_lock or MachineLock()
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
         self.health = health.HealthServicer()
         self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}")
@@ -91,9 +95,11 @@ class StageServer:
         except Exception:
             self.grpc_server.stop(0)
             raise
+        finally:
+            self.startup_lock.release()
         model = StageModel(loaded)
         if loaded.device.type == "cpu":
-            threads.calibrate(model.small_step_seconds)
+            threads.calibrate(model.small_step_seconds, lock=self.startup_lock)
             self.service.threads = threads
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
