@@ -57,19 +57,23 @@ class LiveSequence:
         return self.sampler.params.greedy
 
     def take(self, logits: StepLogits, row: int) -> None:
-        """Pick this sequence's next token from its row of the step's logits; record why it stops, if it does."""
+        """Pick this sequence's next token from its row of the step's logits; record whether it
+        ends here by EOS or length. The caller hears of the token from `notify`, after."""
         if self.greedy:
             token = logits.best(row)
         else:
             token = self.sampler(logits.row(row), torch.tensor(self.prompt_ids + self.output))
         self.output.append(token)
         self.last_position += 1
-        if self.on_token is not None and self.on_token(token):
-            self.finish = FINISH_STOP
-        elif token in self.eos_token_ids:
+        if token in self.eos_token_ids:
             self.finish = FINISH_EOS
         elif len(self.output) >= self.max_new_tokens:
             self.finish = FINISH_LENGTH
+
+    def notify(self) -> None:
+        """Hand the newest token to `on_token`; if it answers True (a stop string), the sequence ends."""
+        if self.on_token is not None and self.on_token(self.output[-1]):
+            self.finish = FINISH_STOP
 
     @property
     def last_token(self) -> int:

@@ -257,7 +257,7 @@ class Scheduler:
             self._resolve_all(prefill.sequences, err)
             self._end_session(prefill.session_id)
             return
-        finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits, row)]
+        finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits, row) and self._notify(s)]
         if all(s.finish is not None for s in prefill.sequences):
             self._end_session(prefill.session_id, wait=True)
             _settle_all(finished)
@@ -273,8 +273,14 @@ class Scheduler:
             self._fail_group(group, err)
             return
         self._decode_steps += 1
-        finished = [s for row, s in enumerate(group.rows) if self._take(s, logits, row)]
-        if all(s.finish is not None for s in group.rows) and not group.joining:
+        took = [s for row, s in enumerate(group.rows) if self._take(s, logits, row)]
+        if any(s.finish is None for s in group.rows):
+            # Send the next step before telling the callers about this one, so that streaming the
+            # token out and checking stop strings overlap the stages' work instead of delaying it.
+            # A row a stop string ends now rides along in that step once; the next edit drops it.
+            self._advance(group)
+        finished = [s for s in took if self._notify(s)]
+        if all(s.finish is not None for s in group.rows) and not group.joining and group.in_flight is None:
             # Free the caches before answering, so a caller that gets its last result
             # and looks at the stages finds nothing left behind.
             self._end_session(group.session_id, wait=True)
@@ -283,11 +289,22 @@ class Scheduler:
 
     @staticmethod
     def _take(sequence: LiveSequence, logits, row: int) -> bool:
-        """Sample the sequence's next token; True if it has just finished (settle it after)."""
+        """Sample the sequence's next token; True if it took one (a failing sampler ends only its own sequence)."""
         if sequence.finish is not None:
             return False
         try:
             sequence.take(logits, row)
+        except Exception as err:
+            sequence.finish = FINISH_CANCELLED
+            _settle(sequence, err)
+            return False
+        return True
+
+    @staticmethod
+    def _notify(sequence: LiveSequence) -> bool:
+        """Hand the sequence's new token to its caller; True if it has just finished (settle it after)."""
+        try:
+            sequence.notify()
         except Exception as err:  # a failing on_token callback ends only its own sequence
             sequence.finish = FINISH_CANCELLED
             _settle(sequence, err)

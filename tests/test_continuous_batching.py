@@ -124,3 +124,41 @@ def test_queue_beyond_the_batch_bound(tiny_model, stages):
             client.close()
     assert queued >= 4, "requests beyond the bound wait in the queue"
     assert got == want
+
+
+def test_the_next_step_is_on_its_way_before_the_caller_hears_of_a_token(tiny_model, stages):
+    """Streaming a token out and checking stop strings overlap the stages' work on the next step;
+    a sequence that a stop string ends mid-batch still leaves exact neighbours and no session."""
+    model_dir = tiny_model("llama")
+    prompts, new_tokens = [[5, 6, 7], [9, 10]], 6
+    want = [reference_greedy(model_dir, [p], new_tokens)[0] for p in prompts]
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        submitted = []
+        send = client.submit
+        client.submit = lambda *args, **kwargs: (submitted.append(1), send(*args, **kwargs))[1]
+        seen: list[int] = []
+
+        def count_sends(_token: int) -> bool:
+            seen.append(len(submitted))
+            return False
+
+        def stop_at_third(_token: int) -> bool:
+            stopped.append(_token)
+            return len(stopped) == 3
+        stopped: list[int] = []
+        try:
+            engine = Engine(client)
+            alone = engine.generate([SequenceRequest(prompts[0], new_tokens, on_token=count_sends)])[0]
+            pair = engine.generate([SequenceRequest(prompts[0], new_tokens, on_token=stop_at_third),
+                                    SequenceRequest(prompts[1], new_tokens)])
+            sessions = eventually(lambda: [i.active_sessions for i in client.stage_infos()], [0, 0])
+        finally:
+            client.close()
+    assert alone.token_ids == want[0]
+    # token 1 comes with the prefill (1 send); the step that makes token k+1 is sent before token k
+    # is handed over (k + 1 sends); after the last token nothing more is sent.
+    assert seen == [1] + list(range(3, new_tokens + 1)) + [new_tokens]
+    assert pair[0].token_ids == want[0][:3] and pair[0].finish_reason == "stop"
+    assert pair[1].token_ids == want[1]
+    assert sessions == [0, 0]
