@@ -388,9 +388,10 @@ def plot(results: dict, path: Path) -> None:
         if not conc:
             continue
         levels = conc["clients"]
-        ax.plot(levels, [conc["pipeline_tokens_per_s"][c] for c in levels], marker="o",
-                label=f"layerline, 2 stages ({dtype})")
-        ax.plot(levels, [conc["unsplit_batch_tokens_per_s"][c] for c in levels], marker="s", linestyle="--",
+        pipeline, unsplit = ({int(c): v for c, v in conc[key].items()}  # int keys, or str once read from JSON
+                             for key in ("pipeline_tokens_per_s", "unsplit_batch_tokens_per_s"))
+        ax.plot(levels, [pipeline[c] for c in levels], marker="o", label=f"layerline, 2 stages ({dtype})")
+        ax.plot(levels, [unsplit[c] for c in levels], marker="s", linestyle="--",
                 label=f"unsplit generate, static batch ({dtype})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients (32 new tokens each)")
