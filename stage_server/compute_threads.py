@@ -15,11 +15,11 @@ same step is bound by arithmetic, and one thread made 2-stage decode 25 % slower
 thread only if all threads are not clearly faster. Prefill and batched decode always get all
 threads (1.3x at 16-64 rows, 1.9x for a 512-token prompt on two cores).
 
-Stages that share a machine calibrate one at a time and never while another loads its weights
-(stage_server/machine_lock.py): a stage timing itself while another stage
-works finds the other core busy, sees no gain from a second thread, and settles on one. That cost
-bfloat16 decode through 2 local stages a fifth of its speed (one or both chose one thread although
-two are 1.4x faster alone).
+Stages that share a machine calibrate one at a time and never while another imports or loads
+(stage_server/machine_lock.py): a stage timing itself while another stage works finds the other
+core busy, sees no gain from a second thread, and settles on one. That cost bfloat16 decode
+through 2 local stages a quarter of its speed (0.70 -> 0.91 of the unsplit model's with the
+lock: one or both stages had chosen one thread although two are 1.3-1.5x faster alone).
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
