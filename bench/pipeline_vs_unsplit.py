@@ -14,7 +14,7 @@ speed drifts by 10-20 % within minutes:
                  same size beside it; every concurrent answer checked against the same
                  prompt answered alone
   4. pinned      2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
-                 to one core, on a batch of 64 sequences: share of the ideal 2x
+                 to one core, on batches of 64 and 128 sequences: share of the ideal 2x
   5. wire        activation bytes between stages per generated token, per codec
 
     python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
@@ -127,7 +127,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
-             compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None):
+             compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
+             max_batch_rows: int | None = None):
     """Stage server processes plus a coordinator process; yields the coordinator's address."""
     from transformers import AutoConfig
 
@@ -141,6 +142,8 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
                    "--micro-batches", str(micro_batches)]
         if prefill_chunk is not None:
             command += ["--prefill-chunk", str(prefill_chunk)]
+        if max_batch_rows is not None:
+            command += ["--max-batch-rows", str(max_batch_rows)]
         coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         address = f"127.0.0.1:{port}"
         _PROCESSES[address] = [coordinator.pid] + [stage.process.pid for stage in stages.stages]
@@ -332,27 +335,37 @@ def two_core_ceiling(model_dir: Path, dtype_name: str) -> float:
     return together / alone
 
 
-def part_pinned(ctx) -> dict:
-    if len(ALL_CORES) < 2:
-        return {"skipped": "needs 2 cores"}
+def pinned_run(ctx, size: int) -> dict:
+    """`size` sequences × new_tokens: unsplit pinned to one core vs 2 stages pinned to one core each."""
     n = ctx.args.new_tokens
-    batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(ctx.args.pinned_batch)]
+    batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(size)]
     with pinned_to({ALL_CORES[0]}, 1):
         base = ctx.unsplit.batch_tokens_per_s(batch, n)
     with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1, cpu_sets=[str(ALL_CORES[0]), str(ALL_CORES[1])],
-                  micro_batches=2) as address:
+                  micro_batches=2, max_batch_rows=size) as address:
         concurrent_clients(address, batch[:2], 4)
         before, started = cpu_seconds(address), time.perf_counter()
         _, got = concurrent_clients(address, batch, n)
         wall = time.perf_counter() - started
         busy = [(b - a) / wall for a, b in zip(before, cpu_seconds(address))]
-    ceiling = two_core_ceiling(ctx.model_dir, ctx.dtype_name)
-    log(f"  pinned: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on 1 core {base:.1f} → {got / base:.2f}x "
-        f"({got / base / 2:.0%} of ideal 2x); two copies of the unsplit model on the two cores reach "
-        f"{ceiling:.2f}x one; CPU busy: coordinator {busy[0]:.0%}, stages " + ", ".join(f"{b:.0%}" for b in busy[1:]))
+    log(f"  pinned, {size} sequences: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on 1 core {base:.1f} → "
+        f"{got / base:.2f}x ({got / base / 2:.0%} of ideal 2x); CPU busy: coordinator {busy[0]:.0%}, stages "
+        + ", ".join(f"{b:.0%}" for b in busy[1:]))
     return {"unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got, "speedup": got / base,
-            "share_of_ideal": got / base / 2, "two_core_ceiling": ceiling, "share_of_ceiling": got / base / ceiling,
-            "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
+            "share_of_ideal": got / base / 2, "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
+
+
+def part_pinned(ctx) -> dict:
+    """The first batch size's figures at the top level, every size's under by_batch."""
+    if len(ALL_CORES) < 2:
+        return {"skipped": "needs 2 cores"}
+    by_batch = {size: pinned_run(ctx, size) for size in ctx.args.pinned_batches}
+    ceiling = two_core_ceiling(ctx.model_dir, ctx.dtype_name)
+    log(f"  pinned: two copies of the unsplit model on the two cores reach {ceiling:.2f}x one")
+    for run in by_batch.values():
+        run["share_of_ceiling"] = run["speedup"] / ceiling
+    first = by_batch[ctx.args.pinned_batches[0]]
+    return {**first, "two_core_ceiling": ceiling, "by_batch": by_batch}
 
 
 def part_wire(ctx) -> dict:
@@ -413,7 +426,8 @@ def main() -> None:
     parser.add_argument("--ttft-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the decode and ttft ratios")
     parser.add_argument("--max-clients", type=int, default=64)
-    parser.add_argument("--pinned-batch", type=int, default=64, help="sequences in the pinned batch workload")
+    parser.add_argument("--pinned-batches", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128],
+                        help="sequences in the pinned batch workload, one run per size (comma-separated)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline_vs_unsplit.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
     args = parser.parse_args()

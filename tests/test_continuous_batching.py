@@ -11,6 +11,8 @@ at different steps, which exercises row removal and trimming of left padding.
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import Future
 
 import pytest
 from tiny_models import reference_greedy
@@ -162,3 +164,41 @@ def test_the_next_step_is_on_its_way_before_the_caller_hears_of_a_token(tiny_mod
     assert pair[0].token_ids == want[0][:3] and pair[0].finish_reason == "stop"
     assert pair[1].token_ids == want[1]
     assert sessions == [0, 0]
+
+
+def test_arrivals_during_a_prefill_wait_and_are_prefilled_together(tiny_model, stages):
+    """Requests arriving one by one while a prefill is on its way queue, then share one prefill."""
+    model_dir = tiny_model("qwen3")
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [15], [16, 17], [18, 19, 20]]
+    want = [reference_greedy(model_dir, [p], 4)[0] for p in prompts]
+    release = threading.Event()
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        send = client.submit
+
+        def held_prefills(*args, start_session=False, **kwargs):
+            sent = send(*args, start_session=start_session, **kwargs)
+            if not start_session:
+                return sent
+            held = Future()
+            sent.add_done_callback(lambda done: threading.Thread(
+                target=lambda: (release.wait(30), held.set_result(done.result()))).start())
+            return held
+        client.submit = held_prefills
+        try:
+            engine = Engine(client)
+            futures = engine.submit_all([SequenceRequest(prompts[0], 4)])
+            eventually(lambda: engine.stats().prefills, 1)
+            for prompt in prompts[1:]:  # one at a time, as separate clients would
+                futures += engine.submit_all([SequenceRequest(prompt, 4)])
+            time.sleep(0.3)  # ample for the scheduler to admit them, were it going to
+            held_stats = engine.stats()
+            release.set()
+            got = [f.result(timeout=60).token_ids for f in futures]
+            stats = engine.stats()
+        finally:
+            release.set()
+            client.close()
+    assert held_stats.queued == len(prompts) - 1 and held_stats.prefills == 1
+    assert got == want
+    assert stats.prefills == 2, "the five that waited share one prefill"
