@@ -26,6 +26,7 @@ from protos.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
+CONTROL_THREADS = 16  # server threads kept for health checks and GetModelInfo beyond every generation
 
 
 class PipelineSetupError(RuntimeError):
@@ -88,6 +89,14 @@ def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
             for a, i in zip(addresses, infos)]
 
 
+def server_threads(limits: BatchLimits) -> int:
+    """Threads for the coordinator's gRPC server. A generation holds one while it runs or waits in
+    the scheduler's queue, so the pool fits both bounds (beyond them the scheduler answers
+    RESOURCE_EXHAUSTED at once), plus room for control calls (health, GetModelInfo) that must never
+    wait behind generations. Threads start only as calls need them."""
+    return limits.max_batch_rows + limits.max_queue + CONTROL_THREADS
+
+
 def batching_state(engine: Engine, limits: BatchLimits, groups: int) -> coordinator_pb2.BatchingState:
     stats = engine.stats()
     return coordinator_pb2.BatchingState(
@@ -123,7 +132,8 @@ class CoordinatorServer:
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
+                                       options=channel_options())
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -284,3 +284,34 @@ def test_stage_refuses_appending_onto_an_empty_session(tiny_api):
     assert code_of(answers[1]) == grpc.StatusCode.INVALID_ARGUMENT, answers[1].error_message
     assert "cached positions first" in answers[1].error_message
     assert_still_serving(tiny_api)
+
+
+def test_more_waiting_generations_than_a_fixed_thread_pool_still_queue_visibly(tiny_model, stages):
+    """Every waiting generation holds a coordinator thread: with room for 1 row and 100 queued,
+    70 waiting requests (more than a 64-thread pool) all show in the queue, GetModelInfo still
+    answers at once, and all of them run."""
+    import time
+
+    from conftest import running_coordinator
+
+    from coordinator.engine import BatchLimits
+
+    model_dir = tiny_model("llama")
+    limits = BatchLimits(max_batch_rows=1, max_queue=100)
+    with stages(model_dir, 2) as (addresses, _), \
+            running_coordinator(model_dir, addresses, batch_limits=limits) as (address, _):
+        with CoordinatorClient(address) as client:
+            running = client.generate_stream(token_ids=[5, 6, 7], max_new_tokens=150)
+            next(running)  # holds the only row
+            waiting = [client.stub.Generate.future(coordinator_pb2.GenerateRequest(token_ids=[8, 9 + i % 20],
+                                                                                   max_new_tokens=2))
+                       for i in range(70)]
+            deadline = time.monotonic() + 20
+            queued = -1
+            while queued != 70 and time.monotonic() < deadline:
+                queued = client.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=5).batching.queued
+                time.sleep(0.05)
+            running.cancel()
+            done = [len(w.result(timeout=60).token_ids) for w in waiting]
+    assert queued == 70
+    assert done == [2] * 70
