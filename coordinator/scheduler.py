@@ -302,8 +302,7 @@ class Scheduler:
         try:
             sequence.take(logits, row)
         except Exception as err:
-            sequence.finish = FINISH_CANCELLED
-            _settle(sequence, err)
+            _cancel(sequence, err)
             return False
         return True
 
@@ -313,8 +312,7 @@ class Scheduler:
         try:
             sequence.notify()
         except Exception as err:  # a failing on_token callback ends only its own sequence
-            sequence.finish = FINISH_CANCELLED
-            _settle(sequence, err)
+            _cancel(sequence, err)
             return False
         return sequence.finish is not None
 
@@ -336,8 +334,7 @@ class Scheduler:
     def _resolve_all(self, sequences: list[LiveSequence], err: Exception) -> None:
         for sequence in sequences:
             if sequence.finish is None:
-                sequence.finish = FINISH_CANCELLED
-                _settle(sequence, err)
+                _cancel(sequence, err)
 
     def _fail_everything(self, err: Exception) -> None:
         self._resolve_all(list(self._waiting) + self._decoding() + self._prefilling(), err)
@@ -383,6 +380,12 @@ def _still_wanted(sequence: LiveSequence) -> bool:
 def _settle_all(sequences: list[LiveSequence]) -> None:
     for sequence in sequences:
         _settle(sequence)
+
+
+def _cancel(sequence: LiveSequence, error: Exception) -> None:
+    """End the sequence here (whatever it finished by before) and resolve it with `error`."""
+    sequence.finish = FINISH_CANCELLED
+    _settle(sequence, error)
 
 
 def _settle(sequence: LiveSequence, error: Exception | None = None) -> None:
