@@ -128,7 +128,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
              compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
-             max_batch_rows: int | None = None):
+             max_batch_rows: int | None = None, chain: bool = True):
     """Stage server processes plus a coordinator process; yields the coordinator's address."""
     from transformers import AutoConfig
 
@@ -144,6 +144,8 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
             command += ["--prefill-chunk", str(prefill_chunk)]
         if max_batch_rows is not None:
             command += ["--max-batch-rows", str(max_batch_rows)]
+        if not chain:
+            command.append("--no-chain")
         coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         address = f"127.0.0.1:{port}"
         _PROCESSES[address] = [coordinator.pid] + [stage.process.pid for stage in stages.stages]

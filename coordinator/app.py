@@ -42,6 +42,7 @@ class CoordinatorConfig:
     port: int = 50050
     compression: str = "none"
     micro_batches: int = 0  # groups in flight at once; 0 = one per stage
+    chain: bool = True  # greedy groups' next steps go from the last stage straight to the first
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0
@@ -127,7 +128,7 @@ class CoordinatorServer:
             has_chat_template=self.tokenization.has_chat_template)
         groups = config.micro_batches or len(config.stages)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
-                             micro_batches=groups, limits=config.batch_limits)
+                             micro_batches=groups, limits=config.batch_limits, chain=config.chain)
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),

@@ -47,6 +47,9 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="groups of sequences in flight at once so stages overlap (default 0 = one per stage)")
+    parser.add_argument("--no-chain", dest="chain", action="store_false",
+                        help="send every decode step from the coordinator (by default the last stage sends "
+                             "greedy groups' next steps to the first stage itself)")
     defaults = BatchLimits()
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="sequences generating at once; more wait in the queue "
@@ -170,7 +173,7 @@ def cmd_fetch(args) -> int:
 def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> CoordinatorConfig:
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
-                             batch_limits=BatchLimits(
+                             chain=args.chain, batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))

@@ -47,9 +47,10 @@ class Engine:
     """
 
     def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, micro_batches: int = 1,
-                 limits: BatchLimits | None = None) -> None:
+                 limits: BatchLimits | None = None, chain: bool = True) -> None:
         self.pipeline = pipeline
-        self.scheduler = Scheduler(pipeline, pad_token_id=pad_token_id, groups=micro_batches, limits=limits)
+        self.scheduler = Scheduler(pipeline, pad_token_id=pad_token_id, groups=micro_batches, limits=limits,
+                                   chain=chain)
 
     @property
     def hop_bytes(self) -> int:

@@ -41,22 +41,50 @@ def status_code_from_value(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
+class StepFuture(Future):
+    """A micro-batch's answer to come. When the last stage chained the next step itself
+    (greedy chaining), `next_in_chain` is that step's future, set before this one resolves."""
+
+    next_in_chain: StepFuture | None = None
+
+
 class _Pending:
-    """Futures waiting for answers, keyed by (session, micro-batch), whichever stream answers."""
+    """Futures waiting for answers, keyed by (session, micro-batch), whichever stream answers.
+
+    A chained step's answer (or error) may overtake the answer that announces it (the last
+    stage sends the next step before answering); such an early answer waits in `_early`."""
+
+    EARLY_KEPT = 256  # unclaimed early answers kept (older ones belonged to abandoned sessions)
 
     def __init__(self) -> None:
-        self._futures: dict[tuple[str, int], tuple[Future, object, bool]] = {}
+        self._futures: dict[tuple[str, int], tuple[StepFuture, object, bool]] = {}
+        self._early: dict[tuple[str, int], stage_pb2.ForwardResponse] = {}
         self._lock = threading.Lock()
 
-    def add(self, key: tuple[str, int], future: Future, stream: object, direct: bool) -> None:
+    def add(self, key: tuple[str, int], future: StepFuture, stream: object, direct: bool) -> None:
         with self._lock:
             self._futures[key] = (future, stream, direct)
 
     def resolve(self, response: stage_pb2.ForwardResponse) -> None:
         with self._lock:
             entry = self._futures.pop((response.session_id, response.micro_batch_id), None)
-        if entry is not None:
-            entry[0].set_result(response)
+            if entry is None:
+                self._early[(response.session_id, response.micro_batch_id)] = response
+                while len(self._early) > self.EARLY_KEPT:
+                    del self._early[next(iter(self._early))]
+                return
+        future: StepFuture | None = entry[0]
+        while future is not None:  # this answer, then any early answers of the steps it chained to
+            early = None
+            if response.chained:  # expect the step the last stage sent on
+                following = (response.session_id, response.micro_batch_id + 1)
+                future.next_in_chain = StepFuture()
+                with self._lock:
+                    early = self._early.pop(following, None)
+                    if early is None:
+                        self._futures[following] = (future.next_in_chain, None, True)
+            future.set_result(response)
+            future, response = (future.next_in_chain, early) if early is not None else (None, None)
 
     def fail(self, error: Exception, *, stream: object = None, direct_only: bool = False) -> None:
         """Fail the futures sent on `stream` (or every one), or only those awaiting a direct answer."""
@@ -81,8 +109,8 @@ class _Stream:
         self.call = stub.Forward(iter(self.outbox.get, _CLOSE))
         threading.Thread(target=self._read, name="pipeline-reader", daemon=True).start()
 
-    def send(self, request: stage_pb2.ForwardRequest) -> Future:
-        future: Future = Future()
+    def send(self, request: stage_pb2.ForwardRequest) -> StepFuture:
+        future = StepFuture()
         with self.lock:
             if not self.alive:
                 raise StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} is closed")
@@ -110,10 +138,11 @@ class _Stream:
 class _Results:
     """A Results subscription on the last stage: answers of micro-batches sent with reply_to."""
 
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending) -> None:
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, count_hops) -> None:
         self.collector_id = uuid.uuid4().hex
         self.address = address
         self.pending = pending
+        self._count_hops = count_hops
         self.alive = True
         self.call = stub.Results(stage_pb2.ResultsRequest(collector_id=self.collector_id))
         threading.Thread(target=self._read, name="pipeline-results", daemon=True).start()
@@ -122,7 +151,10 @@ class _Results:
         detail = "ended"
         try:
             for response in self.call:
-                self.pending.resolve(response)
+                if response.answered_directly:  # a chained step's note: it only carries hop sizes
+                    self._count_hops(response)
+                else:
+                    self.pending.resolve(response)
         except grpc.RpcError as err:
             detail = f"failed: {err.code().name}: {err.details()}"
         self.alive = False
@@ -168,14 +200,18 @@ class PipelineClient:
             return ""
         with self._lock:
             if self._results is None or not self._results.alive:
-                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending)
+                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending, self._count_hops)
             return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
                end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None,
-               logits_top_k: int = 0) -> Future:
-        """Queue one micro-batch; the future resolves to the last stage's ForwardResponse."""
+               logits_top_k: int = 0, chain_steps: int = 0, chain_stop_ids: frozenset[int] = frozenset()
+               ) -> StepFuture:
+        """Queue one micro-batch; the future resolves to the last stage's ForwardResponse.
+
+        `chain_steps` > 0 (greedy, logits_top_k = 1, `can_chain`) lets the last stage send up
+        to that many next steps itself; see StepFuture.next_in_chain and `stop_chain`."""
         request = stage_pb2.ForwardRequest(
             session_id=session_id, micro_batch_id=next(self._ids), route=self.addresses[1:],
             activations=codec.encode(activations), position_ids=codec.encode(position_ids),
@@ -185,10 +221,27 @@ class PipelineClient:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
         if cache_edit is not None:
             request.cache_edit.CopyFrom(cache_edit)
+        if chain_steps:
+            if not self.can_chain:
+                raise ValueError("chaining needs answers sent directly by the last stage of 2 or more")
+            request.chain_steps = chain_steps
+            request.chain_route.extend(self.addresses)
+            request.chain_stop_ids.extend(sorted(chain_stop_ids))
         try:
             return self._live_stream().send(request)
         except StageCallError:  # the stream died between the check and the send: one fresh try
             return self._live_stream().send(request)
+
+    @property
+    def can_chain(self) -> bool:
+        """Whether decode steps may be chained by the last stage (it answers here directly)."""
+        return self.direct_results
+
+    def stop_chain(self, session_id: str, timeout_s: float = 10.0) -> None:
+        """Ask the last stage to stop chaining the session's steps; does not wait for the answer."""
+        call = self._stubs[-1].StopChain.future(stage_pb2.StopChainRequest(session_id=session_id), timeout=timeout_s)
+        call.add_done_callback(lambda done: done.exception() and log.warning(
+            "could not stop the chain of session %s: %s", session_id, done.exception()))
 
     def end_session(self, session_id: str, timeout_s: float = 10.0) -> int:
         """Free the session on every stage; returns how many stages held it."""

@@ -124,6 +124,8 @@ class Group:
         self.joining: list[Prefill] = []  # prefilled, merged at the next step
         self.incoming = 0  # rows still being prefilled for this group
         self.in_flight: Future | None = None
+        self.chaining = False  # the step in flight may be followed by steps the last stage sends itself
+        self.stop_asked = False  # StopChain has been sent for this chain
 
     @property
     def empty(self) -> bool:
@@ -177,6 +179,13 @@ class Group:
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
                 torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask)
+
+    def chain_credit(self) -> int:
+        """How many steps the last stage may chain after the step about to be sent: until the
+        first row reaches max_new_tokens (0 unless every row decodes greedily)."""
+        if not self.rows or any(not s.greedy or s.finish is not None for s in self.rows):
+            return 0
+        return max(0, min(s.max_new_tokens - len(s.output) for s in self.rows) - 1)
 
     def reset(self) -> None:
         self.session_id = None

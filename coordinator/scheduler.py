@@ -74,8 +74,10 @@ class Scheduler:
     """Admits sequences, prefills them, and runs decode steps for `groups` sessions at once."""
 
     def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, groups: int = 1,
-                 limits: BatchLimits | None = None) -> None:
+                 limits: BatchLimits | None = None, chain: bool = True) -> None:
         self.pipeline = pipeline
+        # greedy groups let the last stage send their next steps (greedy chaining)
+        self.chain = chain and getattr(pipeline, "can_chain", False)
         self.pad_token_id = pad_token_id
         self.limits = limits or BatchLimits()
         self._groups = [Group() for _ in range(max(1, groups))]
@@ -232,14 +234,28 @@ class Scheduler:
             return
         edit = group.next_edit()
         tokens, positions, mask = group.step_inputs(self.pad_token_id)
+        credit = group.chain_credit() if self.chain else 0
+        stop_ids = frozenset().union(*(s.eos_token_ids for s in group.rows))
         try:
             future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit,
-                                          logits_top_k=_top_k_needed(group.rows))
+                                          logits_top_k=_top_k_needed(group.rows), chain_steps=credit,
+                                          chain_stop_ids=stop_ids)
         except Exception as err:
             self._fail_group(group, err)
             return
+        group.chaining, group.stop_asked = credit > 0, False
+        self._expect(group, future)
+
+    def _expect(self, group: Group, future) -> None:
         group.in_flight = future
         future.add_done_callback(lambda f: self._events.put(("step", group, f)))
+
+    def _take_control(self, group: Group) -> None:
+        """Stop the group's chain (once), so that its next step is ours to shape: a row has
+        finished and should leave, or prefilled rows wait to join."""
+        if group.chaining and not group.stop_asked and group.in_flight is not None:
+            group.stop_asked = True
+            self.pipeline.stop_chain(group.session_id)
 
     # ---- answers from the stages ---------------------------------------------------------
 
@@ -271,6 +287,7 @@ class Scheduler:
             return
         _settle_all(finished)
         prefill.target.joining.append(prefill)
+        self._take_control(prefill.target)
 
     def _step_done(self, group: Group, future: Future) -> None:
         group.in_flight = None
@@ -281,12 +298,21 @@ class Scheduler:
             return
         self._decode_steps += 1
         took = [s for row, s in enumerate(group.rows) if self._take(s, logits, row)]
-        if any(s.finish is None for s in group.rows):
+        chained = getattr(future, "next_in_chain", None)
+        if chained is not None:  # the last stage sent the next step itself: mirror it and wait for it
+            group.step_inputs(self.pad_token_id)
+            self._expect(group, chained)
+        elif any(s.finish is None for s in group.rows):
             # Send the next step before telling the callers about this one, so that streaming the
             # token out and checking stop strings overlap the stages' work instead of delaying it.
             # A row a stop string ends now rides along in that step once; the next edit drops it.
+            group.chaining = False
             self._advance(group)
+        else:
+            group.chaining = False
         finished = [s for s in took if self._notify(s)]
+        if chained is not None and (group.joining or any(s.finish is not None for s in group.rows)):
+            self._take_control(group)
         if all(s.finish is not None for s in group.rows) and not group.joining and group.in_flight is None:
             # Free the caches before answering, so a caller that gets its last result
             # and looks at the stages finds nothing left behind.
@@ -324,6 +350,9 @@ class Scheduler:
             self._waiting.remove(sequence)
         unwanted += [s for s in self._decoding() + self._prefilling() if s.finish is None and not _still_wanted(s)]
         self._resolve_all(unwanted, GenerationCancelled("generation cancelled by the caller"))
+        for group in self._groups:
+            if any(s.finish is not None for s in group.rows):
+                self._take_control(group)
 
     def _fail_group(self, group: Group, err: Exception) -> None:
         self._resolve_all(group.rows, err)

@@ -182,6 +182,14 @@ def _raw_message(t: torch.Tensor, wire_dtype: int) -> stage_pb2.Tensor:
     return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=_raw_bytes(t))
 
 
+def encode_int64(values: np.ndarray) -> stage_pb2.Tensor:
+    """A raw int64 tensor straight from a numpy array of integers (token ids, positions, masks):
+    the short path for the few small tensors a stage builds between two forwards."""
+    array = np.ascontiguousarray(values, dtype="<i8")
+    return stage_pb2.Tensor(shape=array.shape, dtype=stage_pb2.DTYPE_INT64, codec=stage_pb2.CODEC_NONE,
+                            data=array.tobytes())
+
+
 def encode(
     tensor: torch.Tensor,
     codec: int = stage_pb2.CODEC_NONE,

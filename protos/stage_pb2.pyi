@@ -79,7 +79,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., int8_layout: _Optional[_Union[Int8Layout, str]] = ..., rice_parameters: _Optional[bytes] = ..., low_bits: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to")
+    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to", "chain_steps", "chain_route", "chain_stop_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,9 @@ class ForwardRequest(_message.Message):
     CACHE_EDIT_FIELD_NUMBER: _ClassVar[int]
     LOGITS_TOP_K_FIELD_NUMBER: _ClassVar[int]
     REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_STOP_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     route: _containers.RepeatedScalarFieldContainer[str]
@@ -106,7 +109,10 @@ class ForwardRequest(_message.Message):
     cache_edit: CacheEdit
     logits_top_k: int
     reply_to: str
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ..., reply_to: _Optional[str] = ...) -> None: ...
+    chain_steps: int
+    chain_route: _containers.RepeatedScalarFieldContainer[str]
+    chain_stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ..., reply_to: _Optional[str] = ..., chain_steps: _Optional[int] = ..., chain_route: _Optional[_Iterable[str]] = ..., chain_stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("collector_id",)
@@ -125,7 +131,7 @@ class CacheEdit(_message.Message):
     def __init__(self, keep_rows: _Optional[_Iterable[int]] = ..., keep_positions: _Optional[int] = ..., append_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids", "answered_directly")
+    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids", "answered_directly", "chained")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +141,7 @@ class ForwardResponse(_message.Message):
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     ANSWERED_DIRECTLY_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     logits: Tensor
@@ -144,7 +151,18 @@ class ForwardResponse(_message.Message):
     hop_bytes: _containers.RepeatedScalarFieldContainer[int]
     top_token_ids: Tensor
     answered_directly: bool
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., answered_directly: _Optional[bool] = ...) -> None: ...
+    chained: bool
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., answered_directly: _Optional[bool] = ..., chained: _Optional[bool] = ...) -> None: ...
+
+class StopChainRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class StopChainResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id", "route")

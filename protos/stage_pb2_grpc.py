@@ -55,6 +55,11 @@ class StageStub:
                 request_serializer=protos_dot_stage__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=protos_dot_stage__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.StopChain = channel.unary_unary(
+                '/layerline.v1.Stage/StopChain',
+                request_serializer=protos_dot_stage__pb2.StopChainRequest.SerializeToString,
+                response_deserializer=protos_dot_stage__pb2.StopChainResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -91,6 +96,13 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopChain(self, request, context):
+        """Sent to the last stage: stop chaining this session's decode steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +125,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=protos_dot_stage__pb2.ResultsRequest.FromString,
                     response_serializer=protos_dot_stage__pb2.ForwardResponse.SerializeToString,
+            ),
+            'StopChain': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopChain,
+                    request_deserializer=protos_dot_stage__pb2.StopChainRequest.FromString,
+                    response_serializer=protos_dot_stage__pb2.StopChainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +241,33 @@ class Stage:
             '/layerline.v1.Stage/Results',
             protos_dot_stage__pb2.ResultsRequest.SerializeToString,
             protos_dot_stage__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopChain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/StopChain',
+            protos_dot_stage__pb2.StopChainRequest.SerializeToString,
+            protos_dot_stage__pb2.StopChainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,7 @@ from stage_server.cache_edits import PlannedEdit
 from stage_server.compute_threads import ComputeThreads
 from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
+from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.sessions import SessionStore
 from stage_server.stage_model import StageModel
 
@@ -44,15 +45,17 @@ def error_response(request: stage_pb2.ForwardRequest, code_name: str, message: s
                                      failed_stage=stage)
 
 
-def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor) -> stage_pb2.ForwardResponse:
-    """The last stage's answer: every logit, or only each row's `logits_top_k` largest with their ids."""
+def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor,
+                    best: torch.Tensor | None = None) -> stage_pb2.ForwardResponse:
+    """The last stage's answer: every logit, or only each row's `logits_top_k` largest with their ids.
+    `best` is each row's argmax [B, 1] when the caller has it already."""
     response = stage_pb2.ForwardResponse(session_id=request.session_id, micro_batch_id=request.micro_batch_id)
     k = min(request.logits_top_k, logits.shape[-1])
     if k == 0:
         response.logits.CopyFrom(codec.encode(logits))
         return response
     if k == 1:  # argmax: the first of equal maxima, exactly as greedy decoding on all logits picks
-        ids = logits.argmax(dim=-1, keepdim=True)
+        ids = best if best is not None else logits.argmax(dim=-1, keepdim=True)
         values = logits.gather(-1, ids)
     else:
         values, ids = logits.topk(k, dim=-1)
@@ -77,6 +80,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._inflight_changed = threading.Condition()
         self._collectors: dict[str, queue.Queue] = {}  # Results subscribers by collector id
         self._collectors_lock = threading.Lock()
+        self._chain = GreedyChain(self._channels, self._collector)
 
     def attach(self, model: StageModel, sessions: SessionStore) -> None:
         self.model, self.sessions = model, sessions
@@ -142,7 +146,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises."""
         try:
-            output = self._compute(request)
+            output, positions, mask = self._compute(request)
             if request.route:
                 sent = stage_pb2.ForwardRequest(
                     session_id=request.session_id, micro_batch_id=request.micro_batch_id,
@@ -150,7 +154,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                     position_ids=request.position_ids, wire_codec=request.wire_codec,
                     start_session=request.start_session, end_session=request.end_session,
                     model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
-                    reply_to=request.reply_to)
+                    reply_to=request.reply_to, chain_steps=request.chain_steps,
+                    chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -159,12 +164,11 @@ class StageService(stage_pb2_grpc.StageServicer):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
             else:
-                answer = logits_response(request, output)
                 collector = self._collector(request.reply_to)
                 if collector is None:
-                    deliver(answer)
+                    deliver(logits_response(request, output))
                 else:  # straight to the coordinator; the chain only gets a note that it is done
-                    collector.put(answer)
+                    self._answer_and_chain(request, output, positions, mask, collector)
                     deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
                                                       micro_batch_id=request.micro_batch_id, answered_directly=True))
         except StageRequestError as err:
@@ -175,7 +179,24 @@ class StageService(stage_pb2_grpc.StageServicer):
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
 
-    def _compute(self, request: stage_pb2.ForwardRequest) -> torch.Tensor:
+    def _answer_and_chain(self, request: stage_pb2.ForwardRequest, logits: torch.Tensor, positions: torch.Tensor,
+                          mask: torch.Tensor | None, collector: queue.Queue) -> None:
+        """If the chain goes on, send the next step first (it is what the stages wait for), then
+        hand this step's answer to the coordinator's collector. The coordinator keeps an
+        answer that overtakes the one announcing it (pipeline_client), so the order is free."""
+        best = logits.argmax(dim=-1, keepdim=True)
+        tokens = best.view(-1).tolist() if request.chain_steps else []
+        chained = False
+        if self._chain.continues(request, tokens):
+            following = next_step(request, tokens, positions, mask)
+            chained = self._chain.send(following)  # False: the link failed; the coordinator sends it
+        answer = logits_response(request, logits, best)
+        answer.chained = chained
+        collector.put(answer)
+
+    def _compute(self, request: stage_pb2.ForwardRequest
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the request's step; returns (output, its position ids, its attention mask or None)."""
         model, sessions = self.model, self.sessions
         if model is None or sessions is None:
             raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
@@ -194,6 +215,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise InvalidRequest(f"unknown wire codec {request.wire_codec}; valid: {list(codec.CODEC_NAMES)}")
         if not request.HasField("activations") or not request.HasField("position_ids"):
             raise InvalidRequest("a micro-batch needs activations and position_ids")
+        if (problem := check_chain_fields(request)) is not None:
+            raise InvalidRequest(problem)
         activations = codec.decode(request.activations)
         position_ids = codec.decode(request.position_ids)
         mask = codec.decode(request.attention_mask) if request.HasField("attention_mask") else None
@@ -221,7 +244,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             raise
         if request.end_session:
             sessions.end(request.session_id)
-        return output
+        return output, position_ids, mask
 
     # ---- Results: answers sent straight to a subscribed coordinator ------------------------
 
@@ -247,6 +270,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         finally:
             with self._collectors_lock:
                 self._collectors.pop(request.collector_id, None)
+
+    def StopChain(self, request, context):
+        if not request.session_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        self._chain.stop(request.session_id)
+        return stage_pb2.StopChainResponse()
 
     # ---- draining ------------------------------------------------------------------------
 
@@ -296,6 +325,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         return reply
 
     def close(self) -> None:
+        self._chain.close()
         self._channels.close()
 
 
