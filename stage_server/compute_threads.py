@@ -19,7 +19,10 @@ Stages that share a machine calibrate one at a time and never while another impo
 (stage_server/machine_lock.py): a stage timing itself while another stage works finds the other
 core busy, sees no gain from a second thread, and settles on one. That cost bfloat16 decode
 through 2 local stages a quarter of its speed (0.70 -> 0.91 of the unsplit model's with the
-lock: one or both stages had chosen one thread although two are 1.3-1.5x faster alone).
+lock: one or both stages had chosen one thread although two are 1.3-1.5x faster alone). Even
+alone, a 3-round calibration sometimes read a bfloat16 slice's gain as under 15 % on this
+noisy VM (a traced run had stage 1 on one thread, 37 ms a step instead of ~19); it now takes
+the best of 6 rounds each way.
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
@@ -69,7 +72,7 @@ class ComputeThreads:
             torch.set_num_threads(threads)
         return threads
 
-    def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 3,
+    def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 6,
                   lock: MachineLock | None = None) -> None:
         """In "auto" mode, time `small_step_seconds` (one small step) on one thread and on all,
         alternating, and keep one thread only if all threads are not AUTO_MIN_GAIN faster.
