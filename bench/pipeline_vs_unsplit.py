@@ -149,6 +149,7 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
         coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         address = f"127.0.0.1:{port}"
         _PROCESSES[address] = [coordinator.pid] + [stage.process.pid for stage in stages.stages]
+        _STAGES[address] = addresses
         try:
             _wait_ready(address, coordinator)
             yield address
@@ -161,6 +162,21 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
 
 
 _PROCESSES: dict[str, list[int]] = {}  # coordinator address → pids of (coordinator, stage 0, stage 1, ...)
+_STAGES: dict[str, list[str]] = {}  # coordinator address → its stages' addresses
+
+
+def small_step_threads(address: str) -> list[int]:
+    """The thread count each stage of a pipeline chose for single-token steps (at start, "auto")."""
+    import grpc
+
+    from protos import stage_pb2, stage_pb2_grpc
+
+    counts = []
+    for stage in _STAGES[address]:
+        with grpc.insecure_channel(stage) as channel:
+            info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+            counts.append(info.small_step_threads)
+    return counts
 
 
 def cpu_seconds(address: str) -> list[float]:
@@ -239,20 +255,31 @@ def against_unsplit(samples: dict[str, list[float]], name: str) -> tuple[float, 
     return statistics.median(samples[name]), statistics.median(ratios)
 
 
+# (result key, stages, greedy chaining): each setup runs alone beside the unsplit model, as it
+# would be deployed (an idle second pipeline on the same two cores slowed traced stage forwards
+# by ~10 %); the unchained run shows what chaining is worth in the same conditions.
+DECODE_SETUPS = (("stages_2", 2, True), ("stages_4", 4, True), ("stages_2_no_chain", 2, False))
+
+
 def part_decode(ctx) -> dict:
     prompt, n = ctx.prompts[0], ctx.args.decode_tokens
-    with pipeline(ctx.model_dir, 2, ctx.dtype_name) as two, pipeline(ctx.model_dir, 4, ctx.dtype_name) as four:
-        for address in (two, four):
+    result: dict = {"rounds": ctx.args.rounds, "samples_tokens_per_s": {}}
+    unsplit_all = []
+    for name, stages, chain in DECODE_SETUPS:
+        with pipeline(ctx.model_dir, stages, ctx.dtype_name, chain=chain) as address:
             stream_decode_tokens_per_s(address, prompt, 8)  # warm up
-        samples = interleaved({"unsplit": lambda: ctx.unsplit.decode_tokens_per_s(prompt, n),
-                               "stages_2": lambda: stream_decode_tokens_per_s(two, prompt, n),
-                               "stages_4": lambda: stream_decode_tokens_per_s(four, prompt, n)}, ctx.args.rounds)
-    result = {"rounds": ctx.args.rounds, "unsplit_tokens_per_s": statistics.median(samples["unsplit"])}
-    for stages in (2, 4):
-        got, ratio = against_unsplit(samples, f"stages_{stages}")
-        result[f"stages_{stages}_tokens_per_s"], result[f"stages_{stages}_ratio"] = got, ratio
-        log(f"  decode: {stages} stages {got:.2f} tok/s vs unsplit {result['unsplit_tokens_per_s']:.2f} → "
-            f"{ratio:.3f} (median of {ctx.args.rounds} interleaved rounds)")
+            samples = interleaved({"unsplit": lambda: ctx.unsplit.decode_tokens_per_s(prompt, n),
+                                   name: lambda: stream_decode_tokens_per_s(address, prompt, n)}, ctx.args.rounds)
+            threads = small_step_threads(address)
+        got, ratio = against_unsplit(samples, name)
+        unsplit_all += samples["unsplit"]
+        result["samples_tokens_per_s"][name] = samples
+        result[f"{name}_tokens_per_s"], result[f"{name}_ratio"] = got, ratio
+        result[f"{name}_small_step_threads"] = threads
+        log(f"  decode: {stages} stages{'' if chain else ' (no chaining)'} {got:.2f} tok/s vs unsplit "
+            f"{statistics.median(samples['unsplit']):.2f} → {ratio:.3f} (median of {ctx.args.rounds} "
+            f"interleaved rounds; single-token steps on {threads} threads per stage)")
+    result["unsplit_tokens_per_s"] = statistics.median(unsplit_all)
     return result
 
 

@@ -7,6 +7,10 @@ one admission round at a time, so a burst of arrivals shares one prefill),
 merging them into a running group at that group's next decode step, dropping
 finished or cancelled rows at the step after, and keeping `groups` sessions in
 flight at once so that while one group is in stage k another is in stage k+1.
+Greedy groups are chained: a decode step carries a credit of further steps that
+the last stage sends to stage 0 itself (stage_server/greedy_chain.py); the loop
+mirrors each chained step as its answer arrives and asks for control back
+(StopChain) when a row must leave or prefilled rows wait to join.
 
 Runs on one thread that starts when work arrives and ends when none is left. All
 sampling and bookkeeping happen on that thread; answers from the stages arrive as

@@ -322,6 +322,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             hidden_size=self.model.hidden_size, vocab_size=self.model.vocab_size,
             max_sessions=self.sessions.max_sessions, max_cache_bytes=self.sessions.max_cache_bytes,
             micro_batches_served=self.micro_batches_served))
+        if self.threads is not None:
+            reply.compute_threads, reply.small_step_threads = self.threads.full, self.threads.small_step
         return reply
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Small steps run on the thread count that suits them; big ones on all (stage_server/compute_threads.py)."""
 
+import grpc
 import pytest
 import torch
 
@@ -69,3 +70,12 @@ def test_cli_takes_a_count_or_auto():
     assert build_parser().parse_args(base + ["--small-step-threads", "0"]).small_step_threads == 0
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--small-step-threads", "-3"])
+
+
+def test_info_reports_the_thread_counts_in_use(tiny_model, stages):
+    from protos import stage_pb2, stage_pb2_grpc
+
+    with stages(tiny_model("llama"), 1, threads=2, small_step_threads=1) as (addresses, _):
+        with grpc.insecure_channel(addresses[0]) as channel:
+            info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+    assert (info.compute_threads, info.small_step_threads) == (2, 1)
