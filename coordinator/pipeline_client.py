@@ -11,7 +11,6 @@ Does not own: what to send (engine) or how to sample (sampling).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -181,7 +180,7 @@ class PipelineClient:
         self._stream: _Stream | None = None
         self._results: _Results | None = None
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
+        self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
     def _count_hops(self, response: stage_pb2.ForwardResponse) -> None:
         if response.hop_bytes:
@@ -213,7 +212,7 @@ class PipelineClient:
         `chain_steps` > 0 (greedy, logits_top_k = 1, `can_chain`) lets the last stage send up
         to that many next steps itself; see StepFuture.next_in_chain and `stop_chain`."""
         request = stage_pb2.ForwardRequest(
-            session_id=session_id, micro_batch_id=next(self._ids), route=self.addresses[1:],
+            session_id=session_id, micro_batch_id=self._take_ids(1 + chain_steps), route=self.addresses[1:],
             activations=codec.encode(activations), position_ids=codec.encode(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
             model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id())
@@ -231,6 +230,12 @@ class PipelineClient:
             return self._live_stream().send(request)
         except StageCallError:  # the stream died between the check and the send: one fresh try
             return self._live_stream().send(request)
+
+    def _take_ids(self, count: int) -> int:
+        """Reserve `count` consecutive micro-batch ids (a step and the steps it may chain); returns the first."""
+        with self._lock:
+            first, self._next_id = self._next_id, self._next_id + count
+            return first
 
     @property
     def can_chain(self) -> bool:

@@ -132,17 +132,21 @@ def test_a_chain_runs_exactly_its_credit(tiny_model, stages):
             token = logits_of(first.result(timeout=30)).best(0)
             future = client.submit("s", torch.tensor([[token]]), torch.tensor([[len(PROMPT)]]), None,
                                    logits_top_k=1, chain_steps=3)
-            tokens, chained = [token], []
+            tokens, chained, ids = [token], [], []
             while future is not None:
                 response = future.result(timeout=30)
                 tokens.append(logits_of(response).best(0))
                 chained.append(response.chained)
+                ids.append(response.micro_batch_id)
                 future = future.next_in_chain
+            after = client.submit("s", torch.tensor([[tokens[-1]]]), torch.tensor([[len(PROMPT) + 4]]), None,
+                                  logits_top_k=1).result(timeout=30).micro_batch_id
             client.end_session("s")
         finally:
             client.close()
     assert tokens == want
     assert chained == [True, True, True, False]
+    assert ids == list(range(ids[0], ids[0] + 4)) and after > ids[-1], "chained steps' ids were reserved"
 
 
 def test_stop_chain_ends_a_long_chain_at_the_next_step(tiny_model, stages):
