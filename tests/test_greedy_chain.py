@@ -31,6 +31,13 @@ def counting(client: PipelineClient) -> tuple[list[int], list[str]]:
     return submits, stops
 
 
+def prefill(client: PipelineClient, session_id: str) -> int:
+    """Start a session holding PROMPT on every stage; returns its first greedy token."""
+    positions = torch.arange(len(PROMPT)).view(1, -1)
+    first = client.submit(session_id, torch.tensor([PROMPT]), positions, None, start_session=True, logits_top_k=1)
+    return logits_of(first.result(timeout=30)).best(0)
+
+
 def test_a_chained_decode_is_exact_and_leaves_the_coordinator_out(tiny_model, stages):
     model_dir = tiny_model("llama")
     want = reference_greedy(model_dir, [PROMPT], NEW_TOKENS)[0]
@@ -126,10 +133,7 @@ def test_a_chain_runs_exactly_its_credit(tiny_model, stages):
     with stages(model_dir, 2) as (addresses, _):
         client = PipelineClient(addresses)
         try:
-            ids = torch.tensor([PROMPT])
-            positions = torch.arange(len(PROMPT)).view(1, -1)
-            first = client.submit("s", ids, positions, None, start_session=True, logits_top_k=1)
-            token = logits_of(first.result(timeout=30)).best(0)
+            token = prefill(client, "s")
             future = client.submit("s", torch.tensor([[token]]), torch.tensor([[len(PROMPT)]]), None,
                                    logits_top_k=1, chain_steps=3)
             tokens, chained, ids = [token], [], []
@@ -154,9 +158,7 @@ def test_stop_chain_ends_a_long_chain_at_the_next_step(tiny_model, stages):
     with stages(model_dir, 2) as (addresses, _):
         client = PipelineClient(addresses)
         try:
-            positions = torch.arange(len(PROMPT)).view(1, -1)
-            client.submit("s", torch.tensor([PROMPT]), positions, None, start_session=True,
-                          logits_top_k=1).result(timeout=30)
+            prefill(client, "s")
             future = client.submit("s", torch.tensor([[1]]), torch.tensor([[len(PROMPT)]]), None,
                                    logits_top_k=1, chain_steps=40)
             answers = 0
@@ -203,9 +205,7 @@ def test_a_chained_step_that_cannot_reach_its_first_stage_fails_instead_of_hangi
     with stages(model_dir, 2) as (addresses, servers):
         client = PipelineClient(addresses)
         try:
-            positions = torch.arange(len(PROMPT)).view(1, -1)
-            client.submit("s", torch.tensor([PROMPT]), positions, None, start_session=True,
-                          logits_top_k=1).result(timeout=30)
+            prefill(client, "s")
             servers[0].stop()  # stage 0 goes away
             with grpc.insecure_channel(addresses[1]) as channel:
                 last = stage_pb2_grpc.StageStub(channel)
