@@ -38,37 +38,26 @@ def prefill(client: PipelineClient, session_id: str) -> int:
     return logits_of(first.result(timeout=30)).best(0)
 
 
-def test_a_chained_decode_is_exact_and_leaves_the_coordinator_out(tiny_model, stages):
+@pytest.mark.parametrize("chain", [True, False])
+def test_a_chained_decode_is_exact_and_leaves_the_coordinator_out(tiny_model, stages, chain):
     model_dir = tiny_model("llama")
     want = reference_greedy(model_dir, [PROMPT], NEW_TOKENS)[0]
     with stages(model_dir, 3) as (addresses, servers):
         client = PipelineClient(addresses)
         submits, _ = counting(client)
         try:
-            result = Engine(client).generate([SequenceRequest(PROMPT, NEW_TOKENS)])[0]
+            result = Engine(client, chain=chain).generate([SequenceRequest(PROMPT, NEW_TOKENS)])[0]
             sessions = eventually(lambda: [i.active_sessions for i in client.stage_infos()], [0, 0, 0])
             served = [i.micro_batches_served for i in client.stage_infos()]
         finally:
             client.close()
     assert result.token_ids == want and result.finish_reason == "length"
-    # the prefill, then one decode step granted NEW_TOKENS - 2 more steps the last stage sends itself
-    assert submits == [0, NEW_TOKENS - 2]
+    if chain:  # the prefill, then one decode step granted NEW_TOKENS - 2 more steps the last stage sends
+        assert submits == [0, NEW_TOKENS - 2]
+    else:  # the coordinator sends every step
+        assert submits == [0] * NEW_TOKENS
     assert served == [NEW_TOKENS] * 3, "every stage computed the prefill and NEW_TOKENS - 1 decode steps"
     assert sessions == [0, 0, 0]
-
-
-def test_without_chaining_the_coordinator_sends_every_step(tiny_model, stages):
-    model_dir = tiny_model("llama")
-    want = reference_greedy(model_dir, [PROMPT], NEW_TOKENS)[0]
-    with stages(model_dir, 2) as (addresses, _):
-        client = PipelineClient(addresses)
-        submits, _ = counting(client)
-        try:
-            result = Engine(client, chain=False).generate([SequenceRequest(PROMPT, NEW_TOKENS)])[0]
-        finally:
-            client.close()
-    assert result.token_ids == want
-    assert submits == [0] * NEW_TOKENS
 
 
 def test_a_stop_token_ends_the_chain_on_the_last_stage(tiny_model, stages):
