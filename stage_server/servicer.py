@@ -184,8 +184,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         """If the chain goes on, send the next step first (it is what the stages wait for), then
         hand this step's answer to the coordinator's collector. The coordinator keeps an
         answer that overtakes the one announcing it (pipeline_client), so the order is free."""
-        best = logits.argmax(dim=-1, keepdim=True)
-        tokens = best.view(-1).tolist() if request.chain_steps else []
+        best = logits.argmax(dim=-1, keepdim=True) if request.logits_top_k == 1 else None
+        tokens = best.view(-1).tolist() if best is not None and request.chain_steps else []
         chained = False
         if self._chain.continues(request, tokens):
             following = next_step(request, tokens, positions, mask)
