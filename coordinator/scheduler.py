@@ -239,7 +239,7 @@ class Scheduler:
         edit = group.next_edit()
         tokens, positions, mask = group.step_inputs(self.pad_token_id)
         credit = group.chain_credit() if self.chain else 0
-        stop_ids = frozenset().union(*(s.eos_token_ids for s in group.rows))
+        stop_ids = frozenset().union(*(s.eos_token_ids for s in group.rows)) if credit else frozenset()
         try:
             future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit,
                                           logits_top_k=_top_k_needed(group.rows), chain_steps=credit,
@@ -306,14 +306,13 @@ class Scheduler:
         if chained is not None:  # the last stage sent the next step itself: mirror it and wait for it
             group.step_inputs(self.pad_token_id)
             self._expect(group, chained)
-        elif any(s.finish is None for s in group.rows):
-            # Send the next step before telling the callers about this one, so that streaming the
-            # token out and checking stop strings overlap the stages' work instead of delaying it.
-            # A row a stop string ends now rides along in that step once; the next edit drops it.
-            group.chaining = False
-            self._advance(group)
         else:
             group.chaining = False
+            if any(s.finish is None for s in group.rows):
+                # Send the next step before telling the callers about this one, so that streaming the
+                # token out and checking stop strings overlap the stages' work instead of delaying it.
+                # A row a stop string ends now rides along in that step once; the next edit drops it.
+                self._advance(group)
         finished = [s for s in took if self._notify(s)]
         if chained is not None and (group.joining or any(s.finish is not None for s in group.rows)):
             self._take_control(group)
