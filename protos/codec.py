@@ -355,14 +355,17 @@ def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | N
     return np.frombuffer(buf, dtype=le).astype(native, copy=True)
 
 
-def _expect_empty(message: stage_pb2.Tensor, codec_name: str) -> None:
-    for field in ("scales", "outlier_indices", "outlier_values", "rice_parameters", "low_bits"):
-        if getattr(message, field):
-            raise WireFormatError(f"codec {codec_name} carries no {field}, "
-                                  f"got {len(getattr(message, field))} bytes")
+def _expect_empty(message: stage_pb2.Tensor, codec: int) -> None:
+    if message.scales or message.outlier_indices or message.outlier_values or message.rice_parameters \
+            or message.low_bits:  # one expression: this runs for every tensor a stage receives
+        field = next(f for f in ("scales", "outlier_indices", "outlier_values", "rice_parameters", "low_bits")
+                     if getattr(message, f))
+        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} carries no {field}, "
+                              f"got {len(getattr(message, field))} bytes")
     if message.outliers_per_row or message.block_size or message.int8_layout:
-        raise WireFormatError(f"codec {codec_name} takes no outliers_per_row/block_size/int8_layout, got "
-                              f"{message.outliers_per_row}/{message.block_size}/{message.int8_layout}")
+        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} takes no outliers_per_row/block_size/"
+                              f"int8_layout, got {message.outliers_per_row}/{message.block_size}/"
+                              f"{message.int8_layout}")
 
 
 def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.Tensor:
@@ -381,33 +384,30 @@ def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.T
                               f"{', '.join(stage_pb2.Codec.Name(c) for c in _KNOWN_CODECS)}")
     if codec == stage_pb2.CODEC_UNSPECIFIED:
         codec = stage_pb2.CODEC_NONE
-    shape = tuple(int(d) for d in message.shape)
+    shape = tuple(message.shape)
     if len(shape) > MAX_NDIM:
         raise WireFormatError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} are accepted")
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise WireFormatError(f"negative dimension in shape {list(shape)}")
     numel = math.prod(shape)
     if numel > max_elements:
         raise WireFormatError(f"tensor of shape {list(shape)} has {numel} elements; limit is {max_elements}")
     torch_dtype, raw_dtype = _WIRE_DTYPES[message.dtype]
-    codec_name = stage_pb2.Codec.Name(codec)
     if codec in _LOSSY_CODECS and message.dtype not in _FLOAT_DTYPES:
-        raise WireFormatError(f"codec {codec_name} applies to floating tensors, not "
+        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} applies to floating tensors, not "
                               f"{stage_pb2.DType.Name(message.dtype)}")
 
     if codec == stage_pb2.CODEC_INT8:
         return _decode_int8(message, shape, numel).to(torch_dtype).reshape(shape)
-    _expect_empty(message, codec_name)
-    if codec == stage_pb2.CODEC_NONE:
-        array = _read(message.data, raw_dtype, numel, "data")
+    _expect_empty(message, codec)
+    if codec == stage_pb2.CODEC_NONE:  # shaped in numpy, wrapped once: fewer torch calls on cold caches
+        array = _read(message.data, raw_dtype, numel, "data").reshape(shape)
         if message.dtype == stage_pb2.DTYPE_BOOL:
             if array.size and int(array.max()) > 1:
                 raise WireFormatError("bool data holds bytes other than 0 and 1")
-            return torch.from_numpy(array).view(torch.bool).reshape(shape)
+            return torch.from_numpy(array).view(torch.bool)
         out = torch.from_numpy(array)
-        if message.dtype == stage_pb2.DTYPE_BFLOAT16:
-            out = out.view(torch.bfloat16)
-        return out.reshape(shape)
+        return out.view(torch.bfloat16) if message.dtype == stage_pb2.DTYPE_BFLOAT16 else out
     if codec == stage_pb2.CODEC_FP16:
         half = torch.from_numpy(_read(message.data, np.dtype("<f2"), numel, "data"))
     else:  # CODEC_BF16

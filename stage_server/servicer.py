@@ -32,6 +32,7 @@ from stage_server.stage_model import StageModel
 log = logging.getLogger(__name__)
 
 _END = object()
+_CODEC_VALUES = frozenset(stage_pb2.Codec.values())
 
 
 def _status_value(code_name: str) -> int:
@@ -211,7 +212,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                              f"{loaded.layer_end} of {loaded.num_layers}")
         if request.route and loaded.is_last:
             raise WrongRoute(f"{self.name} holds the last layer, yet the route continues to {request.route[0]}")
-        if request.wire_codec not in stage_pb2.Codec.values():
+        if request.wire_codec not in _CODEC_VALUES:
             raise InvalidRequest(f"unknown wire codec {request.wire_codec}; valid: {list(codec.CODEC_NAMES)}")
         if not request.HasField("activations") or not request.HasField("position_ids"):
             raise InvalidRequest("a micro-batch needs activations and position_ids")

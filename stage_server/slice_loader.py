@@ -15,7 +15,7 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,18 +52,16 @@ class LoadedSlice:
     device: torch.device
     fingerprint: str
     parameter_bytes: int
+    # Set from the fields above once: read on every step, and a Hugging Face config's attribute
+    # lookup runs Python code of its own.
+    num_layers: int = field(init=False)
+    is_first: bool = field(init=False)
+    is_last: bool = field(init=False)
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
-    def is_first(self) -> bool:
-        return self.layer_start == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.layer_end == self.config.num_hidden_layers
+    def __post_init__(self) -> None:
+        self.num_layers = self.config.num_hidden_layers
+        self.is_first = self.layer_start == 0
+        self.is_last = self.layer_end == self.num_layers
 
 
 def parse_layer_range(text: str) -> tuple[int, int]:

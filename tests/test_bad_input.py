@@ -11,6 +11,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
 from protos import codec, coordinator_pb2, stage_pb2, stage_pb2_grpc
+from stage_server.stage_model import value_range
 
 OK = grpc.StatusCode.OK
 
@@ -73,6 +74,8 @@ def _stage_cases(route):
     bad_codec.codec = 42
     huge_id = codec.encode(torch.tensor([[5, 6, 10_000]]))
     far_position = codec.encode(torch.tensor([[0, 1, 100_000]]))
+    negative_position = codec.encode(torch.tensor([[0, -1, 2]]))
+    long_huge_id = codec.encode(torch.tensor([[5] * 4999 + [10_000]]))  # past value_range's Python path
     unknown = variant(start_session=False)
     unknown.session_id = "never-started"
     return {
@@ -83,6 +86,9 @@ def _stage_cases(route):
         "unknown dtype": (variant(activations=bad_dtype), grpc.StatusCode.INVALID_ARGUMENT, "dtype"),
         "token outside vocab": (variant(activations=huge_id), grpc.StatusCode.INVALID_ARGUMENT, "vocab"),
         "position past the model": (variant(position_ids=far_position), grpc.StatusCode.OUT_OF_RANGE, "positions"),
+        "negative position": (variant(position_ids=negative_position), grpc.StatusCode.OUT_OF_RANGE, "positions"),
+        "long prompt, token outside vocab": (variant(activations=long_huge_id), grpc.StatusCode.INVALID_ARGUMENT,
+                                             "vocab"),
         "unknown wire codec": (variant(wire_codec=42), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
         "unknown tensor codec": (variant(activations=bad_codec), grpc.StatusCode.INVALID_ARGUMENT, "codec"),
         "unknown session": (unknown, grpc.StatusCode.NOT_FOUND, "never-started"),
@@ -90,6 +96,14 @@ def _stage_cases(route):
                               "fingerprint"),
         "route too short": (variant(route=[]), grpc.StatusCode.FAILED_PRECONDITION, "route"),
     }
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 4096), (1, 0), (2, 3, 4)])
+def test_value_range_matches_torch(shape):
+    """Both of value_range's paths (Python ints for small 2-D tensors, a torch reduction otherwise)."""
+    values = torch.randint(-50, 50_000, shape)
+    expected = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
+    assert value_range(values) == expected
 
 
 @pytest.mark.parametrize("case", list(_stage_cases(["x"]).keys()))
