@@ -3,9 +3,11 @@
 Everything runs on SmolLM2-135M-Instruct on this machine, per dtype (float32, bfloat16).
 Stage servers and the coordinator are separate processes (as deployed); the unsplit
 model runs in this process while they sit idle. Each figure is printed as a ratio to
-its baseline measured in the same run; decode and ttft alternate pipeline and unsplit runs
-over several rounds and report the median of the per-round ratios, because this machine's
-speed drifts by 10-20 % within minutes:
+its baseline measured in the same run; decode, ttft and pinned alternate pipeline and
+unsplit runs over several rounds (in reverse order every other round) and report the median
+of the per-round ratios with its quartiles, because this machine's speed drifts by 10-20 %
+within minutes (one round's decode ratio strays by ±10 %: 5 rounds left the median ~5 %
+uncertain, so decode and ttft now take 9):
 
   1. decode      single-request decode tokens/s through 2 and 4 stages ÷ unsplit `generate`
   2. ttft        time to first token of a 512-token prompt through 2 stages ÷ unsplit
@@ -241,18 +243,29 @@ def hop_bytes(address: str) -> int:
 # ---- the parts -----------------------------------------------------------------------------------
 
 def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
-    """Run every measure once per round, in turn, so slow phases of a noisy machine hit them all."""
+    """Run every measure once per round, in turn, so slow phases of a noisy machine hit them all;
+    odd rounds run them in reverse order, so that none always runs first (or right after another)."""
     samples: dict[str, list[float]] = {name: [] for name in measures}
-    for _ in range(rounds):
-        for name, measure in measures.items():
-            samples[name].append(measure())
+    for index in range(rounds):
+        for name in (list(measures) if index % 2 == 0 else list(reversed(measures))):
+            samples[name].append(measures[name]())
     return samples
+
+
+def round_ratios(samples: dict[str, list[float]], name: str) -> list[float]:
+    """Each round's figure of `name` ÷ the same round's unsplit one."""
+    return [a / b for a, b in zip(samples[name], samples["unsplit"], strict=True)]
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """[lower quartile, upper quartile]: how far one round's ratio strays on this machine."""
+    low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else (values * 3)
+    return [low, high]
 
 
 def against_unsplit(samples: dict[str, list[float]], name: str) -> tuple[float, float]:
     """(median of `name`'s figures, median over rounds of its figure ÷ the same round's unsplit one)."""
-    ratios = (a / b for a, b in zip(samples[name], samples["unsplit"], strict=True))
-    return statistics.median(samples[name]), statistics.median(ratios)
+    return statistics.median(samples[name]), statistics.median(round_ratios(samples, name))
 
 
 # (result key, stages, greedy chaining): each setup runs alone beside the unsplit model, as it
@@ -275,10 +288,12 @@ def part_decode(ctx) -> dict:
         unsplit_all += samples["unsplit"]
         result["samples_tokens_per_s"][name] = samples
         result[f"{name}_tokens_per_s"], result[f"{name}_ratio"] = got, ratio
+        result[f"{name}_ratio_quartiles"] = spread = quartiles(round_ratios(samples, name))
         result[f"{name}_small_step_threads"] = threads
         log(f"  decode: {stages} stages{'' if chain else ' (no chaining)'} {got:.2f} tok/s vs unsplit "
             f"{statistics.median(samples['unsplit']):.2f} → {ratio:.3f} (median of {ctx.args.rounds} "
-            f"interleaved rounds; single-token steps on {threads} threads per stage)")
+            f"interleaved rounds, quartiles {spread[0]:.3f}..{spread[1]:.3f}; single-token steps on "
+            f"{threads} threads per stage)")
     result["unsplit_tokens_per_s"] = statistics.median(unsplit_all)
     return result
 
@@ -365,23 +380,38 @@ def two_core_ceiling(model_dir: Path, dtype_name: str) -> float:
 
 
 def pinned_run(ctx, size: int) -> dict:
-    """`size` sequences × new_tokens: unsplit pinned to one core vs 2 stages pinned to one core each."""
+    """`size` sequences × new_tokens: unsplit pinned to one core vs 2 stages pinned to one core each,
+    in interleaved rounds (the stages idle while the unsplit model runs)."""
     n = ctx.args.new_tokens
     batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(size)]
-    with pinned_to({ALL_CORES[0]}, 1):
-        base = ctx.unsplit.batch_tokens_per_s(batch, n)
+    busy_by_round: list[list[float]] = []
+
+    def unsplit() -> float:
+        with pinned_to({ALL_CORES[0]}, 1):
+            return ctx.unsplit.batch_tokens_per_s(batch, n)
+
     with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1, cpu_sets=[str(ALL_CORES[0]), str(ALL_CORES[1])],
                   micro_batches=2, max_batch_rows=size) as address:
         concurrent_clients(address, batch[:2], 4)
-        before, started = cpu_seconds(address), time.perf_counter()
-        _, got = concurrent_clients(address, batch, n)
-        wall = time.perf_counter() - started
-        busy = [(b - a) / wall for a, b in zip(before, cpu_seconds(address))]
+
+        def stages() -> float:
+            before, started = cpu_seconds(address), time.perf_counter()
+            _, got = concurrent_clients(address, batch, n)
+            wall = time.perf_counter() - started
+            busy_by_round.append([(b - a) / wall for a, b in zip(before, cpu_seconds(address))])
+            return got
+
+        samples = interleaved({"unsplit": unsplit, "stages_2": stages}, ctx.args.pinned_rounds)
+    (got, speedup), base = against_unsplit(samples, "stages_2"), statistics.median(samples["unsplit"])
+    busy = [statistics.median(column) for column in zip(*busy_by_round)]
+    spread = quartiles(round_ratios(samples, "stages_2"))
     log(f"  pinned, {size} sequences: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on 1 core {base:.1f} → "
-        f"{got / base:.2f}x ({got / base / 2:.0%} of ideal 2x); CPU busy: coordinator {busy[0]:.0%}, stages "
+        f"{speedup:.2f}x ({speedup / 2:.0%} of ideal 2x; median of {ctx.args.pinned_rounds} interleaved rounds, "
+        f"quartiles {spread[0]:.2f}..{spread[1]:.2f}); CPU busy: coordinator {busy[0]:.0%}, stages "
         + ", ".join(f"{b:.0%}" for b in busy[1:]))
-    return {"unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got, "speedup": got / base,
-            "share_of_ideal": got / base / 2, "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
+    return {"unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got, "speedup": speedup,
+            "speedup_quartiles": spread, "share_of_ideal": speedup / 2, "samples_tokens_per_s": samples,
+            "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
 
 
 def part_pinned(ctx) -> dict:
@@ -453,7 +483,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=48)
     parser.add_argument("--ttft-tokens", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds for the decode and ttft ratios")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds for the decode and ttft ratios")
+    parser.add_argument("--pinned-rounds", type=int, default=3, help="interleaved rounds for the pinned ratio")
     parser.add_argument("--max-clients", type=int, default=64)
     parser.add_argument("--pinned-batches", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128],
                         help="sequences in the pinned batch workload, one run per size (comma-separated)")
