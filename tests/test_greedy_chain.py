@@ -60,6 +60,29 @@ def test_a_chained_decode_is_exact_and_leaves_the_coordinator_out(tiny_model, st
     assert sessions == [0, 0, 0]
 
 
+def test_groups_that_share_the_stages_are_not_chained(tiny_model, stages):
+    """Two requests in two groups: the coordinator sends every step of both (its turn for one
+    group overlaps the other's compute, so a chain would gain nothing); a lone request on the
+    same engine afterwards chains again. Every answer stays exact."""
+    model_dir = tiny_model("llama")
+    prompts = [PROMPT, [9, 10, 11]]
+    want = [reference_greedy(model_dir, [p], NEW_TOKENS)[0] for p in prompts]
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        submits, stops = counting(client)
+        try:
+            engine = Engine(client, micro_batches=2)
+            both = engine.generate([SequenceRequest(p, NEW_TOKENS) for p in prompts])
+            shared = list(submits)
+            alone = engine.generate([SequenceRequest(PROMPT, NEW_TOKENS)])[0]
+        finally:
+            client.close()
+    assert [r.token_ids for r in both] == want and alone.token_ids == want[0]
+    assert len(shared) == 2 * NEW_TOKENS and not any(shared), "each group's steps came from the coordinator"
+    assert submits[len(shared):] == [0, NEW_TOKENS - 2], "a lone request chains"
+    assert not stops
+
+
 def test_a_stop_token_ends_the_chain_on_the_last_stage(tiny_model, stages):
     model_dir = tiny_model("llama")
     want = reference_greedy(model_dir, [PROMPT], NEW_TOKENS)[0]
