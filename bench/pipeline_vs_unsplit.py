@@ -45,7 +45,7 @@ from coordinator.client import AsyncCoordinatorClient, CoordinatorClient  # noqa
 from coordinator.launcher import LocalStages  # noqa: E402
 from coordinator.planner import plan_partition  # noqa: E402
 from coordinator.running_batch import left_padded  # noqa: E402
-from coordinator.split_costs import head_cost_in_layers  # noqa: E402
+from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
 from stage_server.model_store import ensure_model  # noqa: E402
 
@@ -130,12 +130,15 @@ def free_port() -> int:
 @contextlib.contextmanager
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
              compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
-             max_batch_rows: int | None = None, chain: bool = True):
-    """Stage server processes plus a coordinator process; yields the coordinator's address."""
+             max_batch_rows: int | None = None, chain: bool = True, balance_for: tuple[int, int] | None = None):
+    """Stage server processes plus a coordinator process; yields the coordinator's address.
+    `balance_for` (prompt tokens, new tokens) splits the layers for that workload (as
+    `launch-local --balance-for`) instead of for decode alone."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost_in_layers(config))
+    head_cost = head_cost_for_workload(config, *balance_for) if balance_for else head_cost_in_layers(config)
+    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost)
     with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False) as stages:
         addresses = stages.start()
         port = free_port()
@@ -390,8 +393,9 @@ def pinned_run(ctx, size: int) -> dict:
         with pinned_to({ALL_CORES[0]}, 1):
             return ctx.unsplit.batch_tokens_per_s(batch, n)
 
+    workload = (round(statistics.mean(len(p) for p in batch)), n)  # split for prompts and answers alike
     with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1, cpu_sets=[str(ALL_CORES[0]), str(ALL_CORES[1])],
-                  micro_batches=2, max_batch_rows=size) as address:
+                  micro_batches=2, max_batch_rows=size, balance_for=workload) as address:
         concurrent_clients(address, batch[:2], 4)
 
         def stages() -> float:
@@ -409,7 +413,8 @@ def pinned_run(ctx, size: int) -> dict:
         f"{speedup:.2f}x ({speedup / 2:.0%} of ideal 2x; median of {ctx.args.pinned_rounds} interleaved rounds, "
         f"quartiles {spread[0]:.2f}..{spread[1]:.2f}); CPU busy: coordinator {busy[0]:.0%}, stages "
         + ", ".join(f"{b:.0%}" for b in busy[1:]))
-    return {"unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got, "speedup": speedup,
+    return {"balance_for": workload, "unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got,
+            "speedup": speedup,
             "speedup_quartiles": spread, "share_of_ideal": speedup / 2, "samples_tokens_per_s": samples,
             "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
 

@@ -21,11 +21,23 @@ from coordinator.client import CoordinatorClient
 from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
-from coordinator.split_costs import head_cost_in_layers
+from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers
 from protos import codec, coordinator_pb2
 from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
+
+
+def _workload(text: str) -> tuple[int, int]:
+    """'PROMPT:NEW' token counts, e.g. '40:32'."""
+    prompt, _, new = text.partition(":")
+    try:
+        counts = int(prompt), int(new)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected PROMPT:NEW token counts such as 40:32, got {text!r}") from None
+    if counts[0] < 0 or counts[1] < 1:
+        raise argparse.ArgumentTypeError(f"PROMPT must be >= 0 and NEW >= 1, got {text!r}")
+    return counts
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -88,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--layer-weights", help="relative share of the work per stage, e.g. 2,1,1")
     launch.add_argument("--no-balance-head", dest="balance_head", action="store_false",
                         help="split layers evenly instead of giving the stage with the LM head fewer layers")
+    launch.add_argument("--balance-for", type=_workload, metavar="PROMPT:NEW",
+                        help="weigh the LM head for requests of about PROMPT prompt tokens and NEW new tokens "
+                             "(default: decode alone, where the head runs for every token); e.g. 40:32 for "
+                             "batch work with prompts as long as the answers")
     launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)
@@ -197,7 +213,12 @@ def cmd_launch_local(args) -> int:
 
     config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
-    head_cost = head_cost_in_layers(config) if args.balance_head else 0.0
+    if not args.balance_head:
+        head_cost = 0.0
+    elif args.balance_for:
+        head_cost = head_cost_for_workload(config, *args.balance_for)
+    else:
+        head_cost = head_cost_in_layers(config)
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads) as stages:

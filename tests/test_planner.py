@@ -60,3 +60,33 @@ def test_head_cost_estimate_from_config():
                          vocab_size=49152, num_hidden_layers=30)
     assert layer_parameters(config) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
     assert head_cost_in_layers(config) == pytest.approx(8.0, rel=0.01)  # SmolLM2-135M's shape
+
+
+def test_head_cost_for_a_workload_shrinks_with_the_prompt():
+    from transformers import LlamaConfig
+
+    from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, num_hidden_layers=30)
+    decode_alone = head_cost_in_layers(config)
+    assert head_cost_for_workload(config, 1, 32) == pytest.approx(decode_alone)  # one prompt token: as decode
+    batch = head_cost_for_workload(config, 40, 32)  # the head runs for 32 of the 71 positions the layers see
+    assert batch == pytest.approx(decode_alone * 32 / 71)
+    assert plan_partition(30, 2, head_cost=batch) == [(0, 17), (17, 30)]
+    with pytest.raises(ValueError, match="new_tokens >= 1"):
+        head_cost_for_workload(config, 40, 0)
+
+
+@pytest.mark.parametrize("text, ok", [("40:32", True), ("0:1", True), ("40", False), ("a:b", False),
+                                      ("40:0", False), ("-1:5", False)])
+def test_balance_for_option(text, ok, capsys):
+    from coordinator.cli import build_parser
+
+    argv = ["launch-local", "--model", "m", "--num-stages", "2", "--balance-for", text]
+    if ok:
+        assert build_parser().parse_args(argv).balance_for == tuple(int(v) for v in text.split(":"))
+    else:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert "PROMPT" in capsys.readouterr().err
