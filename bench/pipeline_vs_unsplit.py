@@ -16,7 +16,8 @@ uncertain, so decode and ttft now take 9):
                  same size beside it; every concurrent answer checked against the same
                  prompt answered alone
   4. pinned      2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
-                 to one core, on batches of 64 and 128 sequences: share of the ideal 2x
+                 to one core, on batches of 64, 128 and 256 sequences (stages split for the
+                 batch's prompt and answer lengths): share of the ideal 2x
   5. wire        activation bytes between stages per generated token, per codec
 
     python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
@@ -491,7 +492,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds for the decode and ttft ratios")
     parser.add_argument("--pinned-rounds", type=int, default=3, help="interleaved rounds for the pinned ratio")
     parser.add_argument("--max-clients", type=int, default=64)
-    parser.add_argument("--pinned-batches", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128],
+    parser.add_argument("--pinned-batches", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128, 256],
                         help="sequences in the pinned batch workload, one run per size (comma-separated)")
     parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline_vs_unsplit.json"))
     parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
