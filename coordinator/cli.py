@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
     launch.add_argument("--num-stages", type=int, required=True)
     launch.add_argument("--layer-weights", help="relative share of the work per stage, e.g. 2,1,1")
-    launch.add_argument("--no-balance-head", dest="balance_head", action="store_false",
-                        help="split layers evenly instead of giving the stage with the LM head fewer layers")
-    launch.add_argument("--balance-for", type=_workload, metavar="PROMPT:NEW",
-                        help="weigh the LM head for requests of about PROMPT prompt tokens and NEW new tokens "
-                             "(default: decode alone, where the head runs for every token); e.g. 40:32 for "
-                             "batch work with prompts as long as the answers")
+    head = launch.add_mutually_exclusive_group()
+    head.add_argument("--no-balance-head", dest="balance_head", action="store_false",
+                      help="split layers evenly instead of giving the stage with the LM head fewer layers")
+    head.add_argument("--balance-for", type=_workload, metavar="PROMPT:NEW",
+                      help="weigh the LM head for requests of about PROMPT prompt tokens and NEW new tokens "
+                           "(default: decode alone, where the head runs for every token); e.g. 40:32 for "
+                           "batch work with prompts as long as the answers")
     launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)

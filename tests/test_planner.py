@@ -90,3 +90,12 @@ def test_balance_for_option(text, ok, capsys):
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
         assert "PROMPT" in capsys.readouterr().err
+
+
+def test_balance_for_and_no_balance_head_exclude_each_other(capsys):
+    from coordinator.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["launch-local", "--model", "m", "--num-stages", "2", "--no-balance-head",
+                                   "--balance-for", "40:32"])
+    assert "not allowed with" in capsys.readouterr().err
