@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--max-sessions", type=int, default=64, help="live KV-cache sessions (default 64)")
+    parser.add_argument("--max-streams", type=int, default=64,
+                        help="Forward and Results streams open at once (default 64; a coordinator holds one or "
+                             "two per stage); more are refused with RESOURCE_EXHAUSTED")
     parser.add_argument("--max-cache-mb", type=int, default=2048, help="KV-cache budget in MiB (default 2048)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_model(args.model)
         config = StageServerConfig(
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
-            dtype=args.dtype, device=args.device, max_sessions=args.max_sessions,
+            dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads, progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))

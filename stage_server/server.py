@@ -30,6 +30,7 @@ from stage_server.stage_model import StageModel
 
 log = logging.getLogger(__name__)
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
+CONTROL_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class StageServerConfig:
     dtype: str = "auto"
     device: str = "cpu"
     max_sessions: int = 64
+    max_streams: int = 64  # Forward + Results streams open at once (a coordinator holds one or two)
     max_cache_bytes: int = 2 << 30
     session_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
@@ -61,9 +63,15 @@ class StageServer:
         takes it before importing torch); released once the weights are in."""
         self.config = config
         self.startup_lock = startup_lock or MachineLock()
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=channel_options())
+        # Every open stream holds a pool thread for its whole life; CONTROL_THREADS more keep Info,
+        # EndSession, StopChain and health checks answering when the streams are all taken, and
+        # gRPC refuses calls beyond the pool (RESOURCE_EXHAUSTED) instead of queueing them unseen.
+        workers = config.max_streams + CONTROL_THREADS
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(),
+                                       maximum_concurrent_rpcs=workers)
         self.health = health.HealthServicer()
-        self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}")
+        self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}",
+                                    max_streams=config.max_streams)
         stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])

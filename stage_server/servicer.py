@@ -11,6 +11,7 @@ lifecycle (server).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -68,8 +69,11 @@ def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor,
 class StageService(stage_pb2_grpc.StageServicer):
     """Serves one slice. Until `attach` is called (weights loading) Forward answers UNAVAILABLE."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, max_streams: int = 64) -> None:
         self.name = name  # "layers A:B @ host:port", used in error messages
+        self.max_streams = max_streams
+        self._streams = 0  # Forward and Results streams open now
+        self._streams_lock = threading.Lock()
         self.model: StageModel | None = None
         self.sessions: SessionStore | None = None
         self.draining = False
@@ -88,7 +92,28 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     # ---- Forward -------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _stream_slot(self, context):
+        """Hold one of max_streams slots for a stream's life; refuse the stream when none is free."""
+        with self._streams_lock:
+            full = self._streams >= self.max_streams
+            if not full:
+                self._streams += 1
+        if full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"stage {self.name} already serves {self.max_streams} streams (Forward and Results; a "
+                          f"coordinator holds one or two): close some, or restart it with a larger --max-streams")
+        try:
+            yield
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
+
     def Forward(self, request_iterator, context):
+        with self._stream_slot(context):
+            yield from self._forward(request_iterator, context)
+
+    def _forward(self, request_iterator, context):
         answers: queue.Queue = queue.Queue()
         links: dict[str, DownstreamLink] = {}
         producers = [1]  # the reader of the upstream stream, plus one per open link
@@ -258,6 +283,10 @@ class StageService(stage_pb2_grpc.StageServicer):
     def Results(self, request, context):
         if not request.collector_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "collector_id is empty")
+        with self._stream_slot(context):
+            yield from self._results(request, context)
+
+    def _results(self, request, context):
         answers: queue.Queue = queue.Queue()
         with self._collectors_lock:
             if request.collector_id in self._collectors:

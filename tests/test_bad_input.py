@@ -329,3 +329,37 @@ def test_more_waiting_generations_than_a_fixed_thread_pool_still_queue_visibly(t
             done = [len(w.result(timeout=60).token_ids) for w in waiting]
     assert queued == 70
     assert done == [2] * 70
+
+
+def test_streams_past_the_bound_are_refused_and_their_slots_come_back(tiny_model, stages):
+    """A stage serves at most max_streams Forward/Results streams: one more is refused with
+    RESOURCE_EXHAUSTED naming --max-streams (not queued unseen in gRPC), Info still answers,
+    and a closed stream frees its slot."""
+    import queue
+
+    with stages(tiny_model("llama"), 1, max_streams=2) as (addresses, _), \
+            grpc.insecure_channel(addresses[0]) as channel:
+        stub = stage_pb2_grpc.StageStub(channel)
+        outboxes = [queue.Queue(), queue.Queue()]
+        calls = [stub.Forward(iter(outbox.get, None), timeout=60) for outbox in outboxes]
+        for index, (outbox, call) in enumerate(zip(outboxes, calls)):
+            outbox.put(valid_prefill(f"held-{index}", []))
+            assert code_of(next(call)) == OK  # both streams are open on the stage now
+        with pytest.raises(grpc.RpcError) as refused:
+            forward_once(addresses[0], valid_prefill("third", []))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-streams" in refused.value.details()
+        assert stub.Info(stage_pb2.InfoRequest(), timeout=10).active_sessions == 2
+        outboxes[0].put(None)
+        assert list(calls[0]) == []  # the first stream ends
+
+        def forward_code(session_id: str) -> grpc.StatusCode:
+            try:
+                return code_of(forward_once(addresses[0], valid_prefill(session_id, [])))
+            except grpc.RpcError as err:
+                return err.code()
+        attempts = iter(range(1000))
+        reopened = eventually(lambda: forward_code(f"after-{next(attempts)}"), OK)
+        outboxes[1].put(None)
+        list(calls[1])
+    assert reopened == OK
