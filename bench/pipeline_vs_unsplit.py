@@ -46,7 +46,7 @@ from coordinator.client import AsyncCoordinatorClient, CoordinatorClient  # noqa
 from coordinator.launcher import LocalStages  # noqa: E402
 from coordinator.planner import plan_partition  # noqa: E402
 from coordinator.running_batch import left_padded  # noqa: E402
-from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers  # noqa: E402
+from coordinator.split_costs import head_cost_in_layers  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
 from stage_server.model_store import ensure_model  # noqa: E402
 
@@ -138,8 +138,7 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
-    head_cost = head_cost_for_workload(config, *balance_for) if balance_for else head_cost_in_layers(config)
-    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost)
+    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost_in_layers(config, balance_for))
     with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False) as stages:
         addresses = stages.start()
         port = free_port()
@@ -415,9 +414,8 @@ def pinned_run(ctx, size: int) -> dict:
         f"quartiles {spread[0]:.2f}..{spread[1]:.2f}); CPU busy: coordinator {busy[0]:.0%}, stages "
         + ", ".join(f"{b:.0%}" for b in busy[1:]))
     return {"balance_for": workload, "unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got,
-            "speedup": speedup,
-            "speedup_quartiles": spread, "share_of_ideal": speedup / 2, "samples_tokens_per_s": samples,
-            "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
+            "speedup": speedup, "speedup_quartiles": spread, "share_of_ideal": speedup / 2,
+            "samples_tokens_per_s": samples, "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
 
 
 def part_pinned(ctx) -> dict:

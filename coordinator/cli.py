@@ -21,7 +21,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
-from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers
+from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
 from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model
 
@@ -214,12 +214,7 @@ def cmd_launch_local(args) -> int:
 
     config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
-    if not args.balance_head:
-        head_cost = 0.0
-    elif args.balance_for:
-        head_cost = head_cost_for_workload(config, *args.balance_for)
-    else:
-        head_cost = head_cost_in_layers(config)
+    head_cost = head_cost_in_layers(config, args.balance_for) if args.balance_head else 0.0
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads) as stages:

@@ -27,19 +27,19 @@ def layer_parameters(config) -> int:
     return attention + mlp
 
 
-def head_cost_in_layers(config) -> float:
-    """The LM head's work in units of one decoder layer's."""
-    return config.vocab_size * config.hidden_size / layer_parameters(config)
-
-
-def head_cost_for_workload(config, prompt_tokens: int, new_tokens: int) -> float:
-    """The LM head's work in decoder-layer units for requests of `prompt_tokens` + `new_tokens`.
+def head_cost_in_layers(config, workload: tuple[int, int] | None = None) -> float:
+    """The LM head's work in units of one decoder layer's: per token in decode (the default), or
+    for a `workload` of requests of (prompt tokens, new tokens).
 
     Layers run for every prompt position and every generated token but the last; the head runs
     once per generated token (the prefill's last position, then each decode step). With long
     prompts the head's share shrinks: 256 SmolLM2 requests of ~40 + 32 tokens, split for decode
     alone (head = 8 layers, 19:11), kept the first stage 93 % busy and the last 82 %.
     """
+    per_token = config.vocab_size * config.hidden_size / layer_parameters(config)
+    if workload is None:
+        return per_token
+    prompt_tokens, new_tokens = workload
     if prompt_tokens < 0 or new_tokens < 1:
         raise ValueError(f"a workload needs prompt_tokens >= 0 and new_tokens >= 1, got {prompt_tokens}:{new_tokens}")
-    return head_cost_in_layers(config) * new_tokens / (prompt_tokens + new_tokens - 1)
+    return per_token * new_tokens / (prompt_tokens + new_tokens - 1)

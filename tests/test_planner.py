@@ -65,17 +65,17 @@ def test_head_cost_estimate_from_config():
 def test_head_cost_for_a_workload_shrinks_with_the_prompt():
     from transformers import LlamaConfig
 
-    from coordinator.split_costs import head_cost_for_workload, head_cost_in_layers
+    from coordinator.split_costs import head_cost_in_layers
 
     config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                          vocab_size=49152, num_hidden_layers=30)
     decode_alone = head_cost_in_layers(config)
-    assert head_cost_for_workload(config, 1, 32) == pytest.approx(decode_alone)  # one prompt token: as decode
-    batch = head_cost_for_workload(config, 40, 32)  # the head runs for 32 of the 71 positions the layers see
+    assert head_cost_in_layers(config, (1, 32)) == pytest.approx(decode_alone)  # one prompt token: as decode
+    batch = head_cost_in_layers(config, (40, 32))  # the head runs for 32 of the 71 positions the layers see
     assert batch == pytest.approx(decode_alone * 32 / 71)
     assert plan_partition(30, 2, head_cost=batch) == [(0, 17), (17, 30)]
     with pytest.raises(ValueError, match="new_tokens >= 1"):
-        head_cost_for_workload(config, 40, 0)
+        head_cost_in_layers(config, (40, 0))
 
 
 @pytest.mark.parametrize("text, ok", [("40:32", True), ("0:1", True), ("40", False), ("a:b", False),
