@@ -131,15 +131,17 @@ def free_port() -> int:
 @contextlib.contextmanager
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
              compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
-             max_batch_rows: int | None = None, chain: bool = True, balance_for: tuple[int, int] | None = None):
+             max_batch_rows: int | None = None, chain: bool = True, balance_for: tuple[int, int] | None = None,
+             stage_args: tuple[str, ...] = ()):
     """Stage server processes plus a coordinator process; yields the coordinator's address.
     `balance_for` (prompt tokens, new tokens) splits the layers for that workload (as
-    `launch-local --balance-for`) instead of for decode alone."""
+    `launch-local --balance-for`) instead of for decode alone. `stage_args`: more stage-server options."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost_in_layers(config, balance_for))
-    with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False) as stages:
+    with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False,
+                     extra_args=stage_args) as stages:
         addresses = stages.start()
         port = free_port()
         command = [sys.executable, "-m", "coordinator.cli", "serve", "--stages", ",".join(addresses),

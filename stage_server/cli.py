@@ -25,6 +25,20 @@ def _thread_count(text: str) -> int | str:
     return value
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _head_threads(text: str) -> int | str:
+    return text if text == "auto" else _at_least_one(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stage-server", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True,
@@ -34,11 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--max-sessions", type=int, default=64, help="live KV-cache sessions (default 64)")
-    parser.add_argument("--max-streams", type=int, default=64,
+    parser.add_argument("--max-sessions", type=_at_least_one, default=64, help="live KV-cache sessions (default 64)")
+    parser.add_argument("--max-streams", type=_at_least_one, default=64,
                         help="Forward and Results streams open at once (default 64; a coordinator holds one or "
                              "two per stage); more are refused with RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-cache-mb", type=int, default=2048, help="KV-cache budget in MiB (default 2048)")
+    parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048, help="KV-cache budget in MiB (default 2048)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")
@@ -46,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="threads for steps of at most 4 new tokens (one sequence decoding): a count, 0 = as "
                              "many as --threads, or auto (default): time the slice at start and use one thread "
                              "unless all threads are clearly faster")
+    parser.add_argument("--head-threads", type=_head_threads, default="auto",
+                        help="last stage: threads that share the LM head on steps of at most 4 rows, each "
+                             "computing a slice of the vocabulary (1 = not split; auto (default) = the CPUs this "
+                             "process may use, up to 4; steps torch already runs on that many threads stay whole)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -70,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
-            threads=args.threads, small_step_threads=args.small_step_threads, progress=not args.quiet)
+            threads=args.threads, small_step_threads=args.small_step_threads,
+            head_threads=args.head_threads, progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

@@ -26,6 +26,7 @@ from stage_server.machine_lock import MachineLock
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
+from stage_server.split_head import install_split_head, parts_for
 from stage_server.stage_model import StageModel
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class StageServerConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
     # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
+    head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
+    # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     progress: bool = True
 
 
@@ -77,6 +80,7 @@ class StageServer:
         enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
+        self.split_head = None  # the last stage's SplitHead, when its head is split
         self._stopped = threading.Event()
 
     def _set_health(self, status) -> None:
@@ -106,6 +110,11 @@ class StageServer:
         finally:
             self.startup_lock.release()
         model = StageModel(loaded)
+        if loaded.is_last:
+            head_name = loaded.architecture.layout.tied_head.rpartition(".")[0]
+            self.split_head = install_split_head(loaded.architecture.model, head_name, parts_for(cfg.head_threads))
+            if self.split_head is not None:
+                log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
         if loaded.device.type == "cpu":
             threads.calibrate(model.small_step_seconds, lock=self.startup_lock)
             self.service.threads = threads
@@ -135,6 +144,8 @@ class StageServer:
         self._stopped.set()
         self.grpc_server.stop(grace=1.0).wait()
         self.service.close()
+        if self.split_head is not None:
+            self.split_head.close()
 
     def wait(self) -> None:
         self.grpc_server.wait_for_termination()
