@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=_at_least_one, default=64,
                         help="Forward and Results streams open at once (default 64; a coordinator holds one or "
                              "two per stage); more are refused with RESOURCE_EXHAUSTED")
-    parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048, help="KV-cache budget in MiB (default 2048)")
+    parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048,
+                        help="KV-cache budget in MiB (default 2048)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")

@@ -24,6 +24,13 @@ alone, a 3-round calibration sometimes read a bfloat16 slice's gain as under 15 
 noisy VM (a traced run had stage 1 on one thread, 37 ms a step instead of ~19); it now takes
 the best of 6 rounds each way.
 
+A start-up calibration can still land wrong: the machine may be in a slow phase, or the stage's
+neighbours may work differently under load than at start. So in "auto" mode a stage keeps
+checking while it serves: every PROBE_EVERY-th single-token step runs on the other count, the
+last few timings of each count are kept, and the small-step count follows the same 15 % rule on
+their medians. Only single-token steps are compared (one sequence decoding, all alike in cost);
+a probe on the slower count costs at most one slow step in PROBE_EVERY.
+
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
 bfloat16, decode and prefill shapes), and the equivalence tests run stages under this policy
@@ -33,6 +40,8 @@ against the unsplit model at full threads.
 from __future__ import annotations
 
 import logging
+import statistics
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -46,6 +55,10 @@ SMALL_STEP_TOKENS = 4
 # "auto" keeps one thread for small steps unless all threads are at least this much faster.
 AUTO_MIN_GAIN = 1.15
 AUTO = "auto"
+# While serving, "auto" runs every PROBE_EVERY-th single-token step on the other thread count,
+# and compares the medians of the last PROBE_WINDOW timings of each count.
+PROBE_EVERY = 32
+PROBE_WINDOW = 5
 
 
 class ComputeThreads:
@@ -61,16 +74,38 @@ class ComputeThreads:
         self.full = full or torch.get_num_threads()
         self.auto = small_step == AUTO
         self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
+        self._single_steps = 0  # single-token steps so far (every PROBE_EVERY-th is a probe)
+        self._timings = {count: deque(maxlen=PROBE_WINDOW) for count in {1, self.full}}
 
     def threads_for(self, tokens: int) -> int:
         return self.small_step if tokens <= SMALL_STEP_TOKENS else self.full
 
     def for_step(self, tokens: int) -> int:
-        """Apply the thread count for a step of `tokens` new tokens; returns it."""
+        """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
+        every PROBE_EVERY-th single-token step gets the other count, to time it)."""
         threads = self.threads_for(tokens)
+        if tokens == 1 and self.auto and self.full > 1:
+            self._single_steps += 1
+            if self._single_steps % PROBE_EVERY == 0:
+                threads = self.full if threads == 1 else 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return threads
+
+    def record(self, tokens: int, threads: int, seconds: float) -> None:
+        """How long a step of `tokens` new tokens took on `threads` threads. In "auto" mode, single-
+        token steps' timings keep the small-step count on the faster one (by the AUTO_MIN_GAIN rule)."""
+        if tokens != 1 or not self.auto or threads not in self._timings:
+            return
+        self._timings[threads].append(seconds)
+        one, full = self._timings[1], self._timings[self.full]
+        if len(one) < 3 or len(full) < 3:
+            return
+        chosen = self.full if statistics.median(one) > statistics.median(full) * AUTO_MIN_GAIN else 1
+        if chosen != self.small_step:
+            log.info("small steps: now %.1f ms on 1 thread, %.1f ms on %d (medians of the last %d); using %d",
+                     statistics.median(one) * 1e3, statistics.median(full) * 1e3, self.full, PROBE_WINDOW, chosen)
+            self.small_step = chosen
 
     def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 6,
                   lock: MachineLock | None = None) -> None:

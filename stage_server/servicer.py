@@ -15,6 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from importlib import metadata
 
 import grpc
@@ -260,9 +261,12 @@ class StageService(stage_pb2_grpc.StageServicer):
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
                 with self._compute_lock:
-                    if self.threads is not None:
-                        self.threads.for_step(activations.shape[0] * new_tokens)
+                    tokens = activations.shape[0] * new_tokens
+                    threads = self.threads.for_step(tokens) if self.threads is not None else 0
+                    started = time.perf_counter()
                     output = model.forward(session, activations, position_ids, mask)
+                    if self.threads is not None:
+                        self.threads.record(tokens, threads, time.perf_counter() - started)
                     self.micro_batches_served += 1
         except Exception:
             if request.start_session:

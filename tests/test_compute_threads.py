@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stage_server.cli import build_parser
-from stage_server.compute_threads import AUTO_MIN_GAIN, SMALL_STEP_TOKENS, ComputeThreads
+from stage_server.compute_threads import AUTO_MIN_GAIN, PROBE_EVERY, PROBE_WINDOW, SMALL_STEP_TOKENS, ComputeThreads
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +79,39 @@ def test_info_reports_the_thread_counts_in_use(tiny_model, stages):
         with grpc.insecure_channel(addresses[0]) as channel:
             info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
     assert (info.compute_threads, info.small_step_threads) == (2, 1)
+
+
+def test_auto_probes_the_other_count_on_every_nth_single_token_step():
+    threads = ComputeThreads(full=2)  # auto, one thread until told otherwise
+    used = [threads.for_step(1) for _ in range(2 * PROBE_EVERY)]
+    assert [i for i, count in enumerate(used) if count == 2] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1]
+    assert {threads.for_step(2) for _ in range(3 * PROBE_EVERY)} == {1}  # only single-token steps probe
+    assert {threads.for_step(64) for _ in range(3)} == {2}
+    fixed = ComputeThreads(full=2, small_step=1)
+    assert {fixed.for_step(1) for _ in range(3 * PROBE_EVERY)} == {1}
+
+
+def test_auto_follows_the_faster_count_while_serving():
+    threads = ComputeThreads(full=2)
+    for _ in range(PROBE_WINDOW):
+        threads.record(1, 1, 1.0)
+    threads.record(1, 2, 0.5)
+    threads.record(1, 2, 0.5)
+    assert threads.threads_for(1) == 1  # two probes are not enough to judge
+    threads.record(4, 2, 0.1)  # steps of more tokens are not comparable: ignored
+    assert threads.threads_for(1) == 1
+    threads.record(1, 2, 0.5)
+    assert threads.threads_for(1) == 2  # a start-up calibration that missed the gain is corrected
+    for _ in range(PROBE_WINDOW):
+        threads.record(1, 2, 1.0)
+    for _ in range(3):
+        threads.record(1, 1, 1.0 * AUTO_MIN_GAIN * 0.99)  # all threads no longer clearly faster
+    assert threads.threads_for(1) == 1
+
+
+def test_fixed_counts_ignore_timings():
+    threads = ComputeThreads(full=2, small_step=2)
+    for _ in range(10):
+        threads.record(1, 1, 0.1)
+        threads.record(1, 2, 9.0)
+    assert threads.threads_for(1) == 2

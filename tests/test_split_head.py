@@ -15,8 +15,16 @@ from torch import nn
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
 from stage_server.cli import build_parser
-from stage_server.split_head import (CUT_ALIGN, MAX_PARTS, SPLIT_MAX_ROWS, SplitHead, install_split_head, parts_for,
-                                     usable_cores, vocabulary_cuts)
+from stage_server.split_head import (
+    CUT_ALIGN,
+    MAX_PARTS,
+    SPLIT_MAX_ROWS,
+    SplitHead,
+    install_split_head,
+    parts_for,
+    usable_cores,
+    vocabulary_cuts,
+)
 
 
 @pytest.fixture(autouse=True)
