@@ -124,8 +124,8 @@ class _Stream:
         error = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for response in self.call:
-                self._count_hops(response)
-                if not response.answered_directly:
+                if not response.answered_directly:  # receipts of direct answers are not sent back here
+                    self._count_hops(response)
                     self.pending.resolve(response)
         except grpc.RpcError as err:
             error = StageCallError(err.code(), f"first stage {self.address}: {err.details()}", self.address)
@@ -150,9 +150,8 @@ class _Results:
         detail = "ended"
         try:
             for response in self.call:
-                if response.answered_directly:  # a chained step's note: it only carries hop sizes
+                if not response.answered_directly:  # answers carry their hop sizes; receipts add nothing
                     self._count_hops(response)
-                else:
                     self.pending.resolve(response)
         except grpc.RpcError as err:
             detail = f"failed: {err.code().name}: {err.details()}"

@@ -73,6 +73,11 @@ class DownstreamLink:
         self._outbox.put(request)
         return True
 
+    def forget(self, session_id: str, micro_batch_id: int) -> None:
+        """Stop waiting for a micro-batch's answer: it is known to be done (no receipt will come)."""
+        with self._lock:
+            self._pending.pop((session_id, micro_batch_id), None)
+
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""
         self._outbox.put(_CLOSE)

@@ -4,8 +4,9 @@ Owns: deciding whether a step the last stage has just computed continues its cha
 (chain_steps left, greedy answers, no stop token, no StopChain for the session),
 building that next step from the step's own inputs (argmax tokens, positions + 1,
 one more mask column), the stage-wide links that carry chained steps to the first
-stage, and handing what comes back on them (notes carrying hop sizes, or errors of
-a chained step) to the coordinator's collector.
+stage, and handing what comes back on them (errors of a chained step) to the
+coordinator's collector. The first stage sends no receipts back, so a chained step is
+done for its link once it is back here, computed (`arrived`).
 
 Why: with one request decoding, every token used to travel last stage → coordinator
 → first stage, two hops and the coordinator's Python on the critical path (3.4 ms of
@@ -76,7 +77,8 @@ class GreedyChain:
         self._collector = collector  # collector id -> queue of answers for a coordinator, or None
         self._lock = threading.Lock()
         self._links: dict[str, DownstreamLink] = {}
-        self._reply_to: dict[tuple[str, int], str] = {}  # chained step -> its coordinator's collector
+        # chained step -> (its coordinator's collector, the first stage it went to)
+        self._reply_to: dict[tuple[str, int], tuple[str, str]] = {}
         self._stops: dict[str, float] = {}  # session id -> when StopChain came
 
     def stop(self, session_id: str) -> None:
@@ -99,7 +101,7 @@ class GreedyChain:
         address = step.chain_route[0]
         key = (step.session_id, step.micro_batch_id)
         with self._lock:
-            self._reply_to[key] = step.reply_to
+            self._reply_to[key] = (step.reply_to, address)
             link = self._links.get(address)
             if link is None or not link.alive:
                 link = DownstreamLink(address, self._channels.get(address), self._answer, lambda: None)
@@ -110,11 +112,23 @@ class GreedyChain:
             self._reply_to.pop(key, None)
         return False
 
-    def _answer(self, response: stage_pb2.ForwardResponse) -> None:
-        """What the chain relays back for a chained step: a note (it was answered directly) or an error."""
+    def arrived(self, session_id: str, micro_batch_id: int) -> None:
+        """A step is back at this (last) stage and computed: if this stage chained it, the link that
+        carried it stops waiting for it (the first stage sends no receipt back; errors still come)."""
         with self._lock:
-            reply_to = self._reply_to.pop((response.session_id, response.micro_batch_id), None)
-        collector = self._collector(reply_to) if reply_to else None
+            sent = self._reply_to.pop((session_id, micro_batch_id), None)
+            link = self._links.get(sent[1]) if sent is not None else None
+        if link is not None:
+            link.forget(session_id, micro_batch_id)
+
+    def _answer(self, response: stage_pb2.ForwardResponse) -> None:
+        """What the chain relays back for a chained step: an error (or a receipt from a stage that
+        still sends them), for the coordinator that owns the chain."""
+        with self._lock:
+            sent = self._reply_to.pop((response.session_id, response.micro_batch_id), None)
+        if sent is not None and response.answered_directly:
+            return  # already answered; a receipt tells the coordinator nothing
+        collector = self._collector(sent[0]) if sent is not None else None
         if collector is None:
             log.debug("no collector for chained step %s of session %s any more", response.micro_batch_id,
                       response.session_id)

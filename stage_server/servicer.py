@@ -164,6 +164,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                 with producers_lock:
                     outstanding[0] -= 1
                 self._add_inflight(-1)
+                if answer.answered_directly and self.model is not None and self.model.loaded.is_first:
+                    continue  # a receipt: only links between stages need them, and none is before this one
                 yield answer
         finally:  # the upstream left early: what it will never receive is no longer in flight
             with producers_lock:
@@ -175,26 +177,29 @@ class StageService(stage_pb2_grpc.StageServicer):
         try:
             output, positions, mask = self._compute(request)
             if request.route:
+                activations = codec.encode(output, request.wire_codec)
+                sent_bytes = codec.payload_bytes(activations)
                 sent = stage_pb2.ForwardRequest(
                     session_id=request.session_id, micro_batch_id=request.micro_batch_id,
-                    route=request.route[1:], activations=codec.encode(output, request.wire_codec),
+                    route=request.route[1:], activations=activations,
                     position_ids=request.position_ids, wire_codec=request.wire_codec,
                     start_session=request.start_session, end_session=request.end_session,
                     model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
                     reply_to=request.reply_to, chain_steps=request.chain_steps,
-                    chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids)
+                    chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids,
+                    hop_bytes=[*request.hop_bytes, sent_bytes])
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
                     sent.attention_mask.CopyFrom(request.attention_mask)
-                if not link_to(request.route[0]).send(sent, codec.payload_bytes(sent.activations)):
+                if not link_to(request.route[0]).send(sent, sent_bytes):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
             else:
                 collector = self._collector(request.reply_to)
                 if collector is None:
                     deliver(logits_response(request, output))
-                else:  # straight to the coordinator; the chain only gets a note that it is done
+                else:  # straight to the coordinator; the previous stage only gets a receipt
                     self._answer_and_chain(request, output, positions, mask, collector)
                     deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
                                                       micro_batch_id=request.micro_batch_id, answered_directly=True))
@@ -209,8 +214,10 @@ class StageService(stage_pb2_grpc.StageServicer):
     def _answer_and_chain(self, request: stage_pb2.ForwardRequest, logits: torch.Tensor, positions: torch.Tensor,
                           mask: torch.Tensor | None, collector: queue.Queue) -> None:
         """If the chain goes on, send the next step first (it is what the stages wait for), then
-        hand this step's answer to the coordinator's collector. The coordinator keeps an
-        answer that overtakes the one announcing it (pipeline_client), so the order is free."""
+        hand this step's answer, with the sizes of the hops it took, to the coordinator's collector.
+        The coordinator keeps an answer that overtakes the one announcing it (pipeline_client), so
+        the order is free."""
+        self._chain.arrived(request.session_id, request.micro_batch_id)  # if chained here, it is done
         best = logits.argmax(dim=-1, keepdim=True) if request.logits_top_k == 1 else None
         tokens = best.view(-1).tolist() if best is not None and request.chain_steps else []
         chained = False
@@ -219,6 +226,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             chained = self._chain.send(following)  # False: the link failed; the coordinator sends it
         answer = logits_response(request, logits, best)
         answer.chained = chained
+        answer.hop_bytes.extend(request.hop_bytes)
         collector.put(answer)
 
     def _compute(self, request: stage_pb2.ForwardRequest
