@@ -26,10 +26,12 @@ the best of 6 rounds each way.
 
 A start-up calibration can still land wrong: the machine may be in a slow phase, or the stage's
 neighbours may work differently under load than at start. So in "auto" mode a stage keeps
-checking while it serves: every PROBE_EVERY-th single-token step runs on the other count, the
-last few timings of each count are kept, and the small-step count follows the same 15 % rule on
-their medians. Only single-token steps are compared (one sequence decoding, all alike in cost);
-a probe on the slower count costs at most one slow step in PROBE_EVERY.
+checking while it serves: every PROBE_EVERY-th single-token step runs on the other count, and the
+last few timings of each count are kept. One thread switches to all once their median is clearly
+(AUTO_MIN_GAIN) faster; all switch back to one only once one is no slower at all. Between the two
+the choice stays: a single rule flipped the count at nearly every step of a bfloat16 pipeline
+whose gain hovered near 15 %. Only single-token steps are compared (one sequence decoding, all
+alike in cost); a probe on the slower count costs at most one slow step in PROBE_EVERY.
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
@@ -94,17 +96,22 @@ class ComputeThreads:
 
     def record(self, tokens: int, threads: int, seconds: float) -> None:
         """How long a step of `tokens` new tokens took on `threads` threads. In "auto" mode, single-
-        token steps' timings keep the small-step count on the faster one (by the AUTO_MIN_GAIN rule)."""
+        token steps' timings move the small-step count to all threads when they are AUTO_MIN_GAIN
+        faster, and back to one when one is no slower (in between, it stays)."""
         if tokens != 1 or not self.auto or threads not in self._timings:
             return
         self._timings[threads].append(seconds)
         one, full = self._timings[1], self._timings[self.full]
         if len(one) < 3 or len(full) < 3:
             return
-        chosen = self.full if statistics.median(one) > statistics.median(full) * AUTO_MIN_GAIN else 1
+        on_one, on_all = statistics.median(one), statistics.median(full)
+        if self.small_step == 1:
+            chosen = self.full if on_one > on_all * AUTO_MIN_GAIN else 1
+        else:
+            chosen = 1 if on_one <= on_all else self.full
         if chosen != self.small_step:
             log.info("small steps: now %.1f ms on 1 thread, %.1f ms on %d (medians of the last %d); using %d",
-                     statistics.median(one) * 1e3, statistics.median(full) * 1e3, self.full, PROBE_WINDOW, chosen)
+                     on_one * 1e3, on_all * 1e3, self.full, PROBE_WINDOW, chosen)
             self.small_step = chosen
 
     def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 6,
