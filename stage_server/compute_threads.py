@@ -26,9 +26,11 @@ the best of 6 rounds each way.
 
 A start-up calibration can still land wrong: the machine may be in a slow phase, or the stage's
 neighbours may work differently under load than at start. So in "auto" mode a stage keeps
-checking while it serves: every PROBE_EVERY-th single-token step runs on the other count, and the
-last few timings of each count are kept. One thread switches to all once their median is clearly
-(AUTO_MIN_GAIN) faster; all switch back to one only once one is no slower at all. Between the two
+checking while it serves: every PROBE_EVERY-th single-token step runs on the other count, and it
+is timed together with the step just before it (so that both counts are timed at the same moment
+of a machine whose speed drifts), keeping the last few such pairs. One thread switches to all
+once their median is clearly (AUTO_MIN_GAIN) faster; all switch back to one only once one is no
+slower at all. Between the two
 the choice stays: a single rule flipped the count at nearly every step of a bfloat16 pipeline
 whose gain hovered near 15 %. Only single-token steps are compared (one sequence decoding, all
 alike in cost); a probe on the slower count costs at most one slow step in PROBE_EVERY.
@@ -77,6 +79,7 @@ class ComputeThreads:
         self.auto = small_step == AUTO
         self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
         self._single_steps = 0  # single-token steps so far (every PROBE_EVERY-th is a probe)
+        self._timed = False  # the step being run is a probe or the step before one
         self._timings = {count: deque(maxlen=PROBE_WINDOW) for count in {1, self.full}}
 
     def threads_for(self, tokens: int) -> int:
@@ -86,20 +89,24 @@ class ComputeThreads:
         """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
         every PROBE_EVERY-th single-token step gets the other count, to time it)."""
         threads = self.threads_for(tokens)
+        self._timed = False
         if tokens == 1 and self.auto and self.full > 1:
             self._single_steps += 1
-            if self._single_steps % PROBE_EVERY == 0:
+            place = self._single_steps % PROBE_EVERY
+            self._timed = place in (0, PROBE_EVERY - 1)  # the probe, and the step before it
+            if place == 0:
                 threads = self.full if threads == 1 else 1
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return threads
 
     def record(self, tokens: int, threads: int, seconds: float) -> None:
-        """How long a step of `tokens` new tokens took on `threads` threads. In "auto" mode, single-
-        token steps' timings move the small-step count to all threads when they are AUTO_MIN_GAIN
+        """How long the step for_step was last called for took. In "auto" mode, the timings of probes
+        and of the steps just before them move the small-step count to all threads when they are AUTO_MIN_GAIN
         faster, and back to one when one is no slower (in between, it stays)."""
-        if tokens != 1 or not self.auto or threads not in self._timings:
+        if tokens != 1 or not self._timed or not self.auto or threads not in self._timings:
             return
+        self._timed = False
         self._timings[threads].append(seconds)
         one, full = self._timings[1], self._timings[self.full]
         if len(one) < 3 or len(full) < 3:
