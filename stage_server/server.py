@@ -114,6 +114,7 @@ class StageServer:
             head_name = loaded.architecture.layout.tied_head.rpartition(".")[0]
             self.split_head = install_split_head(loaded.architecture.model, head_name, parts_for(cfg.head_threads))
             if self.split_head is not None:
+                self.service.split_head = self.split_head
                 log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
         if loaded.device.type == "cpu":
             threads.calibrate(model.small_step_seconds, lock=self.startup_lock)

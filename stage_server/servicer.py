@@ -29,6 +29,7 @@ from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.sessions import SessionStore
+from stage_server.split_head import SplitHead
 from stage_server.stage_model import StageModel
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.draining = False
         self._compute_lock = threading.Lock()
         self.threads: ComputeThreads | None = None  # None: leave torch's thread count alone
+        self.split_head: SplitHead | None = None  # the last stage's head, when split (split_head.py)
         self._channels = ChannelPool()
         self._inflight = 0
         self.micro_batches_served = 0
@@ -271,6 +273,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                 with self._compute_lock:
                     tokens = activations.shape[0] * new_tokens
                     threads = self.threads.for_step(tokens) if self.threads is not None else 0
+                    if self.split_head is not None:  # chaining fields: the group has the stages to itself
+                        self.split_head.alone = bool(request.chain_route)
                     started = time.perf_counter()
                     output = model.forward(session, activations, position_ids, mask)
                     if self.threads is not None:

@@ -124,4 +124,22 @@ def test_a_pipeline_with_a_split_head_keeps_greedy_tokens_exact(family, tied, ti
         finally:
             client.close()
         assert got == want
-        assert last.split_head.split_steps >= 2 * 9, "every decode step's head should have been split"
+        # every decode step of a lone request (chained) splits its head; prefills carry no chaining fields
+        assert last.split_head.split_steps == 2 * 9
+
+
+def test_groups_that_share_the_stages_keep_the_head_whole(tiny_model, stages):
+    """Two requests at once run as two groups: the coordinator chains neither, and the head stays
+    whole (the other stage's core is busy with the other group)."""
+    model_dir = tiny_model("llama")
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    want = reference_greedy(model_dir, [prompts[0]], 10) + reference_greedy(model_dir, [prompts[1]], 10)
+    with stages(model_dir, 2, small_step_threads=1, head_threads=2) as (addresses, servers):
+        client = PipelineClient(addresses)
+        try:
+            got = [r.token_ids for r in Engine(client, micro_batches=2).generate(
+                [SequenceRequest(p, 10) for p in prompts])]
+        finally:
+            client.close()
+    assert got == want
+    assert servers[-1].split_head.split_steps == 0
