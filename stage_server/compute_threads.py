@@ -30,10 +30,10 @@ checking while it serves: every PROBE_EVERY-th single-token step runs on the oth
 is timed together with the step just before it (so that both counts are timed at the same moment
 of a machine whose speed drifts), keeping the last few such pairs. One thread switches to all
 once their median is clearly (AUTO_MIN_GAIN) faster; all switch back to one only once one is no
-slower at all. Between the two
-the choice stays: a single rule flipped the count at nearly every step of a bfloat16 pipeline
-whose gain hovered near 15 %. Only single-token steps are compared (one sequence decoding, all
-alike in cost); a probe on the slower count costs at most one slow step in PROBE_EVERY.
+slower at all. Between the two the choice stays: a single rule flipped the count at nearly every
+step of a bfloat16 pipeline whose gain hovered near 15 %. Only single-token steps are compared
+(one sequence decoding, all alike in cost); a probe on the slower count costs at most one slow
+step in PROBE_EVERY.
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
@@ -79,7 +79,8 @@ class ComputeThreads:
         self.auto = small_step == AUTO
         self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
         self._single_steps = 0  # single-token steps so far (every PROBE_EVERY-th is a probe)
-        self._timed = False  # the step being run is a probe or the step before one
+        self._timed: int | None = None  # the thread count of the step being run, if it is timed
+        # (a probe or the step before one)
         self._timings = {count: deque(maxlen=PROBE_WINDOW) for count in {1, self.full}}
 
     def threads_for(self, tokens: int) -> int:
@@ -89,25 +90,26 @@ class ComputeThreads:
         """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
         every PROBE_EVERY-th single-token step gets the other count, to time it)."""
         threads = self.threads_for(tokens)
-        self._timed = False
+        self._timed = None
         if tokens == 1 and self.auto and self.full > 1:
             self._single_steps += 1
             place = self._single_steps % PROBE_EVERY
-            self._timed = place in (0, PROBE_EVERY - 1)  # the probe, and the step before it
             if place == 0:
                 threads = self.full if threads == 1 else 1
+            if place in (0, PROBE_EVERY - 1):  # the probe, and the step before it
+                self._timed = threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return threads
 
-    def record(self, tokens: int, threads: int, seconds: float) -> None:
+    def record(self, seconds: float) -> None:
         """How long the step for_step was last called for took. In "auto" mode, the timings of probes
-        and of the steps just before them move the small-step count to all threads when they are AUTO_MIN_GAIN
-        faster, and back to one when one is no slower (in between, it stays)."""
-        if tokens != 1 or not self._timed or not self.auto or threads not in self._timings:
+        and of the steps just before them move the small-step count to all threads when they are
+        AUTO_MIN_GAIN faster, and back to one when one is no slower (in between, it stays)."""
+        if self._timed is None:
             return
-        self._timed = False
-        self._timings[threads].append(seconds)
+        self._timings[self._timed].append(seconds)
+        self._timed = None
         one, full = self._timings[1], self._timings[self.full]
         if len(one) < 3 or len(full) < 3:
             return

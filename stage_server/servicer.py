@@ -271,14 +271,14 @@ class StageService(stage_pb2_grpc.StageServicer):
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
                 with self._compute_lock:
-                    tokens = activations.shape[0] * new_tokens
-                    threads = self.threads.for_step(tokens) if self.threads is not None else 0
+                    if self.threads is not None:
+                        self.threads.for_step(activations.shape[0] * new_tokens)
                     if self.split_head is not None:  # chaining fields: the group has the stages to itself
                         self.split_head.alone = bool(request.chain_route)
                     started = time.perf_counter()
                     output = model.forward(session, activations, position_ids, mask)
                     if self.threads is not None:
-                        self.threads.record(tokens, threads, time.perf_counter() - started)
+                        self.threads.record(time.perf_counter() - started)
                     self.micro_batches_served += 1
         except Exception:
             if request.start_session:

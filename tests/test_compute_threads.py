@@ -97,7 +97,7 @@ def serve(threads: ComputeThreads, seconds, steps: int) -> list[int]:
     chosen = []
     for index in range(steps):
         used = threads.for_step(1)
-        threads.record(1, used, seconds(used, index))
+        threads.record(seconds(used, index))
         chosen.append(threads.threads_for(1))
     return chosen
 
@@ -115,7 +115,8 @@ def test_auto_follows_the_faster_count_while_serving():
     assert threads.threads_for(1) == 1
     # all threads faster again, but not clearly: one thread stays
     assert set(serve(threads, lambda count, _: {1: 1.0, 2: 1.0 / AUTO_MIN_GAIN * 1.01}[count], 2 * window)) == {1}
-    threads.record(4, 2, 0.001)  # steps of more tokens are not comparable: ignored
+    threads.for_step(4)
+    threads.record(0.001)  # steps of more tokens are not comparable: ignored
     assert threads.threads_for(1) == 1
 
 
