@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: decode alone, where the head runs for every token); e.g. 40:32 for "
                            "batch work with prompts as long as the answers")
     launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    launch.add_argument("--attention", default="auto", choices=["auto", "per-sequence", "batched"],
+                        help="the stages' attention over a batch (see stage-server --attention; default auto: "
+                             "per-sequence for 16-bit dtypes, so a batched answer is the one it gets alone)")
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)
     launch.add_argument("--threads", type=int, default=0, help="torch threads per stage (default: torch decides)")
@@ -217,7 +220,8 @@ def cmd_launch_local(args) -> int:
     head_cost = head_cost_in_layers(config, args.balance_for) if args.balance_head else 0.0
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
-    with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads) as stages:
+    with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
+                     extra_args=("--attention", args.attention)) as stages:
         addresses = stages.start()
         server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port))
         port = server.start()

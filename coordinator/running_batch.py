@@ -1,7 +1,8 @@
 """The coordinator's mirror of what each stage session holds: rows, padding, positions.
 
 Owns: one `LiveSequence` per request being generated (its sampler, tokens, next
-position), a `Prefill` (a new session holding freshly admitted sequences, sent in
+position), how admitted sequences are cut into prefills (`prefill_batches`), a
+`Prefill` (a new session holding freshly admitted sequences, a long prompt sent in
 chunks), and a `Group` (a running session that sequences join and leave between
 decode steps). A group computes the `CacheEdit` that the stages apply before its
 next step, and applies the same edit to its own attention mask, so the mask it
@@ -93,8 +94,31 @@ def _pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1) if missing > 0 else mask
 
 
+def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int) -> list[list[LiveSequence]]:
+    """Cut admitted sequences into prefills of whole prompts: rows × longest prompt ≤ chunk_tokens.
+
+    A prompt is never cut across micro-batches beside other prompts: a prompt prefilled with
+    others is then computed in the same pieces as alone (whole, or alone in chunks when it is
+    longer than `chunk_tokens`), which per-sequence attention needs to give it the same numbers
+    (stage_server/per_sequence_attention.py). Stages still overlap: each prefill is its own
+    micro-batch. Sorted by length, so rows of a prefill waste little padding.
+    """
+    if chunk_tokens <= 0:
+        return [list(sequences)] if sequences else []
+    batches: list[list[LiveSequence]] = []
+    current: list[LiveSequence] = []
+    for sequence in sorted(sequences, key=lambda s: len(s.prompt_ids)):
+        if current and (len(current) + 1) * len(sequence.prompt_ids) > chunk_tokens:
+            batches.append(current)
+            current = []
+        current.append(sequence)
+    if current:
+        batches.append(current)
+    return batches
+
+
 class Prefill:
-    """Newly admitted sequences, prefilled together as their own session, in chunks."""
+    """Newly admitted sequences, prefilled together as their own session (in chunks when long)."""
 
     def __init__(self, sequences: list[LiveSequence], pad_token_id: int, chunk_tokens: int) -> None:
         self.session_id = uuid.uuid4().hex

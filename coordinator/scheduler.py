@@ -2,8 +2,9 @@
 
 Owns: the queue of admitted-but-waiting sequences and its bounds (rows generating
 at once, cache positions reserved, queue length), prefilling newly admitted
-sequences as their own sessions (in chunks, so stages overlap on long prompts;
-one admission round at a time, so a burst of arrivals shares one prefill),
+sequences as their own sessions (whole prompts, up to --prefill-chunk tokens a micro-batch;
+a longer prompt alone, in chunks, so stages overlap on it; one admission round at a
+time, so a burst of arrivals shares its prefills),
 merging them into a running group at that group's next decode step, dropping
 finished or cancelled rows at the step after, and keeping `groups` sessions in
 flight at once so that while one group is in stage k another is in stage k+1.
@@ -31,7 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from coordinator.pipeline_client import PipelineClient, logits_of
-from coordinator.running_batch import FINISH_CANCELLED, Group, LiveSequence, Prefill, SequenceResult
+from coordinator.running_batch import FINISH_CANCELLED, Group, LiveSequence, Prefill, SequenceResult, prefill_batches
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,8 @@ class Scheduler:
             loads[target] += 1
             shares.setdefault(target, []).append(sequence)
         for target, sequences in shares.items():
-            self._start_prefill(sequences, self._groups[target])
+            for batch in prefill_batches(sequences, self.limits.prefill_chunk_tokens):
+                self._start_prefill(batch, self._groups[target])
 
     def _start_prefill(self, sequences: list[LiveSequence], target: Group) -> None:
         prefill = Prefill(sequences, self.pad_token_id, self.limits.prefill_chunk_tokens)

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="last stage: threads that share the LM head on steps of at most 4 rows, each "
                              "computing a slice of the vocabulary (1 = not split; auto (default) = the CPUs this "
                              "process may use, up to 4; steps torch already runs on that many threads stay whole)")
+    parser.add_argument("--attention", default="auto", choices=["auto", "per-sequence", "batched"],
+                        help="per-sequence: each sequence of a batch attends over its own keys in its own call, "
+                             "so its tokens are the ones it gets alone; batched: one masked call over the padded "
+                             "batch (stock sdpa); auto (default): per-sequence for float16/bfloat16, batched for "
+                             "float32")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
-            head_threads=args.head_threads, progress=not args.quiet)
+            head_threads=args.head_threads, attention=args.attention, progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

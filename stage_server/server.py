@@ -54,6 +54,7 @@ class StageServerConfig:
     small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
     # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
     head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
+    attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     progress: bool = True
 
@@ -103,7 +104,7 @@ class StageServer:
         threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
         try:
             loaded = load_slice(cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype,
-                                device=cfg.device, progress=cfg.progress)
+                                device=cfg.device, attention=cfg.attention, progress=cfg.progress)
         except Exception:
             self.grpc_server.stop(0)
             raise
@@ -125,8 +126,9 @@ class StageServer:
         self.service.attach(model, sessions)
         threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: %s, %s on %s, %.1f MiB of weights, fingerprint %s", self.service.name,
-                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.fingerprint)
+        log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, fingerprint %s", self.service.name,
+                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20,
+                 loaded.architecture.model.config._attn_implementation, loaded.fingerprint)
 
     def _reap_idle_sessions(self) -> None:
         while not self._stopped.wait(min(10.0, self.config.session_timeout_s / 2)):

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from stage_server import per_sequence_attention
 from stage_server.architectures import Architecture, architecture_for
 from stage_server.checkpoint_reader import CheckpointFormatError, SafetensorsReader, TensorEntry, read_header
 
@@ -207,8 +208,10 @@ def _checkpoint_key(name: str, start: int, layout, index: CheckpointIndex, tied:
 
 
 def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "auto",
-               device: str = "cpu", progress: bool = True) -> LoadedSlice:
+               device: str = "cpu", attention: str = "auto", progress: bool = True) -> LoadedSlice:
     """Load layers [start, end) of the checkpoint in `model_dir`.
+
+    `attention`: auto | per-sequence | batched (stage_server/per_sequence_attention.py).
 
     Example:
         >>> piece = load_slice("/models/smollm2", 0, 10, dtype="bfloat16")  # doctest: +SKIP
@@ -229,8 +232,10 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     torch_device = resolve_device(device)
 
     sliced = slice_config(config, start, end)
+    implementation = per_sequence_attention.implementation_for(attention, torch_dtype)
+    per_sequence_attention.register()
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(sliced, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(sliced, dtype=torch_dtype, attn_implementation=implementation)
     model.eval()
     layout = adapter_class.layout
     is_first, is_last = start == 0, end == total

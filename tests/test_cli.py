@@ -28,7 +28,8 @@ def run(*args, timeout=TIMEOUT):
 def test_launch_local_one_shot_json(tiny_model):
     model_dir = tiny_model("llama")
     result = run("coordinator.cli", "launch-local", "--model", str(model_dir), "--num-stages", "3",
-                 "--prompt", "Hello there", "--max-new-tokens", "8", "--json", "--threads", "1")
+                 "--prompt", "Hello there", "--max-new-tokens", "8", "--json", "--threads", "1",
+                 "--attention", "per-sequence")
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout.strip().splitlines()[-1])
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)("Hello there")["input_ids"]

@@ -20,6 +20,7 @@ from waiting import eventually
 
 from coordinator.engine import BatchLimits, Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
+from coordinator.running_batch import LiveSequence, prefill_batches
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "opt"]
 
@@ -203,3 +204,62 @@ def test_arrivals_during_a_prefill_wait_and_are_prefilled_together(tiny_model, s
     assert held_stats.queued == len(prompts) - 1 and held_stats.prefills == 1
     assert got == want
     assert stats.prefills == 2, "the five that waited share one prefill"
+
+
+def alone_through(addresses, prompts_and_lengths):
+    """Each prompt's greedy answer run alone through the pipeline at `addresses`."""
+    client = PipelineClient(addresses)
+    try:
+        engine = Engine(client)
+        return [engine.generate([SequenceRequest(p, n)])[0].token_ids for p, n in prompts_and_lengths]
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_sequences_get_in_a_batch_what_they_get_alone(family, tiny_model, stages):
+    """In bfloat16 a padded batch rounds differently from a sequence alone unless each sequence
+    attends over its own keys and its prompt is prefilled in one piece: with per-sequence
+    attention (the default for 16-bit dtypes) batches of mixed lengths, joiners and leavers
+    all match their own runs alone through the same pipeline."""
+    model_dir = tiny_model(family)
+    together = [([5, 6, 7], 6), ([9] * 11, 6), ([11, 12], 6), ([40 + i for i in range(17)], 6), ([8], 6)]
+    with stages(model_dir, 2, dtype="bfloat16") as (addresses, _):
+        want_first, *want_joiners = alone_through(addresses, [FIRST] + [(p, n) for p, n, _ in JOINERS])
+        want_together = alone_through(addresses, together)
+        got_first, got_joiners, _, sessions = run_with_joins(addresses, groups=2, chunk_tokens=32)
+        client = PipelineClient(addresses)
+        try:
+            engine = Engine(client, micro_batches=1, limits=BatchLimits(prefill_chunk_tokens=40))
+            got_together = [r.token_ids for r in engine.generate([SequenceRequest(p, n) for p, n in together])]
+        finally:
+            client.close()
+    assert got_first == want_first and got_joiners == want_joiners, f"{family}: joiners"
+    assert got_together == want_together, f"{family}: a batch submitted at once"
+    assert sessions == [0, 0]
+
+
+def test_prefills_keep_each_prompt_whole_within_the_token_budget():
+    def sequence(length):
+        return LiveSequence(list(range(length)), 1, frozenset(), None, None, lambda: True, Future())
+
+    sequences = [sequence(n) for n in (3, 30, 5, 9, 4, 12, 2)]
+    batches = prefill_batches(sequences, 20)
+    assert sorted(id(s) for b in batches for s in b) == sorted(id(s) for s in sequences), "each sequence once"
+    for batch in batches:
+        longest = max(len(s.prompt_ids) for s in batch)
+        assert len(batch) == 1 or len(batch) * longest <= 20, "rows × longest prompt within the budget"
+    assert [len(s.prompt_ids) for s in batches[-1]] == [30], "a prompt over the budget goes alone"
+    assert [[len(s.prompt_ids) for s in b] for b in batches] == [[2, 3, 4, 5], [9], [12], [30]]
+    assert prefill_batches(sequences, 0) == [sequences], "budget 0: everything in one prefill"
+
+
+@pytest.mark.parametrize("family", ["mistral", "gpt2"])
+def test_per_sequence_attention_matches_the_unsplit_model(family, tiny_model, stages):
+    """float32 stages told to attend per sequence still give the unsplit model's tokens to
+    joiners and leavers (a sliding-window family and one without grouped heads)."""
+    model_dir = tiny_model(family)
+    want_first, want = expected_alone(model_dir)
+    with stages(model_dir, 2, attention="per-sequence") as (addresses, _):
+        got_first, got, _, _ = run_with_joins(addresses, groups=2)
+    assert got_first == want_first and got == want

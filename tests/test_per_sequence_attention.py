@@ -1,0 +1,87 @@
+"""Per-sequence attention: the same result as stock sdpa on a padded batch, and bit for bit the
+result each sequence gets alone (stage_server/per_sequence_attention.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from stage_server.per_sequence_attention import implementation_for, per_sequence_attention
+
+HEADS, KV_HEADS, DIM = 6, 2, 8
+
+
+class FakeAttention(torch.nn.Module):
+    num_key_value_groups = HEADS // KV_HEADS
+    is_causal = True
+
+
+def padded_mask(leads: list[int], q_len: int, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """HF's boolean sdpa mask for left-padded rows: query i (at key index kv_len - q_len + i)
+    sees keys from the row's first real one up to itself (and only the last `window`)."""
+    query_at = torch.arange(kv_len - q_len, kv_len)[:, None]
+    key_at = torch.arange(kv_len)[None, :]
+    rows = []
+    for lead in leads:
+        allowed = (key_at <= query_at) & (key_at >= lead)
+        if window is not None:
+            allowed &= key_at > query_at - window
+        rows.append(allowed)
+    return torch.stack(rows)[:, None]
+
+
+def random_qkv(batch: int, q_len: int, kv_len: int, dtype=torch.float32, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, HEADS, q_len, DIM, generator=generator).to(dtype)
+    k = torch.randn(batch, KV_HEADS, kv_len, DIM, generator=generator).to(dtype)
+    v = torch.randn(batch, KV_HEADS, kv_len, DIM, generator=generator).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("q_len, kv_len, window", [
+    (12, 12, None),  # a padded prefill
+    (1, 12, None),  # a decode step over caches of different lengths
+    (4, 12, None),  # a later chunk of a prefill, after cached keys
+    (12, 12, 4),  # a prefill under a sliding window
+    (1, 12, 4),  # a decode step under a sliding window
+])
+def test_matches_stock_sdpa_on_every_real_query(q_len, kv_len, window):
+    leads = [0, 3, 7]
+    q, k, v = random_qkv(len(leads), q_len, kv_len)
+    mask = padded_mask(leads, q_len, kv_len, window)
+    extra = {"sliding_window": window} if window else {}
+    want, _ = sdpa_attention_forward(FakeAttention(), q, k, v, mask, scaling=0.3, **extra)
+    got, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3, **extra)
+    assert got.shape == want.shape == (len(leads), q_len, HEADS, DIM)
+    for row, lead in enumerate(leads):
+        real = slice(max(0, lead - (kv_len - q_len)), q_len)  # queries that are not padding
+        torch.testing.assert_close(got[row, real], want[row, real], rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(got).all(), "padding queries get zeros, not NaN"
+
+
+@pytest.mark.parametrize("q_len", [10, 1])
+def test_a_sequence_in_a_padded_batch_gets_the_bits_it_gets_alone(q_len):
+    """bfloat16, where stock sdpa's padded batch rounds differently from the same row alone
+    (on these inputs: the prefill at every seed, the decode step at 3 seeds of 10)."""
+    length, pad = 10, 5
+    for seed in range(10):
+        q, k, v = random_qkv(1, q_len, length, torch.bfloat16, seed=seed)
+        alone, _ = per_sequence_attention(FakeAttention(), q, k, v, None, scaling=0.25)
+        # The same sequence as row 1 of three, left-padded behind a longer neighbour and a shorter one.
+        others_q, others_k, others_v = random_qkv(3, q_len, length + pad, torch.bfloat16, seed=100 + seed)
+        padding = torch.randn(1, KV_HEADS, pad, DIM).to(torch.bfloat16)
+        batch_k = torch.cat([others_k[:1], torch.cat([padding, k], dim=2), others_k[2:]])
+        batch_v = torch.cat([others_v[:1], torch.cat([padding, v], dim=2), others_v[2:]])
+        batch_q = torch.cat([others_q[:1], q, others_q[2:]])
+        mask = padded_mask([0, pad, pad + 3], q_len, length + pad)
+        together, _ = per_sequence_attention(FakeAttention(), batch_q, batch_k, batch_v, mask, scaling=0.25)
+        assert torch.equal(together[1], alone[0]), f"seed {seed}"
+
+
+def test_auto_picks_per_sequence_for_16_bit_dtypes_only():
+    assert implementation_for("auto", torch.bfloat16) == implementation_for("per-sequence", torch.float32)
+    assert implementation_for("auto", torch.float16) != "sdpa"
+    assert implementation_for("auto", torch.float32) == implementation_for("batched", torch.bfloat16) == "sdpa"
+    with pytest.raises(ValueError, match="attention must be one of"):
+        implementation_for("fast", torch.float32)
