@@ -73,8 +73,9 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="queued requests beyond which new ones get RESOURCE_EXHAUSTED "
                              f"(default {defaults.max_queue})")
     parser.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk_tokens,
-                        help="tokens per prefill micro-batch, so stages overlap on long prompts; 0 = whole prompt "
-                             f"(default {defaults.prefill_chunk_tokens})")
+                        help="tokens (rows x longest prompt) per prefill micro-batch: prompts are batched whole up to "
+                             "it, a longer prompt goes alone in chunks of it, so stages overlap on it; 0 = every "
+                             f"admitted prompt in one micro-batch (default {defaults.prefill_chunk_tokens})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,13 +98,13 @@ class _Pending:
 class _Stream:
     """One live Forward stream to the first stage; answers (or notes of direct answers) come back on it."""
 
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, count_hops) -> None:
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, take_answer) -> None:
         self.address = address
         self.outbox: queue.Queue = queue.Queue()
         self.pending = pending
         self.lock = threading.Lock()
         self.alive = True
-        self._count_hops = count_hops
+        self._take_answer = take_answer
         self.call = stub.Forward(iter(self.outbox.get, _CLOSE))
         threading.Thread(target=self._read, name="pipeline-reader", daemon=True).start()
 
@@ -124,9 +124,7 @@ class _Stream:
         error = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
             for response in self.call:
-                if not response.answered_directly:  # receipts of direct answers are not sent back here
-                    self._count_hops(response)
-                    self.pending.resolve(response)
+                self._take_answer(response)
         except grpc.RpcError as err:
             error = StageCallError(err.code(), f"first stage {self.address}: {err.details()}", self.address)
         with self.lock:
@@ -137,11 +135,11 @@ class _Stream:
 class _Results:
     """A Results subscription on the last stage: answers of micro-batches sent with reply_to."""
 
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, count_hops) -> None:
+    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, take_answer) -> None:
         self.collector_id = uuid.uuid4().hex
         self.address = address
         self.pending = pending
-        self._count_hops = count_hops
+        self._take_answer = take_answer
         self.alive = True
         self.call = stub.Results(stage_pb2.ResultsRequest(collector_id=self.collector_id))
         threading.Thread(target=self._read, name="pipeline-results", daemon=True).start()
@@ -150,9 +148,7 @@ class _Results:
         detail = "ended"
         try:
             for response in self.call:
-                if not response.answered_directly:  # answers carry their hop sizes; receipts add nothing
-                    self._count_hops(response)
-                    self.pending.resolve(response)
+                self._take_answer(response)
         except grpc.RpcError as err:
             detail = f"failed: {err.code().name}: {err.details()}"
         self.alive = False
@@ -181,15 +177,20 @@ class PipelineClient:
         self._lock = threading.Lock()
         self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
-    def _count_hops(self, response: stage_pb2.ForwardResponse) -> None:
+    def _take_answer(self, response: stage_pb2.ForwardResponse) -> None:
+        """An answer from either stream: count its hop sizes and hand it to its future. A receipt
+        of a direct answer (answered_directly) adds nothing: the answer itself carried both."""
+        if response.answered_directly:
+            return
         if response.hop_bytes:
             with self._lock:
                 self.hop_bytes += sum(response.hop_bytes)
+        self._pending.resolve(response)
 
     def _live_stream(self) -> _Stream:
         with self._lock:
             if self._stream is None or not self._stream.alive:
-                self._stream = _Stream(self._stubs[0], self.addresses[0], self._pending, self._count_hops)
+                self._stream = _Stream(self._stubs[0], self.addresses[0], self._pending, self._take_answer)
             return self._stream
 
     def _collector_id(self) -> str:
@@ -198,7 +199,7 @@ class PipelineClient:
             return ""
         with self._lock:
             if self._results is None or not self._results.alive:
-                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending, self._count_hops)
+                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending, self._take_answer)
             return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,

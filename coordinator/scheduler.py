@@ -54,7 +54,7 @@ class BatchLimits:
     max_batch_rows: int = 64  # sequences generating at once, over every group and prefill
     max_cache_positions: int = 1 << 16  # Σ (prompt + max_new_tokens) over those sequences
     max_queue: int = 1024  # sequences waiting for admission
-    prefill_chunk_tokens: int = 512  # tokens (rows × positions) per prefill micro-batch; 0 = no chunks
+    prefill_chunk_tokens: int = 512  # rows × longest prompt per prefill (longer: alone, in chunks); 0 = no bound
 
     def __post_init__(self) -> None:
         for name in ("max_batch_rows", "max_cache_positions", "max_queue"):

@@ -30,16 +30,20 @@ NAME = "layerline_per_sequence"
 CHOICES = ("auto", "per-sequence", "batched")
 
 
-def implementation_for(choice: str, dtype: torch.dtype) -> str:
+def implementation_for(choice: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
     """The transformers attention implementation a stage uses for `--attention CHOICE`.
 
-    auto: per-sequence for 16-bit dtypes (where batched rounding changes answers), stock
-    batched sdpa for float32 (where it has not in our measurements, and costs less at 64 rows).
+    auto: per-sequence for 16-bit dtypes on CPU (where batched rounding changes answers and the
+    linear layers are already independent of the batch), stock batched sdpa otherwise: float32
+    (batched answers have matched alone in all our runs, and the stock call costs less for wide
+    batches) and GPUs (one call per sequence would cost a kernel launch each, and cuBLAS picks
+    its kernels by the number of rows, so attention alone would not make a row's bits its own).
     """
     if choice not in CHOICES:
         raise ValueError(f"attention must be one of {', '.join(CHOICES)}, got {choice!r}")
     if choice == "auto":
-        choice = "per-sequence" if dtype in (torch.float16, torch.bfloat16) else "batched"
+        on_cpu = torch.device(device).type == "cpu"
+        choice = "per-sequence" if on_cpu and dtype in (torch.float16, torch.bfloat16) else "batched"
     return NAME if choice == "per-sequence" else "sdpa"
 
 
@@ -78,6 +82,8 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
+    if attention_mask is not None and attention_mask.shape[0] != batch:  # one mask for every row
+        attention_mask = attention_mask.expand(batch, -1, -1, -1)
     groups = heads // key.shape[1]
     windowed = kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None
     if attention_mask is None:

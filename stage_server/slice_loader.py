@@ -232,7 +232,7 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     torch_device = resolve_device(device)
 
     sliced = slice_config(config, start, end)
-    implementation = per_sequence_attention.implementation_for(attention, torch_dtype)
+    implementation = per_sequence_attention.implementation_for(attention, torch_dtype, torch_device)
     per_sequence_attention.register()
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(sliced, dtype=torch_dtype, attn_implementation=implementation)

@@ -79,9 +79,20 @@ def test_a_sequence_in_a_padded_batch_gets_the_bits_it_gets_alone(q_len):
         assert torch.equal(together[1], alone[0]), f"seed {seed}"
 
 
-def test_auto_picks_per_sequence_for_16_bit_dtypes_only():
+def test_auto_picks_per_sequence_for_16_bit_dtypes_on_cpu_only():
     assert implementation_for("auto", torch.bfloat16) == implementation_for("per-sequence", torch.float32)
     assert implementation_for("auto", torch.float16) != "sdpa"
     assert implementation_for("auto", torch.float32) == implementation_for("batched", torch.bfloat16) == "sdpa"
+    assert implementation_for("auto", torch.bfloat16, "cuda:0") == "sdpa"
+    assert implementation_for("per-sequence", torch.bfloat16, "cuda:0") != "sdpa"
     with pytest.raises(ValueError, match="attention must be one of"):
         implementation_for("fast", torch.float32)
+
+
+def test_one_mask_shared_by_every_row():
+    """A mask without a row per sequence (batch dimension 1) applies to every row."""
+    q, k, v = random_qkv(3, 4, 12)
+    mask = padded_mask([0], 4, 12)
+    want, _ = sdpa_attention_forward(FakeAttention(), q, k, v, mask.expand(3, -1, -1, -1), scaling=0.3)
+    got, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
