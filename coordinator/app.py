@@ -86,7 +86,7 @@ def check_chain(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse])
 
 def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
     return [coordinator_pb2.StageInfo(address=a, layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype,
-                                      device=i.device, active_sessions=i.active_sessions)
+                                      device=i.device, active_sessions=i.active_sessions, attention=i.attention)
             for a, i in zip(addresses, infos)]
 
 

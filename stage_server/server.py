@@ -128,7 +128,7 @@ class StageServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, fingerprint %s", self.service.name,
                  loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20,
-                 loaded.architecture.model.config._attn_implementation, loaded.fingerprint)
+                 loaded.attention, loaded.fingerprint)
 
     def _reap_idle_sessions(self) -> None:
         while not self._stopped.wait(min(10.0, self.config.session_timeout_s / 2)):

@@ -367,7 +367,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=self.model.hidden_size, vocab_size=self.model.vocab_size,
             max_sessions=self.sessions.max_sessions, max_cache_bytes=self.sessions.max_cache_bytes,
-            micro_batches_served=self.micro_batches_served))
+            micro_batches_served=self.micro_batches_served, attention=loaded.attention))
         if self.threads is not None:
             reply.compute_threads, reply.small_step_threads = self.threads.full, self.threads.small_step
         return reply

@@ -53,6 +53,7 @@ class LoadedSlice:
     device: torch.device
     fingerprint: str
     parameter_bytes: int
+    attention: str = "batched"  # "per-sequence" or "batched" (stage_server/per_sequence_attention.py)
     # Set from the fields above once: read on every step, and a Hugging Face config's attribute
     # lookup runs Python code of its own.
     num_layers: int = field(init=False)
@@ -277,7 +278,8 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     return LoadedSlice(
         architecture=adapter_class(model, sliced), config=config, sliced_config=sliced,
         layer_start=start, layer_end=end, dtype=torch_dtype, device=torch_device,
-        fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes)
+        fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes,
+        attention="per-sequence" if implementation == per_sequence_attention.NAME else "batched")
 
 
 def _tie_head_to_embedding(model: nn.Module, layout) -> None:

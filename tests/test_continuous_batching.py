@@ -94,8 +94,10 @@ def test_requests_arriving_together_share_prefills_and_steps(groups, tiny_model,
             engine = Engine(client, micro_batches=groups)
             got = [r.token_ids for r in engine.generate([SequenceRequest(p, 4) for p in prompts])]
             stats = engine.stats()
+            modes = [info.attention for info in client.stage_infos()]
         finally:
             client.close()
+    assert modes == ["batched", "batched"], "auto keeps stock batched attention for float32"
     assert got == want
     assert stats.prefills == groups
     assert stats.decode_steps == 3 * groups  # the first token comes with the prefill
@@ -232,8 +234,10 @@ def test_bfloat16_sequences_get_in_a_batch_what_they_get_alone(family, tiny_mode
         try:
             engine = Engine(client, micro_batches=1, limits=BatchLimits(prefill_chunk_tokens=40))
             got_together = [r.token_ids for r in engine.generate([SequenceRequest(p, n) for p, n in together])]
+            modes = [info.attention for info in client.stage_infos()]
         finally:
             client.close()
+    assert modes == ["per-sequence", "per-sequence"], "auto picks per-sequence attention for bfloat16"
     assert got_first == want_first and got_joiners == want_joiners, f"{family}: joiners"
     assert got_together == want_together, f"{family}: a batch submitted at once"
     assert sessions == [0, 0]

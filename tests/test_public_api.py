@@ -106,6 +106,7 @@ def test_model_info(client, tiny_api):
     assert info.num_layers == 4 and info.model_type == "llama"
     assert [(s.layer_start, s.layer_end) for s in info.stages] == [(0, 2), (2, 4)]
     assert [s.address for s in info.stages] == tiny_api[1]
+    assert [s.attention for s in info.stages] == ["batched", "batched"], "float32 stages keep stock attention"
     assert info.max_context == 256 and info.has_chat_template and len(info.model_fingerprint) == 16
 
 
