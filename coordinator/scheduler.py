@@ -37,6 +37,9 @@ from coordinator.running_batch import FINISH_CANCELLED, Group, LiveSequence, Pre
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.05  # how often an idle loop looks at cancellations
+# Prefills (stage sessions) one admission round may open; a stage's --max-sessions (default 64)
+# must leave room for these beside the running groups' sessions.
+MAX_PREFILLS_PER_ROUND = 8
 
 
 class GenerationCancelled(Exception):
@@ -200,9 +203,15 @@ class Scheduler:
             target = min(range(len(self._groups)), key=lambda i: loads[i])
             loads[target] += 1
             shares.setdefault(target, []).append(sequence)
-        for target, sequences in shares.items():
-            for batch in prefill_batches(sequences, self.limits.prefill_chunk_tokens):
-                self._start_prefill(batch, self._groups[target])
+        # Each prefill is a session on every stage: a round opens at most MAX_PREFILLS_PER_ROUND
+        # (long prompts each take their own), the rest go back to the head of the queue.
+        plans = sorted(((index, target, batch) for target, sequences in shares.items()
+                        for index, batch in enumerate(prefill_batches(sequences, self.limits.prefill_chunk_tokens))),
+                       key=lambda plan: (plan[0], plan[1]))
+        later = {id(s) for _, _, batch in plans[MAX_PREFILLS_PER_ROUND:] for s in batch}
+        self._waiting.extendleft(reversed([s for s in admitted if id(s) in later]))
+        for _, target, batch in plans[:MAX_PREFILLS_PER_ROUND]:
+            self._start_prefill(batch, self._groups[target])
 
     def _start_prefill(self, sequences: list[LiveSequence], target: Group) -> None:
         prefill = Prefill(sequences, self.pad_token_id, self.limits.prefill_chunk_tokens)

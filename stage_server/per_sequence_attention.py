@@ -59,25 +59,42 @@ def register() -> None:
 _last_mask_rows: tuple | None = None
 
 
-def _rows_of(mask: torch.Tensor) -> tuple[list[int], list[int]]:
-    """For each row: the first key any of its queries attends, and how many keys its last query attends."""
+def _rows_of(mask: torch.Tensor) -> tuple[list[int], list[int], list[bool]]:
+    """For each row: the first key any of its queries attends, how many keys its last query
+    attends, and whether every key from the first on is attended by some query (padding only
+    on the left, which is all the coordinator makes; a row with holes is run from its mask)."""
     global _last_mask_rows
     last = _last_mask_rows
     if last is not None and last[0] is mask:
-        return last[1], last[2]
+        return last[1:]
     seen = mask[:, 0].any(dim=1)  # [B, K]
-    first = torch.where(seen.any(dim=1), seen.to(torch.uint8).argmax(dim=1), seen.shape[1]).tolist()
+    keys = seen.shape[1]
+    first = torch.where(seen.any(dim=1), seen.to(torch.uint8).argmax(dim=1), keys).tolist()
+    solid = [start + count == keys for start, count in zip(first, seen.sum(dim=1).tolist())]
     attended = mask[:, 0, -1, :].sum(dim=-1).tolist()
-    _last_mask_rows = (mask, first, attended)
-    return first, attended
+    _last_mask_rows = (mask, first, attended, solid)
+    return first, attended, solid
+
+
+def _stock_is_needed(module, query, key, attention_mask, dropout, is_causal, window, kwargs) -> bool:
+    """Inputs this module leaves to transformers' sdpa: features it does not implement, and
+    shapes a stage with dynamic caches never sends (no mask with queries after cached keys)."""
+    if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
+            or kwargs.get("s_aux") is not None or kwargs.get("output_attentions"):
+        return True
+    if is_causal is False or (is_causal is None and getattr(module, "is_causal", True) is False):
+        return True
+    if attention_mask is None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        return q_len not in (1, kv_len) or (q_len > 1 and window is not None and kv_len > window)
+    return attention_mask.dtype != torch.bool
 
 
 def per_sequence_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """Same contract as transformers' sdpa_attention_forward: returns ([B, Q, H, D], None)."""
-    if dropout or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None \
-            or kwargs.get("s_aux") is not None or kwargs.get("output_attentions") \
-            or (attention_mask is not None and attention_mask.dtype != torch.bool):
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    if _stock_is_needed(module, query, key, attention_mask, dropout, is_causal, window, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, q_len, _ = query.shape
@@ -85,11 +102,10 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
     if attention_mask is not None and attention_mask.shape[0] != batch:  # one mask for every row
         attention_mask = attention_mask.expand(batch, -1, -1, -1)
     groups = heads // key.shape[1]
-    windowed = kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None
     if attention_mask is None:
-        first_key, attended = [0] * batch, [kv_len] * batch
+        first_key, attended, solid = [0] * batch, [kv_len] * batch, [True] * batch
     else:
-        first_key, attended = _rows_of(attention_mask)
+        first_key, attended, solid = _rows_of(attention_mask)
     out = query.new_zeros(batch, q_len, heads, value.shape[-1])
     for row in range(batch):
         lead = first_key[row]
@@ -106,14 +122,12 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
             o = functional.scaled_dot_product_attention(
                 q.reshape(1, heads // groups, groups, q.shape[-1]), k, v, scale=scaling)
             o = o.reshape(1, heads, 1, v.shape[-1])
-        elif queries == kept and not windowed:
+        elif queries == kept and solid[row] and (window is None or kept <= window):
+            # The whole row in this step, plain causal (a window longer than the row cuts nothing).
             o = functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                                         enable_gqa=groups > 1)
-        else:
-            if attention_mask is not None:
-                mask = attention_mask[row:row + 1, :, first_query:, lead:]
-            else:  # queries after cached keys, causal from the bottom right
-                mask = torch.ones(queries, kept, dtype=torch.bool, device=q.device).tril(kept - queries)
+        else:  # queries after cached keys, a window that cuts, or holes: the row's own mask
+            mask = attention_mask[row:row + 1, :, first_query:, lead:]
             o = functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                                         enable_gqa=groups > 1)
         out[row, first_query:] = o[0].transpose(0, 1)

@@ -267,3 +267,44 @@ def test_per_sequence_attention_matches_the_unsplit_model(family, tiny_model, st
     with stages(model_dir, 2, attention="per-sequence") as (addresses, _):
         got_first, got, _, _ = run_with_joins(addresses, groups=2)
     assert got_first == want_first and got == want
+
+
+def test_an_admission_round_opens_a_bounded_number_of_prefill_sessions(tiny_model, stages):
+    """Twelve prompts that each need a prefill of their own: eight sessions open in the first
+    round, the other four wait at the head of the queue for the next, and all come out exact."""
+    from coordinator.scheduler import MAX_PREFILLS_PER_ROUND
+
+    model_dir = tiny_model("llama")
+    prompts = [[5 + i, 6, 7 + i] for i in range(12)]  # 3 tokens each, 5 a micro-batch: one row per prefill
+    want = [reference_greedy(model_dir, [p], 3)[0] for p in prompts]
+    release = threading.Event()
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        send = client.submit
+
+        def held_prefills(*args, start_session=False, **kwargs):
+            sent = send(*args, start_session=start_session, **kwargs)
+            if not start_session:
+                return sent
+            held = Future()
+            sent.add_done_callback(lambda done: threading.Thread(
+                target=lambda: (release.wait(30), held.set_result(done.result()))).start())
+            return held
+        client.submit = held_prefills
+        try:
+            engine = Engine(client, micro_batches=2, limits=BatchLimits(prefill_chunk_tokens=5))
+            futures = engine.submit_all([SequenceRequest(p, 3) for p in prompts])
+            eventually(lambda: engine.stats().prefills, MAX_PREFILLS_PER_ROUND)
+            time.sleep(0.3)  # ample for the scheduler to open more, were it going to
+            held_stats = engine.stats()
+            sessions_held = [i.active_sessions for i in client.stage_infos()]
+            release.set()
+            got = [f.result(timeout=60).token_ids for f in futures]
+            stats = engine.stats()
+        finally:
+            release.set()
+            client.close()
+    assert MAX_PREFILLS_PER_ROUND == 8 and held_stats.prefills == 8 and held_stats.queued == 4
+    assert sessions_held == [8, 8]
+    assert got == want
+    assert stats.prefills == 12

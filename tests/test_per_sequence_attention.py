@@ -96,3 +96,26 @@ def test_one_mask_shared_by_every_row():
     want, _ = sdpa_attention_forward(FakeAttention(), q, k, v, mask.expand(3, -1, -1, -1), scaling=0.3)
     got, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_padding_that_is_not_on_the_left_is_taken_from_the_mask():
+    """The coordinator pads on the left only, but the stage protocol allows any 0/1 mask: a row
+    with a hole (or a key attended by nobody) must not be run as plain causal."""
+    from transformers.masking_utils import sdpa_mask
+
+    padding = torch.tensor([[1, 0, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = sdpa_mask(batch_size=3, q_length=6, kv_length=6, attention_mask=padding)
+    q, k, v = random_qkv(3, 6, 6)
+    want, _ = sdpa_attention_forward(FakeAttention(), q, k, v, mask, scaling=0.3)
+    got, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3)
+    for row, first_real in enumerate([0, 1, 0]):
+        torch.testing.assert_close(got[row, first_real:], want[row, first_real:], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_it_does_not_implement_go_to_stock_sdpa():
+    """Not causal, or queries after cached keys without a mask (a static cache): stock sdpa's answer."""
+    q, k, v = random_qkv(2, 4, 12)
+    for query, is_causal in ((q, False), (q, None)):  # a non-causal call; 4 queries over 12 keys, no mask
+        want, _ = sdpa_attention_forward(FakeAttention(), query, k, v, None, scaling=0.3, is_causal=is_causal)
+        got, _ = per_sequence_attention(FakeAttention(), query, k, v, None, scaling=0.3, is_causal=is_causal)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
