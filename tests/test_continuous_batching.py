@@ -170,6 +170,22 @@ def test_the_next_step_is_on_its_way_before_the_caller_hears_of_a_token(tiny_mod
     assert sessions == [0, 0]
 
 
+def hold_prefills(client: PipelineClient, release: threading.Event) -> None:
+    """Make `client` hand back each prefill's answer only once `release` is set (the stages
+    compute it at once; the coordinator sees it later), so a prefill stays "on its way"."""
+    send = client.submit
+
+    def held_prefills(*args, start_session=False, **kwargs):
+        sent = send(*args, start_session=start_session, **kwargs)
+        if not start_session:
+            return sent
+        held = Future()
+        sent.add_done_callback(lambda done: threading.Thread(
+            target=lambda: (release.wait(30), held.set_result(done.result()))).start())
+        return held
+    client.submit = held_prefills
+
+
 def test_arrivals_during_a_prefill_wait_and_are_prefilled_together(tiny_model, stages):
     """Requests arriving one by one while a prefill is on its way queue, then share one prefill."""
     model_dir = tiny_model("qwen3")
@@ -178,17 +194,7 @@ def test_arrivals_during_a_prefill_wait_and_are_prefilled_together(tiny_model, s
     release = threading.Event()
     with stages(model_dir, 2) as (addresses, _):
         client = PipelineClient(addresses)
-        send = client.submit
-
-        def held_prefills(*args, start_session=False, **kwargs):
-            sent = send(*args, start_session=start_session, **kwargs)
-            if not start_session:
-                return sent
-            held = Future()
-            sent.add_done_callback(lambda done: threading.Thread(
-                target=lambda: (release.wait(30), held.set_result(done.result()))).start())
-            return held
-        client.submit = held_prefills
+        hold_prefills(client, release)
         try:
             engine = Engine(client)
             futures = engine.submit_all([SequenceRequest(prompts[0], 4)])
@@ -280,17 +286,7 @@ def test_an_admission_round_opens_a_bounded_number_of_prefill_sessions(tiny_mode
     release = threading.Event()
     with stages(model_dir, 2) as (addresses, _):
         client = PipelineClient(addresses)
-        send = client.submit
-
-        def held_prefills(*args, start_session=False, **kwargs):
-            sent = send(*args, start_session=start_session, **kwargs)
-            if not start_session:
-                return sent
-            held = Future()
-            sent.add_done_callback(lambda done: threading.Thread(
-                target=lambda: (release.wait(30), held.set_result(done.result()))).start())
-            return held
-        client.submit = held_prefills
+        hold_prefills(client, release)
         try:
             engine = Engine(client, micro_batches=2, limits=BatchLimits(prefill_chunk_tokens=5))
             futures = engine.submit_all([SequenceRequest(p, 3) for p in prompts])
