@@ -35,9 +35,10 @@ def implementation_for(choice: str, dtype: torch.dtype, device: torch.device | s
 
     auto: per-sequence for 16-bit dtypes on CPU (where batched rounding changes answers and the
     linear layers are already independent of the batch), stock batched sdpa otherwise: float32
-    (batched answers have matched alone in all our runs, and the stock call costs less for wide
-    batches) and GPUs (one call per sequence would cost a kernel launch each, and cuBLAS picks
-    its kernels by the number of rows, so attention alone would not make a row's bits its own).
+    (batched answers have matched alone in all our runs, so per-sequence calls would only add
+    their cost: 0–7 % at 16–64 clients, bench/attention_modes.py) and GPUs (one call per
+    sequence would cost a kernel launch each, and cuBLAS picks its kernels by the number of
+    rows, so attention alone would not make a row's bits its own).
     """
     if choice not in CHOICES:
         raise ValueError(f"attention must be one of {', '.join(CHOICES)}, got {choice!r}")
