@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     launch.add_argument("--attention", default="auto", choices=["auto", "per-sequence", "batched"],
                         help="the stages' attention over a batch (see stage-server --attention; default auto: "
-                             "per-sequence for 16-bit dtypes, so a batched answer is the one it gets alone)")
+                             "per-sequence for 16-bit dtypes on CPU, so a batched answer is the one it gets alone)")
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)
     launch.add_argument("--threads", type=int, default=0, help="torch threads per stage (default: torch decides)")

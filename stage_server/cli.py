@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", default="auto", choices=["auto", "per-sequence", "batched"],
                         help="per-sequence: each sequence of a batch attends over its own keys in its own call, "
                              "so its tokens are the ones it gets alone; batched: one masked call over the padded "
-                             "batch (stock sdpa); auto (default): per-sequence for float16/bfloat16, batched for "
-                             "float32")
+                             "batch (stock sdpa); auto (default): per-sequence for float16/bfloat16 on CPU, batched "
+                             "otherwise")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser

@@ -28,10 +28,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "layerline_per_sequence"
 CHOICES = ("auto", "per-sequence", "batched")
+IMPLEMENTATIONS = {"per-sequence": NAME, "batched": "sdpa"}  # mode → transformers' attn_implementation
 
 
-def implementation_for(choice: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
-    """The transformers attention implementation a stage uses for `--attention CHOICE`.
+def mode_for(choice: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
+    """The mode ("per-sequence" or "batched") a stage uses for `--attention CHOICE`.
 
     auto: per-sequence for 16-bit dtypes on CPU (where batched rounding changes answers and the
     linear layers are already independent of the batch), stock batched sdpa otherwise: float32
@@ -42,10 +43,10 @@ def implementation_for(choice: str, dtype: torch.dtype, device: torch.device | s
     """
     if choice not in CHOICES:
         raise ValueError(f"attention must be one of {', '.join(CHOICES)}, got {choice!r}")
-    if choice == "auto":
-        on_cpu = torch.device(device).type == "cpu"
-        choice = "per-sequence" if on_cpu and dtype in (torch.float16, torch.bfloat16) else "batched"
-    return NAME if choice == "per-sequence" else "sdpa"
+    if choice != "auto":
+        return choice
+    on_cpu = torch.device(device).type == "cpu"
+    return "per-sequence" if on_cpu and dtype in (torch.float16, torch.bfloat16) else "batched"
 
 
 def register() -> None:

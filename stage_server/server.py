@@ -54,8 +54,8 @@ class StageServerConfig:
     small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
     # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
     head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
-    attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
+    attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     progress: bool = True
 
 

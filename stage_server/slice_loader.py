@@ -233,10 +233,11 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     torch_device = resolve_device(device)
 
     sliced = slice_config(config, start, end)
-    implementation = per_sequence_attention.implementation_for(attention, torch_dtype, torch_device)
+    attention_mode = per_sequence_attention.mode_for(attention, torch_dtype, torch_device)
     per_sequence_attention.register()
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(sliced, dtype=torch_dtype, attn_implementation=implementation)
+        model = AutoModelForCausalLM.from_config(
+            sliced, dtype=torch_dtype, attn_implementation=per_sequence_attention.IMPLEMENTATIONS[attention_mode])
     model.eval()
     layout = adapter_class.layout
     is_first, is_last = start == 0, end == total
@@ -279,7 +280,7 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         architecture=adapter_class(model, sliced), config=config, sliced_config=sliced,
         layer_start=start, layer_end=end, dtype=torch_dtype, device=torch_device,
         fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes,
-        attention="per-sequence" if implementation == per_sequence_attention.NAME else "batched")
+        attention=attention_mode)
 
 
 def _tie_head_to_embedding(model: nn.Module, layout) -> None:

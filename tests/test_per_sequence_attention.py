@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from stage_server.per_sequence_attention import implementation_for, per_sequence_attention
+from stage_server.per_sequence_attention import IMPLEMENTATIONS, NAME, mode_for, per_sequence_attention
 
 HEADS, KV_HEADS, DIM = 6, 2, 8
 
@@ -80,13 +80,14 @@ def test_a_sequence_in_a_padded_batch_gets_the_bits_it_gets_alone(q_len):
 
 
 def test_auto_picks_per_sequence_for_16_bit_dtypes_on_cpu_only():
-    assert implementation_for("auto", torch.bfloat16) == implementation_for("per-sequence", torch.float32)
-    assert implementation_for("auto", torch.float16) != "sdpa"
-    assert implementation_for("auto", torch.float32) == implementation_for("batched", torch.bfloat16) == "sdpa"
-    assert implementation_for("auto", torch.bfloat16, "cuda:0") == "sdpa"
-    assert implementation_for("per-sequence", torch.bfloat16, "cuda:0") != "sdpa"
+    assert mode_for("auto", torch.bfloat16) == mode_for("per-sequence", torch.float32) == "per-sequence"
+    assert mode_for("auto", torch.float16) == "per-sequence"
+    assert mode_for("auto", torch.float32) == mode_for("batched", torch.bfloat16) == "batched"
+    assert mode_for("auto", torch.bfloat16, "cuda:0") == "batched"
+    assert mode_for("per-sequence", torch.bfloat16, "cuda:0") == "per-sequence"
+    assert IMPLEMENTATIONS == {"per-sequence": NAME, "batched": "sdpa"}
     with pytest.raises(ValueError, match="attention must be one of"):
-        implementation_for("fast", torch.float32)
+        mode_for("fast", torch.float32)
 
 
 def test_one_mask_shared_by_every_row():
