@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from stage_server.compute_thread import set_openmp_spin
 from stage_server.machine_lock import MachineLock
 
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
     startup_lock = MachineLock()
     startup_lock.acquire(exclusive=False)
+    set_openmp_spin()  # before torch is imported (stage_server/compute_thread.py)
     from stage_server.architectures import UnsupportedArchitectureError
     from stage_server.model_store import ModelNotFoundError, resolve_model
     from stage_server.server import StageServer, StageServerConfig, run_until_signalled

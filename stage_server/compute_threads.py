@@ -2,8 +2,8 @@
 
 Owns: the choice, per step, between the stage's full thread count and a smaller one for small
 steps, measuring which is faster for this slice on this machine, and applying it to torch. Does
-not own: running the step (stage_model) or locking (the servicer runs one step at a time under its
-compute lock, and sets the count on the thread that then computes).
+not own: running the step (stage_model) or where it runs (every step of a stage runs on its one
+compute thread, stage_server/compute_thread.py, which sets the count before each step).
 
 Why small steps may get fewer threads: a step of a few tokens (one sequence decoding) does little
 arithmetic per weight it reads. In float32 it is bound by memory bandwidth: on SmolLM2-135M a

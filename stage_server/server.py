@@ -101,10 +101,12 @@ class StageServer:
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # All torch work (load, calibration, steps) runs on the service's compute thread (compute_thread.py).
         threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
         try:
-            loaded = load_slice(cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype,
-                                device=cfg.device, attention=cfg.attention, progress=cfg.progress)
+            loaded = self.service.compute.run(lambda: load_slice(
+                cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype, device=cfg.device,
+                attention=cfg.attention, progress=cfg.progress))
         except Exception:
             self.grpc_server.stop(0)
             raise
@@ -118,7 +120,7 @@ class StageServer:
                 self.service.split_head = self.split_head
                 log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
         if loaded.device.type == "cpu":
-            threads.calibrate(model.small_step_seconds, lock=self.startup_lock)
+            self.service.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
             self.service.threads = threads
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,

@@ -24,6 +24,7 @@ import torch
 
 from protos import codec, stage_pb2, stage_pb2_grpc
 from stage_server.cache_edits import PlannedEdit
+from stage_server.compute_thread import ComputeThread
 from stage_server.compute_threads import ComputeThreads
 from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
@@ -79,7 +80,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.model: StageModel | None = None
         self.sessions: SessionStore | None = None
         self.draining = False
-        self._compute_lock = threading.Lock()
+        self.compute = ComputeThread()  # every step runs on it, one at a time (compute_thread.py)
         self.threads: ComputeThreads | None = None  # None: leave torch's thread count alone
         self.split_head: SplitHead | None = None  # the last stage's head, when split (split_head.py)
         self._channels = ChannelPool()
@@ -144,7 +145,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                     self._add_inflight(1)
                     with producers_lock:
                         outstanding[0] += 1
-                    self._step(request, link_to, answers.put)
+                    self.compute.run(lambda request=request: self._step(request, link_to, answers.put))
             except Exception as err:  # the upstream went away; nothing to answer
                 log.debug("upstream stream ended: %s", err)
             finally:
@@ -175,7 +176,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._add_inflight(-max(left, 0))
 
     def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver) -> None:
-        """Compute one micro-batch, then forward it or answer it; never raises."""
+        """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
+        thread, so that every torch call of the stage, the answer's argmax included, runs there."""
         try:
             output, positions, mask = self._compute(request)
             if request.route:
@@ -270,16 +272,15 @@ class StageService(stage_pb2_grpc.StageServicer):
                 if edit is not None:
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
-                with self._compute_lock:
-                    if self.threads is not None:
-                        self.threads.for_step(activations.shape[0] * new_tokens)
-                    if self.split_head is not None:  # chaining fields: the group has the stages to itself
-                        self.split_head.alone = bool(request.chain_route)
-                    started = time.perf_counter()
-                    output = model.forward(session, activations, position_ids, mask)
-                    if self.threads is not None:
-                        self.threads.record(time.perf_counter() - started)
-                    self.micro_batches_served += 1
+                if self.threads is not None:
+                    self.threads.for_step(activations.shape[0] * new_tokens)
+                if self.split_head is not None:  # chaining fields: the group has the stages to itself
+                    self.split_head.alone = bool(request.chain_route)
+                started = time.perf_counter()
+                output = model.forward(session, activations, position_ids, mask)
+                if self.threads is not None:
+                    self.threads.record(time.perf_counter() - started)
+                self.micro_batches_served += 1
         except Exception:
             if request.start_session:
                 sessions.end(request.session_id)  # never leave a half-made session behind
@@ -375,6 +376,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     def close(self) -> None:
         self._chain.close()
         self._channels.close()
+        self.compute.close()
 
 
 def software_versions() -> dict[str, str]:
