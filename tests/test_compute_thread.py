@@ -82,7 +82,8 @@ def test_a_stage_loads_and_computes_every_step_on_its_compute_thread(tiny_model,
         client = PipelineClient(addresses)
         try:
             chained = Engine(client, chain=True).generate([SequenceRequest(prompts[0], new_tokens)])[0]
-            batched = Engine(client, chain=False, micro_batches=2).generate([SequenceRequest(p, new_tokens) for p in prompts])
+            unchained = Engine(client, chain=False, micro_batches=2)
+            batched = unchained.generate([SequenceRequest(p, new_tokens) for p in prompts])
         finally:
             client.close()
     # the prompt came on the coordinator's stream, the chained steps on the last stage's stream
