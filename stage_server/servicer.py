@@ -12,6 +12,7 @@ lifecycle (server).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -145,7 +146,11 @@ class StageService(stage_pb2_grpc.StageServicer):
                     self._add_inflight(1)
                     with producers_lock:
                         outstanding[0] += 1
-                    self.compute.run(lambda request=request: self._step(request, link_to, answers.put))
+                    step = functools.partial(self._step, request, link_to, answers.put)
+                    if self.model is None:  # the compute thread is loading: refuse at once (no torch work)
+                        step()
+                    else:
+                        self.compute.run(step)
             except Exception as err:  # the upstream went away; nothing to answer
                 log.debug("upstream stream ended: %s", err)
             finally:
