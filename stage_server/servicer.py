@@ -182,7 +182,8 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
-        thread, so that every torch call of the stage, the answer's argmax included, runs there."""
+        thread, so that every torch call of the stage, the answer's argmax included, runs there
+        (only while the weights load does it run on the reader's thread, and then only refuses)."""
         try:
             output, positions, mask = self._compute(request)
             if request.route:
