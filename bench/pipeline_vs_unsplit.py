@@ -22,6 +22,11 @@ uncertain, so decode and ttft now take 9):
 
     python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
         [--json bench/results/pipeline_vs_unsplit.json] [--plot bench/results/throughput.png]
+
+On a GPU machine, `--device cuda --parts decode,ttft` runs the stages and the unsplit model on
+the GPU (the other parts measure CPU cores and refuse); `--model-dir` takes a checkpoint already
+on disk where the default model cannot be fetched. The results then go to
+bench/results/pipeline_vs_unsplit_cuda.json unless --json says otherwise, and no plot is drawn.
 """
 
 from __future__ import annotations
@@ -67,19 +72,20 @@ def log(message: str) -> None:
 class Unsplit:
     """The whole model in this process, run with `generate` (greedy, no early stop)."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype, tokenization: Tokenization) -> None:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, tokenization: Tokenization, device: str = "cpu") -> None:
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-        self.pad = tokenization.pad_token_id
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.pad, self.device = tokenization.pad_token_id, device
 
     def _generate(self, rows: list[list[int]], new_tokens: int, streamer=None) -> torch.Tensor:
         ids, mask = left_padded(rows, self.pad)
         longest = ids.shape[1]
         with torch.inference_mode():
-            return self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=self.pad,
-                                       streamer=streamer)[:, longest:]
+            # .cpu(): a GPU's work counts only once it is done (the pipeline's answers come back as numbers)
+            return self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                       pad_token_id=self.pad, streamer=streamer)[:, longest:].cpu()
 
     def decode_tokens_per_s(self, prompt: list[int], new_tokens: int) -> float:
         """Tokens/s between the first and the last generated token (prefill excluded)."""
@@ -87,6 +93,7 @@ class Unsplit:
 
         class Stamps:
             def put(self, value):
+                value.tolist()  # waits for a GPU to finish the token (a no-op on the CPU)
                 stamps.append(time.perf_counter())
 
             def end(self):
@@ -284,7 +291,7 @@ def part_decode(ctx) -> dict:
     result: dict = {"rounds": ctx.args.rounds, "samples_tokens_per_s": {}}
     unsplit_all = []
     for name, stages, chain in DECODE_SETUPS:
-        with pipeline(ctx.model_dir, stages, ctx.dtype_name, chain=chain) as address:
+        with pipeline(ctx.model_dir, stages, ctx.dtype_name, chain=chain, stage_args=ctx.stage_args) as address:
             stream_decode_tokens_per_s(address, prompt, 8)  # warm up
             samples = interleaved({"unsplit": lambda: ctx.unsplit.decode_tokens_per_s(prompt, n),
                                    name: lambda: stream_decode_tokens_per_s(address, prompt, n)}, ctx.args.rounds)
@@ -309,8 +316,8 @@ def part_ttft(ctx) -> dict:
     result = {"prompt_tokens": len(long_prompt), "rounds": ctx.args.rounds}
     # Whole-prompt prefill (the default up to 512 tokens), and chunks of 128 that let stages
     # overlap (which pays off when stages have their own cores, not when they share two).
-    with pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=512) as whole, \
-            pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=128) as chunked:
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=512, stage_args=ctx.stage_args) as whole, \
+            pipeline(ctx.model_dir, 2, ctx.dtype_name, prefill_chunk=128, stage_args=ctx.stage_args) as chunked:
         for address in (whole, chunked):
             pipeline_first_token_s(address, long_prompt[:64])
         samples = interleaved({"unsplit": lambda: ctx.unsplit.first_token_s(long_prompt),
@@ -449,9 +456,10 @@ def part_wire(ctx) -> dict:
 class Context:
     def __init__(self, args, model_dir: Path, dtype_name: str) -> None:
         self.args, self.model_dir, self.dtype_name = args, model_dir, dtype_name
+        self.stage_args = ("--device", args.device)
         self.tokenization = Tokenization.from_model_dir(model_dir)
         self.prompts = [self.tokenization.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
-        self.unsplit = Unsplit(model_dir, getattr(torch, dtype_name), self.tokenization)
+        self.unsplit = Unsplit(model_dir, getattr(torch, dtype_name), self.tokenization, args.device)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -494,12 +502,24 @@ def main() -> None:
     parser.add_argument("--max-clients", type=int, default=64)
     parser.add_argument("--pinned-batches", type=lambda text: [int(v) for v in text.split(",")], default=[64, 128, 256],
                         help="sequences in the pinned batch workload, one run per size (comma-separated)")
-    parser.add_argument("--json", type=Path, default=Path("bench/results/pipeline_vs_unsplit.json"))
-    parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"))
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the decode and ttft parts")
+    parser.add_argument("--model-dir", type=Path, help="a checkpoint on disk instead of the default model")
+    parser.add_argument("--json", type=Path, help="default bench/results/pipeline_vs_unsplit[_cuda].json")
+    parser.add_argument("--plot", type=Path, default=Path("bench/results/throughput.png"),
+                        help="drawn when the concurrency part runs")
     args = parser.parse_args()
+    on_gpu = args.device != "cpu"
+    cpu_only = sorted(set(args.parts.split(",")) - {"decode", "ttft"})
+    if on_gpu and cpu_only:
+        parser.error(f"--device {args.device} runs the decode and ttft parts only; drop {','.join(cpu_only)}")
+    if args.json is None:
+        args.json = Path(f"bench/results/pipeline_vs_unsplit{'_cuda' if on_gpu else ''}.json")
     torch.set_num_threads(len(ALL_CORES))
-    model_dir = ensure_model("smollm2-135m")
-    results = {"model": "smollm2-135m", "cores": len(ALL_CORES), "torch": torch.__version__, "dtypes": {}}
+    model_dir = args.model_dir or ensure_model("smollm2-135m")
+    results = {"model": str(args.model_dir) if args.model_dir else "smollm2-135m", "cores": len(ALL_CORES),
+               "torch": torch.__version__, "device": args.device, "dtypes": {}}
+    if on_gpu:
+        results["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     for dtype_name in args.dtypes.split(","):
         log(f"== {dtype_name}")
         ctx = Context(args, model_dir, dtype_name)
@@ -510,7 +530,8 @@ def main() -> None:
             parts[part]["seconds"] = time.perf_counter() - started
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
-    plot(results, args.plot)
+    if "concurrency" in args.parts.split(","):
+        plot(results, args.plot)
     print(json.dumps(results, indent=2))
 
 

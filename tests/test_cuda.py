@@ -6,6 +6,8 @@ Skipped where no CUDA device is present (CI has none); run on a GPU machine with
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from test_continuous_batching import FIRST, JOINERS, run_with_joins
@@ -42,6 +44,31 @@ def test_cuda_continuous_batching_is_exact(tiny_model, stages):
     with stages(model_dir, 2, device="cuda") as (addresses, _):
         got_first, got, _, sessions = run_with_joins(addresses, groups=2)
     assert got_first == want_first and got == want and sessions == [0, 0]
+
+
+@pytest.mark.parametrize("stage_count", [2, 3])
+def test_cuda_lone_request_chains_on_each_stage_compute_thread(stage_count, tiny_model, stages, monkeypatch):
+    """A lone greedy request: decode steps chain stage to stage on the GPU, each on its stage's compute thread."""
+    model_dir = tiny_model("qwen2")
+    prompt, new_tokens = [5, 6, 7, 8, 9, 10], 10
+    expected = reference_greedy(model_dir, [prompt], new_tokens, device="cuda")[0]
+    with stages(model_dir, stage_count, device="cuda") as (addresses, servers):
+        ran_on: list[set[str]] = [set() for _ in servers]
+        for seen, server in zip(ran_on, servers):
+            step = server.service._step
+
+            def recording_step(*args, _step=step, _seen=seen, **kwargs):
+                _seen.add(threading.current_thread().name)
+                return _step(*args, **kwargs)
+
+            monkeypatch.setattr(server.service, "_step", recording_step)
+        client = PipelineClient(addresses)
+        try:
+            got = Engine(client, chain=True).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids
+        finally:
+            client.close()
+    assert got == expected
+    assert all(len(seen) == 1 and next(iter(seen)).startswith("compute") for seen in ran_on), ran_on
 
 
 def test_cuda_bfloat16_stage_generates(tiny_model, stages):
