@@ -5,10 +5,12 @@ few) as `parts` slices of the vocabulary, each on its own thread, and joining th
 itself in place of a loaded slice's head module.
 
 Why: a decode step's head is a matrix-vector product over the whole vocabulary (SmolLM2-135M:
-49152 x 576, 113 MiB in float32, ~11 ms of a ~90 ms token on this 2-core VM), and MKL runs a
-float32 product with so few rows on one core whatever torch's thread count (measured: 11.8 ms on
-1 thread, 11.6 on 2). In a pipeline the other stages wait for this one during decode, so their
-cores are idle: two halves on two threads took 6.5-7.7 ms, each thread reading its own rows.
+49152 x 576, 113 MiB in float32, ~11 ms of a ~90 ms token on a 2-core AMD EPYC VM), and there
+MKL runs a float32 product with so few rows on one core whatever torch's thread count (measured:
+11.8 ms on 1 thread, 11.6 on 2). In a pipeline the other stages wait for this one during decode,
+so their cores are idle: two halves on two threads took 6.5-7.7 ms, each thread reading its own
+rows. On an Intel Xeon VM MKL threads that product itself (5.3 ms on 1 thread, 2.4 on 2), the
+stage's calibration picks all threads for small steps, and the split stands aside (below).
 
 Exact: each logit is still one row of the weight times the hidden state, computed by the same
 kernel; the vocabulary is cut at multiples of CUT_ALIGN rows, so every part's row blocks line up
@@ -73,8 +75,8 @@ class SplitHead(nn.Module):
         super().__init__()
         self.linear = linear
         self.cuts = vocabulary_cuts(linear.out_features, parts)
-        self._pool = ThreadPoolExecutor(len(self.cuts) - 1, thread_name_prefix="head-part") \
-            if len(self.cuts) > 1 else None
+        self._pool = ThreadPoolExecutor(len(self.cuts) - 1, thread_name_prefix="head-part",
+                                        initializer=_one_torch_thread) if len(self.cuts) > 1 else None
         self.split_steps = 0  # steps computed in parts (Info and tests read it)
         self.alone = True  # the step's group has the stages to itself (set per step by the servicer)
         self._lock = threading.Lock()  # one split step at a time: the pool has one thread per part
@@ -112,6 +114,16 @@ class SplitHead(nn.Module):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _one_torch_thread() -> None:
+    """Each part's thread computes on one torch thread. Left at torch's default (all cores), its
+    first product gave it a GNU OpenMP team of its own beside the compute thread's: more OpenMP
+    threads than cores, so libgomp stopped spinning and every later all-thread step of the stage
+    slept between parallel regions (SmolLM2 fp32, last stage on an Intel Xeon VM: 28 ms a step on
+    2 threads once the head had run in parts, 17 ms before; compute_thread.py tells the story).
+    torch's thread count is per thread: the compute thread keeps its own."""
+    torch.set_num_threads(1)
 
 
 def install_split_head(model: nn.Module, head_name: str, parts: int) -> SplitHead | None:

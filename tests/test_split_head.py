@@ -7,6 +7,8 @@ must still give the unsplit model's greedy tokens, tied heads included.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import reference_greedy
@@ -79,6 +81,30 @@ def test_the_split_stands_aside_for_batches_and_threaded_steps():
             assert head.split_steps == 1
     finally:
         head.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
+def test_parts_start_no_openmp_team_of_their_own():
+    """A part's thread left at MKL's default would start an OpenMP team of its own for the product
+    (one more native thread), and the stage's all-thread steps would then sleep between parallel
+    regions (split_head.py): a split step may add the part threads and nothing else."""
+    def native_threads() -> int:
+        return len(list(Path("/proc/self/task").iterdir()))
+
+    linear = nn.Linear(576, 49152, bias=False)  # SmolLM2's head: large enough for MKL to thread it
+    states = torch.randn(1, 576)
+    with torch.inference_mode():
+        linear(states)  # whatever the calling thread starts, it starts now
+        before = native_threads()
+        head = SplitHead(linear, 2)
+        try:
+            head(states)
+            head(states)
+            assert head.split_steps == 2
+            assert native_threads() == before + len(head.cuts) - 1
+            assert head._pool.submit(torch.get_num_threads).result() == 1
+        finally:
+            head.close()
 
 
 def test_install_replaces_only_a_plain_linear_head_and_keeps_its_weight():
