@@ -128,7 +128,8 @@ class CoordinatorServer:
             has_chat_template=self.tokenization.has_chat_template)
         groups = config.micro_batches or len(config.stages)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
-                             micro_batches=groups, limits=config.batch_limits, chain=config.chain)
+                             micro_batches=groups, limits=config.batch_limits, chain=config.chain,
+                             prefill_alone=any(i.attention == "per-sequence" for i in infos))
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),

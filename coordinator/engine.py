@@ -39,6 +39,12 @@ def _always() -> bool:
     return True
 
 
+def per_sequence_stages(pipeline: PipelineClient) -> bool:
+    """Whether any stage computes each sequence of a batch as alone (per-sequence attention mode)."""
+    stage_infos = getattr(pipeline, "stage_infos", None)
+    return stage_infos is not None and any(info.attention == "per-sequence" for info in stage_infos())
+
+
 class Engine:
     """Generates for any number of callers through one PipelineClient.
 
@@ -47,10 +53,12 @@ class Engine:
     """
 
     def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, micro_batches: int = 1,
-                 limits: BatchLimits | None = None, chain: bool = True) -> None:
+                 limits: BatchLimits | None = None, chain: bool = True, prefill_alone: bool | None = None) -> None:
         self.pipeline = pipeline
+        if prefill_alone is None:  # stages in per-sequence mode promise answers independent of the batch
+            prefill_alone = per_sequence_stages(pipeline)
         self.scheduler = Scheduler(pipeline, pad_token_id=pad_token_id, groups=micro_batches, limits=limits,
-                                   chain=chain)
+                                   chain=chain, prefill_alone=prefill_alone)
 
     @property
     def hop_bytes(self) -> int:

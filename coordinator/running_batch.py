@@ -94,7 +94,8 @@ def _pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1) if missing > 0 else mask
 
 
-def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int) -> list[list[LiveSequence]]:
+def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int, *,
+                    alone: bool = False) -> list[list[LiveSequence]]:
     """Cut admitted sequences into prefills of whole prompts: rows × longest prompt ≤ chunk_tokens.
 
     A prompt is never cut across micro-batches beside other prompts: a prompt prefilled with
@@ -102,7 +103,13 @@ def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int) -> list[li
     longer than `chunk_tokens`), which per-sequence attention needs to give it the same numbers
     (stage_server/per_sequence_attention.py). Stages still overlap: each prefill is its own
     micro-batch. Sorted by length, so rows of a prefill waste little padding.
+
+    `alone`: one prompt per prefill, for stages in per-sequence mode. Their linear layers' products
+    may change a row's bits with the number of rows (bfloat16 on AMX: 8 prompts of 30 tokens
+    together, 240 rows, differed from 30 alone; stage_server/row_chunks.py).
     """
+    if alone:
+        return [[sequence] for sequence in sorted(sequences, key=lambda s: len(s.prompt_ids))]
     if chunk_tokens <= 0:
         return [list(sequences)] if sequences else []
     batches: list[list[LiveSequence]] = []

@@ -83,8 +83,9 @@ class Scheduler:
     """Admits sequences, prefills them, and runs decode steps for `groups` sessions at once."""
 
     def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, groups: int = 1,
-                 limits: BatchLimits | None = None, chain: bool = True) -> None:
+                 limits: BatchLimits | None = None, chain: bool = True, prefill_alone: bool = False) -> None:
         self.pipeline = pipeline
+        self.prefill_alone = prefill_alone  # one prompt per prefill (running_batch.prefill_batches)
         # greedy groups let the last stage send their next steps (greedy chaining)
         self.chain = chain and getattr(pipeline, "can_chain", False)
         self.pad_token_id = pad_token_id
@@ -206,7 +207,8 @@ class Scheduler:
         # Each prefill is a session on every stage: a round opens at most MAX_PREFILLS_PER_ROUND
         # (long prompts each take their own), the rest go back to the head of the queue.
         plans = sorted(((index, target, batch) for target, sequences in shares.items()
-                        for index, batch in enumerate(prefill_batches(sequences, self.limits.prefill_chunk_tokens))),
+                        for index, batch in enumerate(prefill_batches(sequences, self.limits.prefill_chunk_tokens,
+                                                                      alone=self.prefill_alone))),
                        key=lambda plan: (plan[0], plan[1]))
         later = {id(s) for _, _, batch in plans[MAX_PREFILLS_PER_ROUND:] for s in batch}
         self._waiting.extendleft(reversed([s for s in admitted if id(s) in later]))

@@ -23,6 +23,7 @@ from protos.channel_options import channel_options
 from protos.reflection import enable_reflection
 from stage_server.compute_threads import ComputeThreads
 from stage_server.machine_lock import MachineLock
+from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
@@ -119,6 +120,11 @@ class StageServer:
             if self.split_head is not None:
                 self.service.split_head = self.split_head
                 log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
+        if loaded.attention == "per-sequence":  # a sequence's tokens must not depend on its batch
+            chunked = self.service.compute.run(lambda: install_row_chunks(loaded.architecture.model))
+            if chunked:
+                log.info("decode steps of more rows run their linear layers in chunks that keep each row's "
+                         "bits: %s", ", ".join(f"{i}->{o}: {rows} rows" for (i, o), rows in sorted(chunked.items())))
         if loaded.device.type == "cpu":
             self.service.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
             self.service.threads = threads

@@ -240,12 +240,14 @@ def test_bfloat16_sequences_get_in_a_batch_what_they_get_alone(family, tiny_mode
         try:
             engine = Engine(client, micro_batches=1, limits=BatchLimits(prefill_chunk_tokens=40))
             got_together = [r.token_ids for r in engine.generate([SequenceRequest(p, n) for p, n in together])]
+            prefills = engine.stats().prefills
             modes = [info.attention for info in client.stage_infos()]
         finally:
             client.close()
     assert modes == ["per-sequence", "per-sequence"], "auto picks per-sequence attention for bfloat16"
     assert got_first == want_first and got_joiners == want_joiners, f"{family}: joiners"
     assert got_together == want_together, f"{family}: a batch submitted at once"
+    assert prefills == len(together), "stages in per-sequence mode get one prompt per prefill"
     assert sessions == [0, 0]
 
 
@@ -262,6 +264,8 @@ def test_prefills_keep_each_prompt_whole_within_the_token_budget():
     assert [len(s.prompt_ids) for s in batches[-1]] == [30], "a prompt over the budget goes alone"
     assert [[len(s.prompt_ids) for s in b] for b in batches] == [[2, 3, 4, 5], [9], [12], [30]]
     assert prefill_batches(sequences, 0) == [sequences], "budget 0: everything in one prefill"
+    alone = prefill_batches(sequences, 20, alone=True)
+    assert [[len(s.prompt_ids) for s in b] for b in alone] == [[2], [3], [4], [5], [9], [12], [30]]
 
 
 @pytest.mark.parametrize("family", ["mistral", "gpt2"])
