@@ -139,6 +139,9 @@ class Prefill:
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
         self.target: Group | None = None  # the group these sequences join once prefilled
+        # Every row wants one token: the last chunk frees the session on the stages as it passes,
+        # instead of an EndSession round trip between the answer and the caller (~2.4 ms).
+        self.ends_with_last_chunk = all(sequence.max_new_tokens <= 1 for sequence in sequences)
 
     @property
     def length(self) -> int:

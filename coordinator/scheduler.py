@@ -224,7 +224,7 @@ class Scheduler:
                 last = i == len(prefill.chunks) - 1
                 futures.append(self.pipeline.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
-                    prefill.mask[:, :end], start_session=i == 0,
+                    prefill.mask[:, :end], start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
                     logits_top_k=_top_k_needed(sequences) if last else 1))
         except Exception as err:
             self._resolve_all(sequences, err)
@@ -313,7 +313,8 @@ class Scheduler:
             return
         finished = [s for row, s in enumerate(prefill.sequences) if self._take(s, logits, row) and self._notify(s)]
         if all(s.finish is not None for s in prefill.sequences):
-            self._end_session(prefill.session_id, wait=True)
+            if not prefill.ends_with_last_chunk:  # else the stages freed it as the last chunk passed
+                self._end_session(prefill.session_id, wait=True)
             _settle_all(finished)
             return
         _settle_all(finished)

@@ -308,3 +308,29 @@ def test_an_admission_round_opens_a_bounded_number_of_prefill_sessions(tiny_mode
     assert sessions_held == [8, 8]
     assert got == want
     assert stats.prefills == 12
+
+
+def test_one_token_requests_free_their_prefill_session_with_its_last_chunk(tiny_model, stages, monkeypatch):
+    """A prefill whose rows each want one token carries end_session on its last chunk: the stages
+    free the session as it passes, so the caller's answer waits for no EndSession round trip, and
+    nothing is left behind (chunked prompts included)."""
+    model_dir = tiny_model("llama")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4]]
+    want = [reference_greedy(model_dir, [p], 1)[0] for p in prompts]
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        ended: list[str] = []
+        real_end = client.end_session
+        monkeypatch.setattr(client, "end_session", lambda session_id, **kw: ended.append(session_id) or
+                            real_end(session_id, **kw))
+        try:
+            engine = Engine(client, limits=BatchLimits(prefill_chunk_tokens=6))
+            alone = [engine.generate([SequenceRequest(p, 1)])[0].token_ids for p in prompts]
+            together = [r.token_ids for r in engine.generate([SequenceRequest(p, 1) for p in prompts])]
+            left = [i.active_sessions for i in client.stage_infos()]
+            engine.generate([SequenceRequest(prompts[0], 2)])  # two tokens: the session ends the usual way
+        finally:
+            client.close()
+    assert alone == want and together == want
+    assert left == [0, 0]
+    assert len(ended) == 1
