@@ -120,3 +120,29 @@ def test_inputs_it_does_not_implement_go_to_stock_sdpa():
         want, _ = sdpa_attention_forward(FakeAttention(), query, k, v, None, scaling=0.3, is_causal=is_causal)
         got, _ = per_sequence_attention(FakeAttention(), query, k, v, None, scaling=0.3, is_causal=is_causal)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_rows_of_one_length_share_a_call_and_keep_their_bits(dtype, monkeypatch):
+    """A decode step whose rows hold caches of a few lengths: rows of one length go to sdpa in one
+    call (fewer calls than rows), and every row still gets exactly what it gets alone."""
+    import stage_server.per_sequence_attention as module
+
+    leads = [0, 4, 0, 9, 4, 4, 0, 11]  # three lengths shared, one row alone
+    kv_len = 16
+    q, k, v = random_qkv(len(leads), 1, kv_len, dtype, seed=3)
+    mask = padded_mask(leads, 1, kv_len)
+    calls = []
+    real_sdpa = module.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(module.functional, "scaled_dot_product_attention", counting_sdpa)
+    together, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3)
+    assert sorted(calls) == [1, 1, 3, 3], "one call per shared length, the lone row in its own"
+    for row, lead in enumerate(leads):
+        alone, _ = per_sequence_attention(FakeAttention(), q[row:row + 1], k[row:row + 1, :, lead:],
+                                          v[row:row + 1, :, lead:], None, scaling=0.3)
+        assert torch.equal(together[row], alone[0]), f"row {row}"
