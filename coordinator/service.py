@@ -68,6 +68,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         return self.engine.generate([request], keep_going=keep_going)[0]
 
     @staticmethod
+    def _abort_stopped(context) -> None:
+        """The work stopped because the caller's deadline passed or it cancelled: end with that status.
+        A stream that just returned would end with OK, and a client whose own timer had not fired
+        yet took that for a finished answer with no tokens (seen with the Go client, 1 ms deadline)."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed; the work stopped")
+        context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled; the work stopped")
+
+    @staticmethod
     def _abort_for(err: Exception, context) -> None:
         if isinstance(err, CapacityError):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
@@ -85,10 +95,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         try:
             result = self._run(prepared, text, context)
         except GenerationCancelled:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed; the work stopped")
-            context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled; the work stopped")
+            self._abort_stopped(context)
         except Exception as err:
             self._abort_for(err, context)
         return coordinator_pb2.GenerateResponse(
@@ -118,7 +125,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 completion_tokens=produced)
         error = outcome.get("error")
         if isinstance(error, GenerationCancelled):
-            return
+            self._abort_stopped(context)
         if error is not None:
             self._abort_for(error, context)
         result: SequenceResult = outcome["result"]

@@ -62,3 +62,47 @@ def test_expired_deadline_frees_sessions(tiny_api):
     assert_work_stopped(stage_addresses, before, budget=200)
     with CoordinatorClient(address, timeout_s=30) as client:
         assert len(client.generate(prompt="after", max_new_tokens=3).token_ids) == 3
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _StoppedContext:
+    """What the servicer sees of a call whose deadline passed (or that the client cancelled)."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining, self.code = remaining, None
+
+    def time_remaining(self):
+        return self.remaining
+
+    def abort(self, code, details):
+        self.code = code
+        raise _Aborted(details)
+
+
+@pytest.mark.parametrize("remaining, code", [(-0.001, grpc.StatusCode.DEADLINE_EXCEEDED),
+                                             (None, grpc.StatusCode.CANCELLED)])
+def test_a_stopped_stream_ends_with_its_reason_not_ok(remaining, code, monkeypatch):
+    """A stream whose work stopped must not end with OK: a client whose own timer had not fired yet
+    took that for a finished answer with no tokens (the Go client with a 1 ms deadline)."""
+    from types import SimpleNamespace
+
+    from coordinator import service as service_module
+    from coordinator.engine import GenerationCancelled
+
+    def stopped(*args, **kwargs):
+        raise GenerationCancelled("stopped")
+
+    servicer = service_module.CoordinatorService(engine=None, tokenization=None, limits=None, model_info=None)
+    monkeypatch.setattr(servicer, "_prepare", lambda request, context: SimpleNamespace(prompt_ids=[1], stop=()))
+    monkeypatch.setattr(servicer, "_run", stopped)
+    monkeypatch.setattr(service_module, "TextStream", lambda tokenization, stop: None)
+    for call in (servicer.GenerateStream, servicer.Generate):
+        context = _StoppedContext(remaining)
+        with pytest.raises(_Aborted):
+            result = call(None, context)
+            if call == servicer.GenerateStream:
+                list(result)
+        assert context.code == code, call.__name__
