@@ -30,12 +30,14 @@ from torch.nn import functional
 
 log = logging.getLogger(__name__)
 
-PROBE_ROWS = (2, 4, 8, 16, 32, 64, 128)  # row counts tried, in this order, against one row at a time
+# Row counts tried, in this order, against one row at a time: every count, since a chunked step's
+# last chunk may hold any number of rows up to the limit.
+PROBE_ROWS = tuple(range(2, 129))
 
 
 def invariant_rows(weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """The largest row count in PROBE_ROWS up to which every tried count gives each row the bits it
-    gets alone (1 when even two rows differ); the last entry means "as many as tried"."""
+    """The largest row count up to which every count in PROBE_ROWS gives each row the bits it gets
+    alone (1 when even two rows differ); the last entry means "as many as tried"."""
     generator = torch.Generator().manual_seed(0)
     rows = torch.randn(PROBE_ROWS[-1], weight.shape[1], generator=generator).to(weight.dtype).to(weight.device)
     with torch.inference_mode():
