@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.engine import BatchLimits, Engine
+from coordinator.engine import BatchLimits, Engine, per_sequence_stages
 from coordinator.pipeline_client import PipelineClient
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
@@ -129,7 +129,7 @@ class CoordinatorServer:
         groups = config.micro_batches or len(config.stages)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
                              micro_batches=groups, limits=config.batch_limits, chain=config.chain,
-                             prefill_alone=any(i.attention == "per-sequence" for i in infos))
+                             prefill_alone=per_sequence_stages(infos))
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),

@@ -39,10 +39,10 @@ def _always() -> bool:
     return True
 
 
-def per_sequence_stages(pipeline: PipelineClient) -> bool:
-    """Whether any stage computes each sequence of a batch as alone (per-sequence attention mode)."""
-    stage_infos = getattr(pipeline, "stage_infos", None)
-    return stage_infos is not None and any(info.attention == "per-sequence" for info in stage_infos())
+def per_sequence_stages(infos) -> bool:
+    """Whether any stage (by its InfoResponse) computes each sequence of a batch as alone
+    (per-sequence attention mode)."""
+    return any(info.attention == "per-sequence" for info in infos)
 
 
 class Engine:
@@ -56,7 +56,8 @@ class Engine:
                  limits: BatchLimits | None = None, chain: bool = True, prefill_alone: bool | None = None) -> None:
         self.pipeline = pipeline
         if prefill_alone is None:  # stages in per-sequence mode promise answers independent of the batch
-            prefill_alone = per_sequence_stages(pipeline)
+            stage_infos = getattr(pipeline, "stage_infos", None)
+            prefill_alone = stage_infos is not None and per_sequence_stages(stage_infos())
         self.scheduler = Scheduler(pipeline, pad_token_id=pad_token_id, groups=micro_batches, limits=limits,
                                    chain=chain, prefill_alone=prefill_alone)
 

@@ -22,13 +22,10 @@ against the unsplit model's own prefill.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
 from torch.nn import functional
-
-log = logging.getLogger(__name__)
 
 # Row counts tried, in this order, against one row at a time: every count, since a chunked step's
 # last chunk may hold any number of rows up to the limit.
