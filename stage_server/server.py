@@ -108,23 +108,15 @@ class StageServer:
             loaded = self.service.compute.run(lambda: load_slice(
                 cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype, device=cfg.device,
                 attention=cfg.attention, progress=cfg.progress))
+            self._install_step_helpers(loaded)
         except Exception:
             self.grpc_server.stop(0)
             raise
         finally:
+            # Held through the row-chunk probe too: its products on every core made a neighbour
+            # stage timing itself meanwhile read 147 ms a step on two threads (30 on one) and keep one.
             self.startup_lock.release()
         model = StageModel(loaded)
-        if loaded.is_last:
-            head_name = loaded.architecture.layout.tied_head.rpartition(".")[0]
-            self.split_head = install_split_head(loaded.architecture.model, head_name, parts_for(cfg.head_threads))
-            if self.split_head is not None:
-                self.service.split_head = self.split_head
-                log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
-        if loaded.attention == "per-sequence":  # a sequence's tokens must not depend on its batch
-            chunked = self.service.compute.run(lambda: install_row_chunks(loaded.architecture.model))
-            if chunked:
-                log.info("decode steps of more rows run their linear layers in chunks that keep each row's "
-                         "bits: %s", ", ".join(f"{i}->{o}: {rows} rows" for (i, o), rows in sorted(chunked.items())))
         if loaded.device.type == "cpu":
             self.service.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
             self.service.threads = threads
@@ -137,6 +129,21 @@ class StageServer:
         log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, fingerprint %s", self.service.name,
                  loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20,
                  loaded.attention, loaded.fingerprint)
+
+    def _install_step_helpers(self, loaded) -> None:
+        """The last stage's split LM head, and row chunks for per-sequence stages."""
+        if loaded.is_last:
+            head_name = loaded.architecture.layout.tied_head.rpartition(".")[0]
+            parts = parts_for(self.config.head_threads)
+            self.split_head = install_split_head(loaded.architecture.model, head_name, parts)
+            if self.split_head is not None:
+                self.service.split_head = self.split_head
+                log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
+        if loaded.attention == "per-sequence":  # a sequence's tokens must not depend on its batch
+            chunked = self.service.compute.run(lambda: install_row_chunks(loaded.architecture.model))
+            if chunked:
+                log.info("decode steps of more rows run their linear layers in chunks that keep each row's "
+                         "bits: %s", ", ".join(f"{i}->{o}: {rows} rows" for (i, o), rows in sorted(chunked.items())))
 
     def _reap_idle_sessions(self) -> None:
         while not self._stopped.wait(min(10.0, self.config.session_timeout_s / 2)):

@@ -65,3 +65,29 @@ def test_the_cli_lets_go_of_the_startup_lock_on_an_early_error(lock_path, tmp_pa
     code = cli.main(["--model", str(tmp_path / "no-such-model"), "--layers", "0:1", "--port", "0"])
     assert code == 2 and "error" in capsys.readouterr().err
     assert MachineLock(wait_s=0).acquire(exclusive=True)
+
+
+def test_the_row_chunk_probe_runs_before_the_startup_lock_is_let_go(lock_path, tiny_model, monkeypatch):
+    """The probe works every core for a moment; a neighbour stage timing itself meanwhile would read a
+    second thread as useless (seen: 147 ms a step on two threads against 30 on one, so it kept one)."""
+    import stage_server.server as server_module
+    from stage_server.server import StageServer, StageServerConfig
+
+    real_probe, timer_could_start = server_module.install_row_chunks, []
+
+    def probe(model):
+        timer_could_start.append(MachineLock(wait_s=0).acquire(exclusive=True))
+        return real_probe(model)
+
+    monkeypatch.setattr(server_module, "install_row_chunks", probe)
+    startup_lock = MachineLock()
+    assert startup_lock.acquire(exclusive=False)  # as the stage CLI does before importing torch
+    server = StageServer(StageServerConfig(model_dir=str(tiny_model("llama")), layer_start=0, layer_end=4, port=0,
+                                           progress=False, attention="per-sequence", drain_timeout_s=2),
+                         startup_lock=startup_lock)
+    try:
+        server.start()
+    finally:
+        server.stop()
+    assert timer_could_start == [False]
+    assert MachineLock(wait_s=0).acquire(exclusive=True)
