@@ -11,6 +11,7 @@ import logging
 import sys
 
 from stage_server.compute_thread import set_openmp_spin
+from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
 
 
@@ -33,6 +34,16 @@ def _at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _at_least_zero(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return value
 
 
@@ -71,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "so its tokens are the ones it gets alone; batched: one masked call over the padded "
                              "batch (stock sdpa); auto (default): per-sequence for float16/bfloat16 on CPU, batched "
                              "otherwise")
+    parser.add_argument("--heap-keep-mb", type=_at_least_zero, default=DEFAULT_KEEP_MB,
+                        help="glibc: take blocks of up to this many MiB from the heap and keep up to this much "
+                             "freed memory for the next step instead of faulting it in anew (default "
+                             f"{DEFAULT_KEEP_MB}; 0 = the C library's defaults)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     startup_lock = MachineLock()
     startup_lock.acquire(exclusive=False)
     set_openmp_spin()  # before torch is imported (stage_server/compute_thread.py)
+    keep_freed_memory(args.heap_keep_mb)  # before anything allocates much (stage_server/heap_reuse.py)
     from stage_server.architectures import UnsupportedArchitectureError
     from stage_server.model_store import ModelNotFoundError, resolve_model
     from stage_server.server import StageServer, StageServerConfig, run_until_signalled
