@@ -21,7 +21,7 @@ from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
-from protos.channel_options import channel_options
+from protos.channel_options import server_options
 from protos.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class CoordinatorServer:
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
-                                       options=channel_options())
+                                       options=server_options())
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -3,6 +3,13 @@
 Owns: the one place where layerline's limits are set. Activations of a large
 micro-batch exceed gRPC's 4 MiB default (8×2048×4096 fp16 is 128 MiB), so the limit is
 raised deliberately; requests above it are refused with RESOURCE_EXHAUSTED by gRPC.
+
+Keepalive: channels ping every KEEPALIVE_TIME_MS, with or without calls, so that a dead peer is
+noticed. A gRPC server by default takes a ping less than 5 minutes after the last one, while it
+has sent no data, as abuse, and after three such pings closes the connection (GOAWAY
+"too_many_pings"): a coordinator whose stream from the last stage sat idle for ~90 s (its stages
+idle while the bench ran the unsplit model) lost that stream, and the next request failed with
+UNAVAILABLE. So servers accept pings every SERVER_MIN_PING_INTERVAL_MS, below the channels' rate.
 """
 
 from __future__ import annotations
@@ -13,13 +20,24 @@ import os
 MAX_MESSAGE_BYTES = int(os.environ.get("LAYERLINE_MAX_MESSAGE_MB", "256")) * (1 << 20)
 
 
+KEEPALIVE_TIME_MS = 30_000
+SERVER_MIN_PING_INTERVAL_MS = 10_000
+
+
 def channel_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
-    """Options for grpc.server(...) and grpc.*_channel(...)."""
+    """Options for grpc.*_channel(...) (servers take server_options)."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
+                   min_ping_interval_ms: int = SERVER_MIN_PING_INTERVAL_MS) -> list[tuple[str, int]]:
+    """Options for grpc.server(...): the channels' own, and pings accepted every `min_ping_interval_ms`."""
+    return [*channel_options(max_message_bytes),
+            ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms)]

@@ -9,7 +9,7 @@ and asks again for the same large blocks every step (a 512-token prefill's activ
 scratch buffers), so each step paid thousands of page faults to zero pages it had just returned.
 Measured on SmolLM2 bfloat16, 2 stages, a 512-token prompt: 600-2100 and 1100 minor faults a
 request in stages 0 and 1 with the defaults, 470-490 and 130-230 with these settings; time to first
-token 1.25x the unsplit model's with the defaults against 1.11x (alternated rounds, README).
+token 1.17x and 1.25x the unsplit model's with the defaults against 1.13x and 1.11x (README).
 The price: up to `keep_mb` of freed memory stays with the process after a large step.
 """
 

@@ -19,7 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import stage_pb2, stage_pb2_grpc
-from protos.channel_options import channel_options
+from protos.channel_options import server_options
 from protos.reflection import enable_reflection
 from stage_server.compute_threads import ComputeThreads
 from stage_server.machine_lock import MachineLock
@@ -72,7 +72,7 @@ class StageServer:
         # EndSession, StopChain and health checks answering when the streams are all taken, and
         # gRPC refuses calls beyond the pool (RESOURCE_EXHAUSTED) instead of queueing them unseen.
         workers = config.max_streams + CONTROL_THREADS
-        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(),
+        self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(),
                                        maximum_concurrent_rpcs=workers)
         self.health = health.HealthServicer()
         self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}",
