@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import BatchLimits, Engine, per_sequence_stages
 from coordinator.pipeline_client import PipelineClient
 from coordinator.service import CoordinatorService
@@ -42,7 +43,8 @@ class CoordinatorConfig:
     port: int = 50050
     compression: str = "none"
     micro_batches: int = 0  # groups in flight at once; 0 = one per stage
-    chain: bool = True  # greedy groups' next steps go from the last stage straight to the first
+    chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
+    # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0
@@ -127,8 +129,10 @@ class CoordinatorServer:
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)
         groups = config.micro_batches or len(config.stages)
+        chain = chain_greedy_steps(config.chain, config.stages)
+        log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
-                             micro_batches=groups, limits=config.batch_limits, chain=config.chain,
+                             micro_batches=groups, limits=config.batch_limits, chain=chain,
                              prefill_alone=per_sequence_stages(infos))
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,

@@ -17,6 +17,7 @@ import time
 import grpc
 
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
 from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
@@ -59,9 +60,11 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="groups of sequences in flight at once so stages overlap (default 0 = one per stage)")
-    parser.add_argument("--no-chain", dest="chain", action="store_false",
-                        help="send every decode step from the coordinator (by default the last stage sends "
-                             "greedy groups' next steps to the first stage itself)")
+    parser.add_argument("--chain", choices=CHAIN_SETTINGS, default="auto",
+                        help="on: the last stage sends greedy groups' next decode steps to the first stage itself; "
+                             "off: every step goes through the coordinator; auto (default): on unless every stage "
+                             "is on this machine, where the coordinator's work would share the stages' cores")
+    parser.add_argument("--no-chain", dest="chain", action="store_const", const="off", help="same as --chain off")
     defaults = BatchLimits()
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="sequences generating at once; more wait in the queue "
