@@ -65,10 +65,10 @@ def prepare(request, tokenization: Tokenization, limits: Limits) -> PreparedRequ
             raise ApiError("INVALID_ARGUMENT", str(err)) from None
     else:
         prompt_ids = list(request.token_ids)
-        bad = [t for t in prompt_ids if not 0 <= t < tokenization.vocab_size]
-        if bad:
-            raise ApiError("INVALID_ARGUMENT",
-                           f"token_ids outside the vocabulary [0, {tokenization.vocab_size}): {bad[:5]}")
+        vocab_size = tokenization.vocab_size
+        if prompt_ids and (min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size):
+            bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+            raise ApiError("INVALID_ARGUMENT", f"token_ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     if not prompt_ids:
         raise ApiError("INVALID_ARGUMENT", "the prompt is empty after tokenization")
 
