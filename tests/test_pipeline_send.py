@@ -1,0 +1,44 @@
+"""A step sent to the first stage is handed to gRPC's sending thread before the coordinator goes on
+(coordinator/pipeline_client.py): the coordinator's next Python work would otherwise hold the GIL
+while the step waits in the queue."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from coordinator import pipeline_client
+from coordinator.pipeline_client import _Pending, _Stream
+from protos import stage_pb2
+
+
+class SlowSendingStub:
+    """Stands in for the first stage's stub: its sending thread asks for each next request 2 ms late."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def Forward(self, requests):  # noqa: N802 (gRPC's name)
+        def sending() -> None:
+            for _ in range(3):
+                time.sleep(0.002)
+                next(requests)
+        threading.Thread(target=sending, daemon=True).start()
+        return self
+
+    def __iter__(self):  # the stream's answers: none, until the test ends
+        self.closed.wait(10)
+        return iter(())
+
+
+def test_send_returns_once_the_sending_thread_has_taken_the_request(monkeypatch):
+    monkeypatch.setattr(pipeline_client, "HANDOVER_WAIT_S", 5.0)  # the bound, out of the way of a busy machine
+    stub = SlowSendingStub()
+    stream = _Stream(stub, "stage-0", _Pending(), take_answer=lambda response: None)
+    try:
+        for step in range(3):
+            stream.send(stage_pb2.ForwardRequest(session_id="s", micro_batch_id=step))
+            assert stream.outbox.empty(), f"step {step} still waits in the queue"
+    finally:
+        stream.close()
+        stub.closed.set()
