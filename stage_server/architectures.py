@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from stage_server.lean_layers import lean_layers_for
+
 
 @dataclass(frozen=True)
 class ParameterLayout:
@@ -58,9 +60,11 @@ class Architecture:
 class LlamaLike(Architecture):
     """Llama, Mistral (sliding window), Qwen2, Qwen3, SmolLM: pre-norm decoders with rotary.
 
-    The base model's own forward runs the slice: it is given `inputs_embeds`, so it
-    builds the right masks per layer type (full / sliding) and the rotary embeddings;
-    its final norm is applied by `head` instead (replaced by Identity in the base).
+    The slice runs through lean_layers (the same tensor calls with leaner glue) once that
+    path has matched the base model's own forward bit for bit at load; otherwise through the
+    base model's forward, given `inputs_embeds`, which builds the masks per layer type (full /
+    sliding) and the rotary embeddings. The final norm is applied by `head` instead (replaced
+    by Identity in the base).
     """
 
     layout = ParameterLayout(
@@ -73,6 +77,8 @@ class LlamaLike(Architecture):
         super().__init__(model, config)
         self.final_norm = model.model.norm
         model.model.norm = nn.Identity()
+        self.lean = lean_layers_for(model.model, config, self._stock_layers) \
+            if config.num_hidden_layers and _is_loaded(model.model.layers) else None
 
     def embed(self, input_ids, position_ids):
         return self.model.model.embed_tokens(input_ids)
@@ -80,12 +86,22 @@ class LlamaLike(Architecture):
     def run_layers(self, hidden, position_ids, attention_mask, cache):
         if self.config.num_hidden_layers == 0:
             return hidden
+        if self.lean is not None:
+            return self.lean.run(hidden, position_ids, attention_mask, cache)
+        return self._stock_layers(hidden, position_ids, attention_mask, cache)
+
+    def _stock_layers(self, hidden, position_ids, attention_mask, cache):
         out = self.model.model(inputs_embeds=hidden, attention_mask=attention_mask,
                                position_ids=position_ids, cache=cache, use_cache=True)
         return out.last_hidden_state
 
     def head(self, hidden):
         return self.model.lm_head(self.final_norm(hidden))
+
+
+def _is_loaded(module: nn.Module) -> bool:
+    """Whether every parameter holds real values (not the meta tensors of an empty skeleton)."""
+    return all(parameter.device.type != "meta" for parameter in module.parameters())
 
 
 class GPT2(Architecture):

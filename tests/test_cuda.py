@@ -11,11 +11,13 @@ import threading
 import pytest
 import torch
 from test_continuous_batching import FIRST, JOINERS, run_with_joins
+from test_lean_layers import assert_lean_matches_stock
 from tiny_models import reference_greedy
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
 from protos import codec, stage_pb2
+from stage_server.slice_loader import load_slice
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -35,6 +37,14 @@ def test_cuda_stages_match_unsplit_cuda(family, tiny_model, stages):
             client.close()
     assert got == expected
     assert all(i.device.startswith("cuda") for i in infos)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_lean_layers_pass_their_check_and_match_transformers(family, dtype, tiny_model):
+    piece = load_slice(tiny_model(family), 1, 4, dtype=dtype, device="cuda", progress=False)
+    assert piece.architecture.lean is not None
+    assert_lean_matches_stock(piece, device="cuda")
 
 
 def test_cuda_continuous_batching_is_exact(tiny_model, stages):
