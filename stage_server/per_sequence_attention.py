@@ -123,11 +123,9 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
         q = query[row:row + 1, :, first_query:]
         k, v = key[row:row + 1, :, lead:], value[row:row + 1, :, lead:]
         if queries == 1 and attended[row] == kept:
-            # One query that sees all its keys: heads that share a key head become its queries
-            # (the cheapest CPU path, ~47 µs against ~165 for enable_gqa in bfloat16).
-            o = functional.scaled_dot_product_attention(
-                q.reshape(1, heads // groups, groups, q.shape[-1]), k, v, scale=scaling)
-            o = o.reshape(1, heads, 1, v.shape[-1])
+            # One query that sees all its keys: the very call transformers' sdpa makes for a lone
+            # unpadded sequence (no mask, grouped-query heads), so a lone request gets its bits.
+            o = functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=groups > 1)
         elif queries == kept and solid[row] and (window is None or kept <= window):
             # The whole row in this step, plain causal (a window longer than the row cuts nothing).
             o = functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
@@ -145,10 +143,10 @@ def _decode_rows_by_length(query, key, value, first_key: list[int], attended: li
     """Decode rows (one query each, seeing all their keys) whose keys start at the same position
     hold the same number of keys: they take one unmasked call together instead of one each.
     Rows of an unmasked call are computed independently, so each gets the bits of its call alone
-    (checked on the CPU for 2-256 rows of 1-300 keys in float32, bfloat16 and float16; the test
-    checks 8 rows of 4 lengths, tests/test_per_sequence_attention.py).
+    (checked on the CPU, torch 2.13, for 2-256 rows of 1-300 keys in float32, bfloat16 and float16;
+    the test checks 8 rows of 4 lengths, tests/test_per_sequence_attention.py).
     Writes their outputs into `out` and returns which rows it did."""
-    heads, kv_len = query.shape[1], key.shape[2]
+    kv_len = key.shape[2]
     by_lead: dict[int, list[int]] = {}
     for row, lead in enumerate(first_key):
         if lead < kv_len and attended[row] == kv_len - lead:
@@ -158,11 +156,10 @@ def _decode_rows_by_length(query, key, value, first_key: list[int], attended: li
         if len(rows) < 2:
             continue
         index = torch.tensor(rows, device=query.device)
-        q = query.index_select(0, index)  # [n, heads, 1, D]: heads that share a key head become its queries
+        q = query.index_select(0, index)  # [n, heads, 1, D]
         k = key.index_select(0, index)[:, :, lead:]
         v = value.index_select(0, index)[:, :, lead:]
-        o = functional.scaled_dot_product_attention(q.reshape(len(rows), heads // groups, groups, q.shape[-1]),
-                                                    k, v, scale=scaling)
-        out[index] = o.reshape(len(rows), heads, 1, v.shape[-1]).transpose(1, 2)
+        o = functional.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=groups > 1)
+        out[index] = o.transpose(1, 2)
         done += rows
     return frozenset(done)

@@ -81,3 +81,24 @@ def test_padded_batch_matches_unsplit_model(smollm2, stages):
         finally:
             client.close()
     assert [r.token_ids for r in results] == expected
+
+
+def test_bfloat16_lone_request_matches_unsplit_model(smollm2, stages):
+    """bfloat16 stages (per-sequence attention, row chunks, lean layers) give a lone request the
+    unsplit bfloat16 model's greedy tokens, over cache lengths where the heads-as-queries attention
+    call used before stop 15 drifted from transformers' (a random-token prompt, 160 tokens)."""
+    model_dir, _, _, _ = smollm2
+    prompt = torch.randint(3, 40000, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=160, min_new_tokens=160, do_sample=False, pad_token_id=0)
+    del model
+    with stages(model_dir, 2, dtype="bfloat16") as (addresses, servers):
+        assert all(s.service.model.loaded.attention == "per-sequence" for s in servers)
+        client = PipelineClient(addresses)
+        try:
+            got = Engine(client).generate([SequenceRequest(prompt, 160)])[0].token_ids
+        finally:
+            client.close()
+    assert got == out[0, len(prompt):].tolist()
