@@ -153,8 +153,9 @@ def test_a_lone_decode_step_gets_the_bits_of_transformers_sdpa(dtype):
     """A lone unpadded sequence's decode step is what transformers' sdpa computes for it (no mask,
     grouped-query heads), so per-sequence stages give a lone request the unsplit model's tokens.
     The heads-as-queries call used before matched it at most lengths but not all: with these shapes
-    in float32, and with SmolLM2's in bfloat16 on an Intel Xeon (cache lengths 120, 136, 140 and 159
-    of 1-199, which moved a lone request's greedy tokens off the unsplit model's)."""
+    in float32, and with SmolLM2's in bfloat16 on an Intel Xeon (random inputs: cache lengths 120,
+    136, 140 and 159 of 1-199), which moved a lone bfloat16 request's greedy tokens off the unsplit
+    model's (tests/test_real_model.py)."""
     differing = []
     for kv_len in range(1, 200):
         q, k, v = random_qkv(1, 1, kv_len, dtype, seed=kv_len)
