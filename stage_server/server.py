@@ -126,9 +126,10 @@ class StageServer:
         self.service.attach(model, sessions)
         threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, fingerprint %s", self.service.name,
-                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20,
-                 loaded.attention, loaded.fingerprint)
+        log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, %s, fingerprint %s", self.service.name,
+                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
+                 "lean layers" if getattr(loaded.architecture, "lean", None) is not None
+                 else "transformers' layer forward", loaded.fingerprint)
 
     def _install_step_helpers(self, loaded) -> None:
         """The last stage's split LM head, and row chunks for per-sequence stages."""
