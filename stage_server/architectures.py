@@ -77,8 +77,7 @@ class LlamaLike(Architecture):
         super().__init__(model, config)
         self.final_norm = model.model.norm
         model.model.norm = nn.Identity()
-        self.lean = lean_layers_for(model.model, config, self._stock_layers) \
-            if config.num_hidden_layers and _is_loaded(model.model.layers) else None
+        self.lean = lean_layers_for(model.model, config, self._stock_layers)
 
     def embed(self, input_ids, position_ids):
         return self.model.model.embed_tokens(input_ids)
@@ -97,11 +96,6 @@ class LlamaLike(Architecture):
 
     def head(self, hidden):
         return self.model.lm_head(self.final_norm(hidden))
-
-
-def _is_loaded(module: nn.Module) -> bool:
-    """Whether every parameter holds real values (not the meta tensors of an empty skeleton)."""
-    return all(parameter.device.type != "meta" for parameter in module.parameters())
 
 
 class GPT2(Architecture):

@@ -9,8 +9,9 @@ deprecation wrappers, config look-ups, per-layer dispatch), measured with the sa
 shrunk to width 64. The tensor work here is the same calls, in the same order, on the same
 tensors as the families' forwards in transformers 5.x (norm, projections, rotary, cache update,
 the registered attention function, MLP), so the numbers are identical; only the glue is leaner
-(~1.5 ms a step for 30 layers). Linear layers are called through their `forward`, so row chunks
-(row_chunks.py) that replace it still apply; attention goes through the function transformers
+(~1.5 ms a step for 30 layers). Norms and linear layers are called through their own `forward`
+(skipping only nn.Module's call machinery), so each family's norm is its own and row chunks
+(row_chunks.py) that replace a linear layer's forward still apply; attention goes through the function transformers
 would pick (`sdpa` or per_sequence_attention), with the masks transformers' mask helpers build.
 
 Does not own: embeddings or the head (architectures.LlamaLike), GPT-2 and OPT (their adapters
@@ -35,15 +36,6 @@ log = logging.getLogger(__name__)
 # The decoder layer classes whose forward this module reproduces (transformers 5.x).
 LEAN_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer",
                                 "Qwen3DecoderLayer"})
-
-
-def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The families' RMSNorm: in float32, scaled back in the input dtype, then weighted."""
-    input_dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    variance = hidden.pow(2).mean(-1, keepdim=True)
-    hidden = hidden * torch.rsqrt(variance + eps)
-    return weight * hidden.to(input_dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,12 +69,12 @@ class _Layer:
         batch, tokens = hidden.shape[:2]
         heads_shape = (batch, tokens, -1, self.head_dim)
         residual = hidden
-        normed = _rms_norm(hidden, self.input_norm.weight, self.input_norm.variance_epsilon)
+        normed = self.input_norm.forward(hidden)
         query = self.q_proj.forward(normed).view(heads_shape)
         key = self.k_proj.forward(normed).view(heads_shape)
         if self.q_norm is not None:
-            query = _rms_norm(query, self.q_norm.weight, self.q_norm.variance_epsilon)
-            key = _rms_norm(key, self.k_norm.weight, self.k_norm.variance_epsilon)
+            query = self.q_norm.forward(query)
+            key = self.k_norm.forward(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         value = self.v_proj.forward(normed).view(heads_shape).transpose(1, 2)
         query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
@@ -92,7 +84,7 @@ class _Layer:
         out = self.o_proj.forward(out.reshape(batch, tokens, -1).contiguous())
         hidden = residual + out
         residual = hidden
-        normed = _rms_norm(hidden, self.post_norm.weight, self.post_norm.variance_epsilon)
+        normed = self.post_norm.forward(hidden)
         out = self.down_proj.forward(self.act(self.gate_proj.forward(normed)) * self.up_proj.forward(normed))
         return residual + out
 

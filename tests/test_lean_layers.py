@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import VOCAB, save_tiny_model
+from tiny_models import VOCAB
 from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config
 
 from stage_server import lean_layers
@@ -28,8 +28,8 @@ def save_qwen2_with_sliding_layers(directory):
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    dirs = {family: save_tiny_model(tmp_path_factory.mktemp(family), family) for family in LLAMA_LIKE}
+def model_dirs(tiny_model, tmp_path_factory):
+    dirs = {family: tiny_model(family) for family in LLAMA_LIKE}
     dirs["qwen2_sliding"] = save_qwen2_with_sliding_layers(tmp_path_factory.mktemp("qwen2_sliding"))
     return dirs
 
