@@ -101,9 +101,15 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     batch, heads, q_len, _ = query.shape
     kv_len = key.shape[2]
+    groups = heads // key.shape[1]
+    if batch == 1 and attention_mask is None:
+        # A lone unpadded sequence (the common single-request step): the calls of the loop below
+        # for its one row, without building a zeroed output and copying into it.
+        o = functional.scaled_dot_product_attention(query, key, value, is_causal=q_len > 1, scale=scaling,
+                                                    enable_gqa=groups > 1)
+        return o.transpose(1, 2).contiguous(), None
     if attention_mask is not None and attention_mask.shape[0] != batch:  # one mask for every row
         attention_mask = attention_mask.expand(batch, -1, -1, -1)
-    groups = heads // key.shape[1]
     if attention_mask is None:
         first_key, attended, solid = [0] * batch, [kv_len] * batch, [True] * batch
     else:
