@@ -17,7 +17,8 @@ uncertain, so decode and ttft now take 9):
                  prompt answered alone
   4. pinned      2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
                  to one core, on batches of 64, 128 and 256 sequences (stages split for the
-                 batch's prompt and answer lengths): share of the ideal 2x
+                 batch's prompt and answer lengths): share of the ideal 2x; in bfloat16 both
+                 with the default per-sequence attention and with `--attention batched`
   5. wire        activation bytes between stages per generated token, per codec
 
     python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
@@ -54,6 +55,7 @@ from coordinator.running_batch import left_padded  # noqa: E402
 from coordinator.split_costs import head_cost_in_layers  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
 from stage_server.model_store import ensure_model  # noqa: E402
+from stage_server.per_sequence_attention import mode_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chat_prompts import CHAT_QUESTIONS  # noqa: E402
@@ -393,9 +395,10 @@ def two_core_ceiling(model_dir: Path, dtype_name: str) -> float:
     return together / alone
 
 
-def pinned_run(ctx, size: int) -> dict:
+def pinned_run(ctx, size: int, attention: str = "auto") -> dict:
     """`size` sequences × new_tokens: unsplit pinned to one core vs 2 stages pinned to one core each,
-    in interleaved rounds (the stages idle while the unsplit model runs)."""
+    in interleaved rounds (the stages idle while the unsplit model runs). `attention`: the stages'
+    --attention."""
     n = ctx.args.new_tokens
     batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(size)]
     busy_by_round: list[list[float]] = []
@@ -406,7 +409,8 @@ def pinned_run(ctx, size: int) -> dict:
 
     workload = (round(statistics.mean(len(p) for p in batch)), n)  # split for prompts and answers alike
     with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1, cpu_sets=[str(ALL_CORES[0]), str(ALL_CORES[1])],
-                  micro_batches=2, max_batch_rows=size, balance_for=workload) as address:
+                  micro_batches=2, max_batch_rows=size, balance_for=workload,
+                  stage_args=("--attention", attention)) as address:
         concurrent_clients(address, batch[:2], 4)
 
         def stages() -> float:
@@ -420,26 +424,39 @@ def pinned_run(ctx, size: int) -> dict:
     (got, speedup), base = against_unsplit(samples, "stages_2"), statistics.median(samples["unsplit"])
     busy = [statistics.median(column) for column in zip(*busy_by_round)]
     spread = quartiles(round_ratios(samples, "stages_2"))
-    log(f"  pinned, {size} sequences: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on 1 core {base:.1f} → "
+    log(f"  pinned, {size} sequences, {attention} attention: 2 stages on 2 cores {got:.1f} tok/s vs unsplit on "
+        f"1 core {base:.1f} → "
         f"{speedup:.2f}x ({speedup / 2:.0%} of ideal 2x; median of {ctx.args.pinned_rounds} interleaved rounds, "
         f"quartiles {spread[0]:.2f}..{spread[1]:.2f}); CPU busy: coordinator {busy[0]:.0%}, stages "
         + ", ".join(f"{b:.0%}" for b in busy[1:]))
-    return {"balance_for": workload, "unsplit_one_core_tokens_per_s": base, "stages_2_tokens_per_s": got,
+    return {"attention": attention, "balance_for": workload, "unsplit_one_core_tokens_per_s": base,
+            "stages_2_tokens_per_s": got,
             "speedup": speedup, "speedup_quartiles": spread, "share_of_ideal": speedup / 2,
             "samples_tokens_per_s": samples, "cpu_busy": {"coordinator": busy[0], "stages": busy[1:]}}
 
 
 def part_pinned(ctx) -> dict:
-    """The first batch size's figures at the top level, every size's under by_batch."""
+    """The first batch size's figures at the top level, every size's under by_batch.
+
+    Where the stages' default attention is per-sequence (bfloat16 and float16 on a CPU: a
+    sequence's answer does not depend on its batch), the same sizes run again with `--attention
+    batched`, under batched_attention: the unsplit model's own padded batch is batched in that
+    sense (its answers depend on the batch), so that row compares like with like."""
     if len(ALL_CORES) < 2:
         return {"skipped": "needs 2 cores"}
     by_batch = {size: pinned_run(ctx, size) for size in ctx.args.pinned_batches}
+    batched = {}
+    if mode_for("auto", getattr(torch, ctx.dtype_name)) == "per-sequence":
+        batched = {size: pinned_run(ctx, size, "batched") for size in ctx.args.pinned_batches}
     ceiling = two_core_ceiling(ctx.model_dir, ctx.dtype_name)
     log(f"  pinned: two copies of the unsplit model on the two cores reach {ceiling:.2f}x one")
-    for run in by_batch.values():
+    for run in [*by_batch.values(), *batched.values()]:
         run["share_of_ceiling"] = run["speedup"] / ceiling
     first = by_batch[ctx.args.pinned_batches[0]]
-    return {**first, "two_core_ceiling": ceiling, "by_batch": by_batch}
+    result = {**first, "two_core_ceiling": ceiling, "by_batch": by_batch}
+    if batched:
+        result["batched_attention"] = {"by_batch": batched}
+    return result
 
 
 def part_wire(ctx) -> dict:
