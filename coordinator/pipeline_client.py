@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import uuid
+from collections import OrderedDict
 from concurrent.futures import Future
 
 import grpc
@@ -51,27 +52,42 @@ class _Pending:
     """Futures waiting for answers, keyed by (session, micro-batch), whichever stream answers.
 
     A chained step's answer (or error) may overtake the answer that announces it (the last
-    stage sends the next step before answering); such an early answer waits in `_early`."""
+    stage sends the next step before answering); such an early answer waits in `_early`.
+    A stage whose next hop fails reports the recent micro-batches it sent there towards a
+    collector, answered or not (stage_server/downstream.py): a report for a micro-batch
+    settled here already is dropped, so it cannot crowd a real early answer out of `_early`."""
 
     EARLY_KEPT = 256  # unclaimed early answers kept (older ones belonged to abandoned sessions)
+    SETTLED_KEPT = 1024  # keys of recently settled micro-batches (a stage reports up to 256 at once)
 
     def __init__(self) -> None:
         self._futures: dict[tuple[str, int], tuple[StepFuture, object, bool]] = {}
         self._early: dict[tuple[str, int], stage_pb2.ForwardResponse] = {}
+        self._settled: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._lock = threading.Lock()
+
+    def _note_settled(self, key: tuple[str, int]) -> None:
+        """Under the lock."""
+        self._settled[key] = None
+        if len(self._settled) > self.SETTLED_KEPT:
+            self._settled.popitem(last=False)
 
     def add(self, key: tuple[str, int], future: StepFuture, stream: object, direct: bool) -> None:
         with self._lock:
             self._futures[key] = (future, stream, direct)
 
     def resolve(self, response: stage_pb2.ForwardResponse) -> None:
+        key = (response.session_id, response.micro_batch_id)
         with self._lock:
-            entry = self._futures.pop((response.session_id, response.micro_batch_id), None)
+            entry = self._futures.pop(key, None)
             if entry is None:
-                self._early[(response.session_id, response.micro_batch_id)] = response
+                if key in self._settled:
+                    return  # a late report of a micro-batch already answered (or failed)
+                self._early[key] = response
                 while len(self._early) > self.EARLY_KEPT:
                     del self._early[next(iter(self._early))]
                 return
+            self._note_settled(key)
         future: StepFuture | None = entry[0]
         while future is not None:  # this answer, then any early answers of the steps it chained to
             early = None
@@ -82,6 +98,8 @@ class _Pending:
                     early = self._early.pop(following, None)
                     if early is None:
                         self._futures[following] = (future.next_in_chain, None, True)
+                    else:
+                        self._note_settled(following)
             future.set_result(response)
             future, response = (future.next_in_chain, early) if early is not None else (None, None)
 
@@ -91,6 +109,8 @@ class _Pending:
             doomed = [key for key, (_, sent_on, direct) in self._futures.items()
                       if (stream is None or sent_on is stream) and (direct or not direct_only)]
             entries = [self._futures.pop(key) for key in doomed]
+            for key in doomed:
+                self._note_settled(key)
         for future, _, _ in entries:
             future.set_exception(error)
 

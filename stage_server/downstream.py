@@ -4,7 +4,10 @@ Owns: one persistent channel per next-hop address (shared by every stream of thi
 stage), and per upstream stream one outgoing `Forward` stream per next hop whose
 answers are handed back to the upstream stream. When a next hop fails, every
 micro-batch still waiting on it is answered with UNAVAILABLE naming the hop, so the
-coordinator can re-route or replay.
+coordinator can re-route or replay. A micro-batch whose answer goes to a reply_to
+collector sends nothing back on success, so the link cannot know when it is done: it
+reports the last RECENT_KEPT of them as failed too (the coordinator ignores a failure of
+a micro-batch it has its answer for).
 
 Does not own: computing anything, or the upstream side of the stream.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 import grpc
@@ -24,6 +28,7 @@ from protos.channel_options import channel_options
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+RECENT_KEPT = 256  # micro-batches sent towards a reply_to collector that a failed link reports
 
 
 class ChannelPool:
@@ -58,6 +63,9 @@ class DownstreamLink:
         self._on_closed = on_closed
         self._outbox: queue.Queue = queue.Queue()
         self._pending: dict[tuple[str, int], int] = {}  # (session, micro-batch) → bytes we sent
+        # The same for micro-batches answered to a reply_to collector: no answer comes back, so only
+        # the latest RECENT_KEPT are kept, for a failure to report (or a relayed answer to find).
+        self._recent: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._lock = threading.Lock()
         self.alive = True
         self._call = stage_pb2_grpc.StageStub(channel).Forward(iter(self._outbox.get, _CLOSE))
@@ -66,10 +74,17 @@ class DownstreamLink:
 
     def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
         """Queue a request; False if the link has already failed (open a new one)."""
+        key = (request.session_id, request.micro_batch_id)
         with self._lock:
             if not self.alive:
                 return False
-            self._pending[(request.session_id, request.micro_batch_id)] = sent_bytes
+            if request.reply_to:
+                self._recent[key] = sent_bytes
+                self._recent.move_to_end(key)
+                if len(self._recent) > RECENT_KEPT:
+                    self._recent.popitem(last=False)
+            else:
+                self._pending[key] = sent_bytes
         self._outbox.put(request)
         return True
 
@@ -77,6 +92,7 @@ class DownstreamLink:
         """Stop waiting for a micro-batch's answer: it is known to be done (no receipt will come)."""
         with self._lock:
             self._pending.pop((session_id, micro_batch_id), None)
+            self._recent.pop((session_id, micro_batch_id), None)
 
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""
@@ -88,8 +104,11 @@ class DownstreamLink:
     def _read(self) -> None:
         try:
             for response in self._call:
+                key = (response.session_id, response.micro_batch_id)
                 with self._lock:
-                    sent = self._pending.pop((response.session_id, response.micro_batch_id), 0)
+                    sent = self._pending.pop(key, None)
+                    if sent is None:
+                        sent = self._recent.pop(key, 0)
                 hops = [sent, *response.hop_bytes]
                 del response.hop_bytes[:]
                 response.hop_bytes.extend(hops)
@@ -106,7 +125,8 @@ class DownstreamLink:
 
     def _fail_pending(self, err: grpc.RpcError | None) -> None:
         with self._lock:
-            pending, self._pending = self._pending, {}
+            pending = [*self._pending, *self._recent]
+            self._pending, self._recent = {}, OrderedDict()
         detail = err.details() if err is not None else "stream ended before answering"
         for session_id, micro_batch_id in pending:
             self._deliver(unreachable(self.address, session_id, micro_batch_id, detail))

@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from importlib import metadata
 
 import grpc
@@ -123,7 +124,21 @@ class StageService(stage_pb2_grpc.StageServicer):
         links: dict[str, DownstreamLink] = {}
         producers = [1]  # the reader of the upstream stream, plus one per open link
         producers_lock = threading.Lock()
-        outstanding = [0]
+        # Micro-batches read from upstream that this stage has not settled yet: settled when their
+        # answer (or error) goes back upstream, or once they are sent on (or answered) towards a
+        # reply_to collector, whose answer never comes back this way.
+        unsettled: dict[tuple[str, int], int] = {}
+
+        def settle(key: tuple[str, int]) -> None:
+            with producers_lock:
+                count = unsettled.get(key, 0)
+                if count == 0:  # already settled: an error or relayed answer after the micro-batch went on
+                    return
+                if count == 1:
+                    del unsettled[key]
+                else:
+                    unsettled[key] = count - 1
+            self._add_inflight(-1)
 
         def producer_done() -> None:
             with producers_lock:
@@ -143,10 +158,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         def read_upstream() -> None:
             try:
                 for request in request_iterator:
+                    key = (request.session_id, request.micro_batch_id)
                     self._add_inflight(1)
                     with producers_lock:
-                        outstanding[0] += 1
-                    step = functools.partial(self._step, request, link_to, answers.put)
+                        unsettled[key] = unsettled.get(key, 0) + 1
+                    step = functools.partial(self._step, request, link_to, answers.put,
+                                             functools.partial(settle, key))
                     if self.model is None:  # the compute thread is loading: refuse at once (no torch work)
                         step()
                     else:
@@ -169,21 +186,27 @@ class StageService(stage_pb2_grpc.StageServicer):
                 answer = answers.get()
                 if answer is _END:
                     return
-                with producers_lock:
-                    outstanding[0] -= 1
-                self._add_inflight(-1)
-                if answer.answered_directly and self.model is not None and self.model.loaded.is_first:
-                    continue  # a receipt: only links between stages need them, and none is before this one
+                settle((answer.session_id, answer.micro_batch_id))
+                if answer.answered_directly:
+                    continue  # a receipt from a stage of an older layerline: nobody needs it
                 yield answer
         finally:  # the upstream left early: what it will never receive is no longer in flight
             with producers_lock:
-                left, outstanding[0] = outstanding[0], 0
-            self._add_inflight(-max(left, 0))
+                left = sum(unsettled.values())
+                unsettled.clear()
+            self._add_inflight(-left)
 
-    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver) -> None:
+    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver,
+              settle: Callable[[], None] = lambda: None) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
         thread, so that every torch call of the stage, the answer's argmax included, runs there
-        (only while the weights load does it run on the reader's thread, and then only refuses)."""
+        (only while the weights load does it run on the reader's thread, and then only refuses).
+
+        A micro-batch whose answer goes to a reply_to collector is settled here, once sent on or
+        answered: no receipt comes back for it. Receipts cost each token a message per hop and
+        woke two threads on each side of it while the next stage computed (alternated decode,
+        2 bfloat16 stages: 0.969 -> 1.020 of the unsplit model; 4 float32 stages 0.849 -> 0.859).
+        The link to the next stage still reports it as failed if that stage goes away."""
         try:
             output, positions, mask = self._compute(request)
             if request.route:
@@ -205,14 +228,15 @@ class StageService(stage_pb2_grpc.StageServicer):
                 if not link_to(request.route[0]).send(sent, sent_bytes):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
+                elif request.reply_to:
+                    settle()
             else:
                 collector = self._collector(request.reply_to)
                 if collector is None:
                     deliver(logits_response(request, output))
-                else:  # straight to the coordinator; the previous stage only gets a receipt
+                else:  # straight to the coordinator; nothing goes back upstream
                     self._answer_and_chain(request, output, positions, mask, collector)
-                    deliver(stage_pb2.ForwardResponse(session_id=request.session_id,
-                                                      micro_batch_id=request.micro_batch_id, answered_directly=True))
+                    settle()
         except StageRequestError as err:
             deliver(error_response(request, err.code, str(err), self.name))
         except codec.WireFormatError as err:
