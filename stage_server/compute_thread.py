@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 SPIN_COUNT = "30000"  # GOMP_SPINCOUNT a stage process starts with, unless its environment sets one
@@ -43,13 +43,18 @@ def set_openmp_spin(environ: MutableMapping[str, str] = os.environ) -> str:
 
 
 class ComputeThread:
-    """`run(fn)` runs `fn` on the stage's compute thread and returns its result (or raises its error)."""
+    """`run(fn)` runs `fn` on the stage's compute thread and returns its result (or raises its error);
+    `submit(fn)` queues it there and returns at once. Either way, one at a time, in submission order."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="compute")
 
     def run(self, fn: Callable[[], Result]) -> Result:
         return self._executor.submit(fn).result()
+
+    def submit(self, fn: Callable[[], Result]) -> Future:
+        """Queue `fn` behind the work already submitted; returns at once."""
+        return self._executor.submit(fn)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)

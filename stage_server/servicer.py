@@ -38,6 +38,7 @@ from stage_server.stage_model import StageModel
 log = logging.getLogger(__name__)
 
 _END = object()
+QUEUED_PER_STREAM = 4  # steps one upstream stream may have waiting for the compute thread
 _CODEC_VALUES = frozenset(stage_pb2.Codec.values())
 
 
@@ -155,6 +156,17 @@ class StageService(stage_pb2_grpc.StageServicer):
                 links[address] = link
             return link
 
+        # The reader hands steps to the compute thread without waiting for them, up to
+        # QUEUED_PER_STREAM at a time, so it is already waiting for the next request when a step
+        # ends instead of waking then, beside the compute thread sending the step on.
+        queued = threading.BoundedSemaphore(QUEUED_PER_STREAM)
+
+        def run_then_free(step) -> None:
+            try:
+                step()
+            finally:
+                queued.release()
+
         def read_upstream() -> None:
             try:
                 for request in request_iterator:
@@ -166,11 +178,18 @@ class StageService(stage_pb2_grpc.StageServicer):
                                              functools.partial(settle, key))
                     if self.model is None:  # the compute thread is loading: refuse at once (no torch work)
                         step()
-                    else:
-                        self.compute.run(step)
+                        continue
+                    queued.acquire()
+                    try:
+                        self.compute.submit(functools.partial(run_then_free, step))
+                    except BaseException:
+                        queued.release()
+                        raise
             except Exception as err:  # the upstream went away; nothing to answer
                 log.debug("upstream stream ended: %s", err)
             finally:
+                for _ in range(QUEUED_PER_STREAM):  # this stream's queued steps finish before its links close
+                    queued.acquire()
                 for link in list(links.values()):
                     link.close()
                 producer_done()

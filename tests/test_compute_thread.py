@@ -14,6 +14,7 @@ import sys
 import threading
 
 from tiny_models import reference_greedy
+from waiting import eventually
 
 import stage_server.server
 from coordinator.engine import Engine, SequenceRequest
@@ -92,3 +93,42 @@ def test_a_stage_loads_and_computes_every_step_on_its_compute_thread(tiny_model,
     assert len(loaded_on) == 2 and all(name.startswith("compute") for name in loaded_on)
     for seen in ran_on:
         assert len(seen) == 1 and next(iter(seen)).startswith("compute"), seen
+
+
+def test_the_reader_queues_steps_without_waiting_and_a_closed_stream_still_answers_them(tiny_model, stages):
+    """A stream's reader hands each step to the compute thread and goes back to reading (so it is
+    not woken when a step ends), at most QUEUED_PER_STREAM at a time; when the upstream closes,
+    the steps it queued still run and answer before the stream ends."""
+    import grpc
+    import torch
+
+    from protos import codec, stage_pb2, stage_pb2_grpc
+    from stage_server.servicer import QUEUED_PER_STREAM
+
+    model_dir = tiny_model("llama")
+    with stages(model_dir, 1) as (addresses, servers):
+        service = servers[0].service
+        computing, release = threading.Event(), threading.Event()
+        forward = service.model.forward
+
+        def stalled_forward(*args, **kwargs):
+            computing.set()
+            release.wait(30)
+            return forward(*args, **kwargs)
+
+        service.model.forward = stalled_forward
+        requests = [stage_pb2.ForwardRequest(
+            session_id=f"s{i}", micro_batch_id=i, start_session=True, end_session=True, logits_top_k=1,
+            activations=codec.encode(torch.tensor([[5, 6, 7]])), position_ids=codec.encode(torch.arange(3)[None]))
+            for i in range(QUEUED_PER_STREAM + 2)]
+        with grpc.insecure_channel(addresses[0]) as channel:
+            answers = stage_pb2_grpc.StageStub(channel).Forward(iter(requests), timeout=60)
+            try:
+                assert computing.wait(30)
+                # the first step computes; the reader went on, read and queued the rest up to the bound
+                read = eventually(lambda: service._inflight, QUEUED_PER_STREAM + 1)
+                assert read == QUEUED_PER_STREAM + 1, f"{read} steps read while the first computes"
+            finally:
+                release.set()
+            got = sorted(answer.micro_batch_id for answer in answers)  # the upstream closed after its last
+    assert got == list(range(QUEUED_PER_STREAM + 2))
