@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 
+from stalling import stalled_forward
 from tiny_models import reference_greedy
 from waiting import eventually
 
@@ -108,27 +109,16 @@ def test_the_reader_queues_steps_without_waiting_and_a_closed_stream_still_answe
     model_dir = tiny_model("llama")
     with stages(model_dir, 1) as (addresses, servers):
         service = servers[0].service
-        computing, release = threading.Event(), threading.Event()
-        forward = service.model.forward
-
-        def stalled_forward(*args, **kwargs):
-            computing.set()
-            release.wait(30)
-            return forward(*args, **kwargs)
-
-        service.model.forward = stalled_forward
         requests = [stage_pb2.ForwardRequest(
             session_id=f"s{i}", micro_batch_id=i, start_session=True, end_session=True, logits_top_k=1,
             activations=codec.encode(torch.tensor([[5, 6, 7]])), position_ids=codec.encode(torch.arange(3)[None]))
             for i in range(QUEUED_PER_STREAM + 2)]
         with grpc.insecure_channel(addresses[0]) as channel:
             answers = stage_pb2_grpc.StageStub(channel).Forward(iter(requests), timeout=60)
-            try:
+            with stalled_forward(service) as (computing, _):
                 assert computing.wait(30)
                 # the first step computes; the reader went on, read and queued the rest up to the bound
                 read = eventually(lambda: service._inflight, QUEUED_PER_STREAM + 1)
                 assert read == QUEUED_PER_STREAM + 1, f"{read} steps read while the first computes"
-            finally:
-                release.set()
             got = sorted(answer.micro_batch_id for answer in answers)  # the upstream closed after its last
     assert got == list(range(QUEUED_PER_STREAM + 2))

@@ -15,6 +15,7 @@ import threading
 
 import grpc
 import torch
+from stalling import stalled_forward
 from waiting import eventually
 
 from coordinator.engine import Engine, SequenceRequest
@@ -95,16 +96,7 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
     model_dir = tiny_model("llama")
     with stages(model_dir, 2) as (addresses, servers):
         last = servers[1].service
-        computing, release = threading.Event(), threading.Event()
-        forward = last.model.forward
-
-        def stalled_forward(*args, **kwargs):
-            computing.set()
-            release.wait(30)
-            return forward(*args, **kwargs)
-
-        last.model.forward = stalled_forward
-        try:
+        with stalled_forward(last) as (computing, _):
             with grpc.insecure_channel(addresses[0]) as first, grpc.insecure_channel(addresses[1]) as channel:
                 results: queue.Queue = queue.Queue()
                 _collect(stage_pb2_grpc.StageStub(channel).Results(stage_pb2.ResultsRequest(collector_id="c1")),
@@ -122,8 +114,6 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
                 servers[1].grpc_server.stop(None)  # gone at once, mid-step
                 failure = back.get(timeout=30)
                 outbox.put(None)
-        finally:
-            release.set()
     assert failure.micro_batch_id == 7 and failure.status_code == grpc.StatusCode.UNAVAILABLE.value[0]
     assert addresses[1] in failure.error_message
 
