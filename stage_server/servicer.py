@@ -215,8 +215,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 unsettled.clear()
             self._add_inflight(-left)
 
-    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver,
-              settle: Callable[[], None] = lambda: None) -> None:
+    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver, settle: Callable[[], None]) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
         thread, so that every torch call of the stage, the answer's argmax included, runs there
         (only while the weights load does it run on the reader's thread, and then only refuses).
