@@ -6,6 +6,9 @@ clean shutdown on Ctrl-C / SIGTERM and error messages that say what to do next.
 
 from __future__ import annotations
 
+import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+
+# isort: split
 import argparse
 import json
 import logging

@@ -6,6 +6,9 @@ what to do next. Everything else lives in server.py.
 
 from __future__ import annotations
 
+import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+
+# isort: split
 import argparse
 import logging
 import sys

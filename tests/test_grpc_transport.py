@@ -1,0 +1,66 @@
+"""The TCP path layerline's processes pick for gRPC (protos/grpc_transport.py): when it is set,
+when it is left alone, and that both command lines set it before anything loads gRPC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protos.grpc_transport import OLDER_TCP_PATH, TRANSPORT_MEASURED_ON, _grpcio_release, choose_tcp_transport
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_set_for_a_measured_release_when_unset():
+    environ: dict[str, str] = {}
+    assert choose_tcp_transport(environ, release=TRANSPORT_MEASURED_ON[0]) == OLDER_TCP_PATH
+    assert environ == {"GRPC_EXPERIMENTS": OLDER_TCP_PATH}
+
+
+@pytest.mark.parametrize("users", ["", "-event_engine_client", "some_other_experiment"])
+def test_a_value_the_user_set_is_kept(users):
+    environ = {"GRPC_EXPERIMENTS": users}
+    assert choose_tcp_transport(environ, release=TRANSPORT_MEASURED_ON[0]) == users
+    assert environ == {"GRPC_EXPERIMENTS": users}
+
+
+@pytest.mark.parametrize("release", [(1, 84), (1, TRANSPORT_MEASURED_ON[1][1] + 1), (2, 0)])
+def test_left_unset_for_a_release_it_was_not_measured_on(release):
+    environ: dict[str, str] = {}
+    assert choose_tcp_transport(environ, release=release) is None
+    assert environ == {}
+
+
+# Records GRPC_EXPERIMENTS as it is when `grpc` is first imported, then imports a command line.
+_PROBE = """
+import importlib.abc, os, sys
+seen = []
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc" and not seen:
+            seen.append(os.environ.get("GRPC_EXPERIMENTS"))
+        return None
+sys.meta_path.insert(0, Watch())
+import {module}
+print(repr(seen[0] if seen else "grpc not imported"))
+"""
+
+
+@pytest.mark.parametrize(("imports", "expected"), [
+    ("coordinator.cli", OLDER_TCP_PATH),
+    ("stage_server.cli; import stage_server.server", OLDER_TCP_PATH),  # the order of the stage's main()
+    ("grpc; import coordinator.cli", None),  # the probe sees a wrong order
+])
+def test_command_lines_choose_before_grpc_loads(imports, expected):
+    release = _grpcio_release()
+    if release is None or not TRANSPORT_MEASURED_ON[0] <= release <= TRANSPORT_MEASURED_ON[1]:
+        pytest.skip("the installed grpcio is not a release the switch applies to")
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
+    result = subprocess.run([sys.executable, "-c", _PROBE.replace("{module}", imports)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == repr(expected)
