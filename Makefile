@@ -37,6 +37,7 @@ bench: install
 	$(PY) bench/pipeline_vs_unsplit.py
 	$(PY) bench/wire_codecs.py
 	$(PY) bench/slice_memory.py
+	$(PY) bench/hop_latency.py
 
 # The Node and Go clients of the public API (clients/): installs node/npm packages and
 # the Go toolchain from Debian where missing, and builds the Go client. Needs root for apt.
