@@ -60,8 +60,9 @@ def serve(port_file: str) -> None:
     server.wait_for_termination()
 
 
-def measure(trips: int) -> dict[str, float]:
-    """Start an echo server process, then time `trips` round trips per payload; µs, medians of 5 blocks."""
+def measure(trips: int) -> dict[str, object]:
+    """Start an echo server process, then time `trips` round trips per payload (µs, medians of 5
+    blocks); also says which GRPC_EXPERIMENTS both processes ran with."""
     import protos.grpc_transport  # noqa: F401  (before grpc, as in the real processes)
 
     # isort: split
@@ -101,13 +102,13 @@ def measure(trips: int) -> dict[str, float]:
                 result[name] = statistics.median(blocks)
             outbox.put(None)
             channel.close()
-            return result
+            return {"round_trip_us": result, "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS")}
         finally:
             server.kill()
             server.wait()
 
 
-def run_pair(variant: str, trips: int) -> dict[str, float]:
+def run_pair(variant: str, trips: int) -> dict[str, object]:
     env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
     env.update(VARIANTS[variant])
     output = subprocess.run([sys.executable, __file__, "--measure", str(trips)], env=env, check=True,
@@ -132,14 +133,18 @@ def main() -> None:
     import grpc  # only for its version, in this parent process
 
     samples: dict[str, dict[str, list[float]]] = {v: {p: [] for p in PAYLOADS} for v in VARIANTS}
+    experiments: dict[str, object] = {}
     for round_index in range(args.rounds):
         order = list(VARIANTS) if round_index % 2 == 0 else list(reversed(VARIANTS))
         for variant in order:
-            for payload, micros in run_pair(variant, args.trips).items():
+            pair = run_pair(variant, args.trips)
+            experiments[variant] = pair["grpc_experiments"]
+            for payload, micros in pair["round_trip_us"].items():
                 samples[variant][payload].append(micros)
         print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(
             f"{v} {samples[v][p][-1]:.0f} µs" for v in VARIANTS for p in PAYLOADS), flush=True)
-    result = {"grpcio": grpc.__version__, "rounds": args.rounds, "trips": args.trips, "payloads": {}}
+    result = {"grpcio": grpc.__version__, "rounds": args.rounds, "trips": args.trips,
+              "grpc_experiments": experiments, "payloads": {}}
     print(f"\n{'payload':28s} {'gRPC default':>14s} {'layerline':>12s} {'ratio':>7s}  (median round trip, µs)")
     for payload in PAYLOADS:
         default = statistics.median(samples["gRPC default"][payload])

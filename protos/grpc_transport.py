@@ -11,7 +11,7 @@ that waits on the completion queue (a server's poller, a channel's reader), whic
 thread that takes the message. gRPC still ships its older TCP path, where the thread waiting on
 the completion queue polls and reads the socket itself. Measured (bench/hop_latency.py, both
 paths alternated in one run): a bidi stream echoing a one-token hidden state between two
-processes on this 2-core VM took ~350 µs a round trip on the EventEngine path and ~150-250 µs on
+processes on this 2-core VM took ~310-370 µs a round trip on the EventEngine path and ~150-230 µs on
 the older one. A decode step crosses stages+1 such hops one way.
 
 GRPC_EXPERIMENTS already set (even empty) is left alone, so `GRPC_EXPERIMENTS= stage-server ...`

@@ -3,6 +3,7 @@ when it is left alone, and that both command lines set it before anything loads 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,21 @@ def test_command_lines_choose_before_grpc_loads(imports, expected):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == repr(expected)
+
+
+def test_hop_latency_bench_compares_both_paths(tmp_path):
+    """bench/hop_latency.py runs, and its two kinds of pair really ran on different TCP paths."""
+    release = _grpcio_release()
+    if release is None or not TRANSPORT_MEASURED_ON[0] <= release <= TRANSPORT_MEASURED_ON[1]:
+        pytest.skip("the installed grpcio is not a release the switch applies to")
+    out = tmp_path / "hop.json"
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "hop_latency.py"), "--rounds", "2", "--trips", "20",
+                    "--json", str(out)], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["grpc_experiments"] == {"gRPC default": "", "layerline": OLDER_TCP_PATH}
+    assert len(result["payloads"]) == 2
+    for figures in result["payloads"].values():
+        for variant in ("gRPC default", "layerline"):
+            assert len(figures["samples_us"][variant]) == 2 and all(us > 0 for us in figures["samples_us"][variant])
+        assert figures["ratio"] == pytest.approx(figures["layerline_us"] / figures["grpc_default_us"])
