@@ -40,16 +40,19 @@ def _grpcio_release() -> tuple[int, int] | None:
         return None
 
 
+def applies_to(release: tuple[int, int] | None) -> bool:
+    """Whether the switch is made for this grpcio release (None: not installed or unreadable)."""
+    first, last = TRANSPORT_MEASURED_ON
+    return release is not None and first <= release <= last
+
+
 def choose_tcp_transport(environ: MutableMapping[str, str] = os.environ,
                          release: tuple[int, int] | None = None) -> str | None:
     """Set GRPC_EXPERIMENTS to OLDER_TCP_PATH unless it is set already or the installed grpcio
     (`release`, default: looked up without importing grpc) is outside TRANSPORT_MEASURED_ON.
     Returns the value in force (None: unset). Must run before grpc is imported."""
-    if "GRPC_EXPERIMENTS" not in environ:
-        release = release if release is not None else _grpcio_release()
-        first, last = TRANSPORT_MEASURED_ON
-        if release is not None and first <= release <= last:
-            environ["GRPC_EXPERIMENTS"] = OLDER_TCP_PATH
+    if "GRPC_EXPERIMENTS" not in environ and applies_to(release if release is not None else _grpcio_release()):
+        environ["GRPC_EXPERIMENTS"] = OLDER_TCP_PATH
     return environ.get("GRPC_EXPERIMENTS")
 
 

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from protos.grpc_transport import OLDER_TCP_PATH, TRANSPORT_MEASURED_ON, _grpcio_release, choose_tcp_transport
+from protos.grpc_transport import (
+    OLDER_TCP_PATH,
+    TRANSPORT_MEASURED_ON,
+    _grpcio_release,
+    applies_to,
+    choose_tcp_transport,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +42,11 @@ def test_left_unset_for_a_release_it_was_not_measured_on(release):
     assert environ == {}
 
 
+def _skip_unless_the_installed_grpcio_gets_the_switch() -> None:
+    if not applies_to(_grpcio_release()):
+        pytest.skip("the installed grpcio is not a release the switch applies to")
+
+
 # Records GRPC_EXPERIMENTS as it is when `grpc` is first imported, then imports a command line.
 _PROBE = """
 import importlib.abc, os, sys
@@ -57,9 +68,7 @@ print(repr(seen[0] if seen else "grpc not imported"))
     ("grpc; import coordinator.cli", None),  # the probe sees a wrong order
 ])
 def test_command_lines_choose_before_grpc_loads(imports, expected):
-    release = _grpcio_release()
-    if release is None or not TRANSPORT_MEASURED_ON[0] <= release <= TRANSPORT_MEASURED_ON[1]:
-        pytest.skip("the installed grpcio is not a release the switch applies to")
+    _skip_unless_the_installed_grpcio_gets_the_switch()
     env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
     result = subprocess.run([sys.executable, "-c", _PROBE.replace("{module}", imports)], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
@@ -69,9 +78,7 @@ def test_command_lines_choose_before_grpc_loads(imports, expected):
 
 def test_hop_latency_bench_compares_both_paths(tmp_path):
     """bench/hop_latency.py runs, and its two kinds of pair really ran on different TCP paths."""
-    release = _grpcio_release()
-    if release is None or not TRANSPORT_MEASURED_ON[0] <= release <= TRANSPORT_MEASURED_ON[1]:
-        pytest.skip("the installed grpcio is not a release the switch applies to")
+    _skip_unless_the_installed_grpcio_gets_the_switch()
     out = tmp_path / "hop.json"
     env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
     subprocess.run([sys.executable, str(ROOT / "bench" / "hop_latency.py"), "--rounds", "2", "--trips", "20",
