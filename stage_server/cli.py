@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glibc: take blocks of up to this many MiB from the heap and keep up to this much "
                              "freed memory for the next step instead of faulting it in anew (default "
                              f"{DEFAULT_KEEP_MB}; 0 = the C library's defaults)")
+    parser.add_argument("--trace-steps", metavar="FILE", default="",
+                        help="append one JSON line per micro-batch to FILE: when it arrived, started, finished "
+                             "computing and went on (monotonic ns; stages on one machine may share FILE; "
+                             "bench/step_timeline.py reads it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
-            head_threads=args.head_threads, attention=args.attention, progress=not args.quiet)
+            head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
+            progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

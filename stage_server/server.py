@@ -29,6 +29,7 @@ from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
 from stage_server.split_head import install_split_head, parts_for
 from stage_server.stage_model import StageModel
+from stage_server.step_trace import StepTrace
 
 log = logging.getLogger(__name__)
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
@@ -57,6 +58,7 @@ class StageServerConfig:
     head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
+    trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
     progress: bool = True
 
 
@@ -96,6 +98,8 @@ class StageServer:
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: is the port in use?")
         self.service.name = f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}"
+        if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
+            self.service.trace = StepTrace(cfg.trace_steps)
         self.grpc_server.start()
         self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
@@ -163,6 +167,8 @@ class StageServer:
         self._stopped.set()
         self.grpc_server.stop(grace=1.0).wait()
         self.service.close()
+        if self.service.trace is not None:
+            self.service.trace.close()
         if self.split_head is not None:
             self.split_head.close()
 

@@ -34,6 +34,7 @@ from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.sessions import SessionStore
 from stage_server.split_head import SplitHead
 from stage_server.stage_model import StageModel
+from stage_server.step_trace import StepRecord, StepTrace, now_ns
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.compute = ComputeThread()  # every step runs on it, one at a time (compute_thread.py)
         self.threads: ComputeThreads | None = None  # None: leave torch's thread count alone
         self.split_head: SplitHead | None = None  # the last stage's head, when split (split_head.py)
+        self.trace: StepTrace | None = None  # per-micro-batch timestamps (--trace-steps; step_trace.py)
         self._channels = ChannelPool()
         self._inflight = 0
         self.micro_batches_served = 0
@@ -170,12 +172,13 @@ class StageService(stage_pb2_grpc.StageServicer):
         def read_upstream() -> None:
             try:
                 for request in request_iterator:
+                    received = now_ns()
                     key = (request.session_id, request.micro_batch_id)
                     self._add_inflight(1)
                     with producers_lock:
                         unsettled[key] = unsettled.get(key, 0) + 1
                     step = functools.partial(self._step, request, link_to, answers.put,
-                                             functools.partial(settle, key))
+                                             functools.partial(settle, key), received)
                     if self.model is None:  # the compute thread is loading: refuse at once (no torch work)
                         step()
                         continue
@@ -215,7 +218,8 @@ class StageService(stage_pb2_grpc.StageServicer):
                 unsettled.clear()
             self._add_inflight(-left)
 
-    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver, settle: Callable[[], None]) -> None:
+    def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver, settle: Callable[[], None],
+              received_ns: int = 0) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
         thread, so that every torch call of the stage, the answer's argmax included, runs there
         (only while the weights load does it run on the reader's thread, and then only refuses).
@@ -224,9 +228,12 @@ class StageService(stage_pb2_grpc.StageServicer):
         answered: no receipt comes back for it. Receipts cost each token a message per hop and
         woke two threads on each side of it while the next stage computed (alternated decode,
         2 bfloat16 stages: 0.969 -> 1.020 of the unsplit model; 4 float32 stages 0.849 -> 0.859).
-        The link to the next stage still reports it as failed if that stage goes away."""
+        The link to the next stage still reports it as failed if that stage goes away.
+        With a trace (--trace-steps), the step's stamps are written once it is sent on or answered."""
+        started, computed, outcome = now_ns(), 0, "failed"
         try:
             output, positions, mask = self._compute(request)
+            computed = now_ns()
             if request.route:
                 activations = codec.encode(output, request.wire_codec)
                 sent_bytes = codec.payload_bytes(activations)
@@ -246,8 +253,10 @@ class StageService(stage_pb2_grpc.StageServicer):
                 if not link_to(request.route[0]).send(sent, sent_bytes):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
-                elif request.reply_to:
-                    settle()
+                else:
+                    outcome = "forwarded"
+                    if request.reply_to:
+                        settle()
             else:
                 collector = self._collector(request.reply_to)
                 if collector is None:
@@ -255,6 +264,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                 else:  # straight to the coordinator; nothing goes back upstream
                     self._answer_and_chain(request, output, positions, mask, collector)
                     settle()
+                outcome = "answered"
         except StageRequestError as err:
             deliver(error_response(request, err.code, str(err), self.name))
         except codec.WireFormatError as err:
@@ -262,6 +272,20 @@ class StageService(stage_pb2_grpc.StageServicer):
         except Exception as err:
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
+        if self.trace is not None:
+            self._write_trace(request, outcome, received_ns or started, started, computed)
+
+    def _write_trace(self, request: stage_pb2.ForwardRequest, outcome: str, received: int, started: int,
+                     computed: int) -> None:
+        sent = now_ns()
+        record = StepRecord(stage=self.name, session_id=request.session_id, micro_batch_id=request.micro_batch_id,
+                            outcome=outcome, received=received, started=started, computed=computed or sent,
+                            sent=sent)
+        try:
+            self.trace.write(record)
+        except OSError as err:  # a full disk must not fail the steps: stop tracing instead
+            log.warning("stopped writing the step trace %s: %s", self.trace.path, err)
+            self.trace = None
 
     def _answer_and_chain(self, request: stage_pb2.ForwardRequest, logits: torch.Tensor, positions: torch.Tensor,
                           mask: torch.Tensor | None, collector: queue.Queue) -> None:
