@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -32,27 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 from stage_server.step_trace import StepRecord, read_records  # noqa: E402
 
-_LAYERS = re.compile(r"layers (\d+):(\d+)")
 
-
-def stage_order(records: list[StepRecord]) -> list[str]:
-    """The stages' names, in pipeline order (by first layer)."""
-    def first_layer(name: str) -> int:
-        found = _LAYERS.search(name)
-        if found is None:
-            raise ValueError(f"stage name {name!r} does not say its layers")
-        return int(found.group(1))
-    return sorted({r.stage for r in records}, key=first_layer)
-
-
-def token_breakdown(records: list[StepRecord], skip: int = 2) -> dict:
-    """Per-token medians (µs) of the session with the most micro-batches that every stage handled.
-    The first `skip` of its micro-batches (the prefill, the first decode step) are left out."""
-    stages = stage_order(records)
+def _by_micro_batch(records: list[StepRecord]) -> list[dict[str, StepRecord]]:
+    """The records of each micro-batch that every traced stage handled, by stage name."""
+    stages = {record.stage for record in records}
     by_step: dict[tuple[str, int], dict[str, StepRecord]] = defaultdict(dict)
     for record in records:
         if record.outcome != "failed":
@@ -60,6 +45,24 @@ def token_breakdown(records: list[StepRecord], skip: int = 2) -> dict:
     complete = [steps for steps in by_step.values() if len(steps) == len(stages)]
     if not complete:
         raise ValueError("no micro-batch was traced by every stage")
+    return complete
+
+
+def _in_pipeline_order(steps: dict[str, StepRecord]) -> list[str]:
+    """The stages of one micro-batch's records in the order they received it."""
+    return sorted(steps, key=lambda stage: steps[stage].received)
+
+
+def stage_order(records: list[StepRecord]) -> list[str]:
+    """The stages' names in pipeline order."""
+    return _in_pipeline_order(_by_micro_batch(records)[0])
+
+
+def token_breakdown(records: list[StepRecord], skip: int = 2) -> dict:
+    """Per-token medians (µs) of the session with the most micro-batches that every stage handled.
+    The first `skip` of its micro-batches (the prefill, the first decode step) are left out."""
+    complete = _by_micro_batch(records)
+    stages = _in_pipeline_order(complete[0])
     sessions: dict[str, list[dict[str, StepRecord]]] = defaultdict(list)
     for steps in complete:
         sessions[steps[stages[0]].session_id].append(steps)

@@ -219,7 +219,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._add_inflight(-left)
 
     def _step(self, request: stage_pb2.ForwardRequest, link_to, deliver, settle: Callable[[], None],
-              received_ns: int = 0) -> None:
+              received_ns: int) -> None:
         """Compute one micro-batch, then forward it or answer it; never raises. Runs on the compute
         thread, so that every torch call of the stage, the answer's argmax included, runs there
         (only while the weights load does it run on the reader's thread, and then only refuses).
@@ -273,7 +273,7 @@ class StageService(stage_pb2_grpc.StageServicer):
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
         if self.trace is not None:
-            self._write_trace(request, outcome, received_ns or started, started, computed)
+            self._write_trace(request, outcome, received_ns, started, computed)
 
     def _write_trace(self, request: stage_pb2.ForwardRequest, outcome: str, received: int, started: int,
                      computed: int) -> None:
@@ -285,7 +285,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             self.trace.write(record)
         except OSError as err:  # a full disk must not fail the steps: stop tracing instead
             log.warning("stopped writing the step trace %s: %s", self.trace.path, err)
-            self.trace = None
+            trace, self.trace = self.trace, None
+            trace.close()
 
     def _answer_and_chain(self, request: stage_pb2.ForwardRequest, logits: torch.Tensor, positions: torch.Tensor,
                           mask: torch.Tensor | None, collector: queue.Queue) -> None:

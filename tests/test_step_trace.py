@@ -16,6 +16,7 @@ from stage_server.step_trace import StepRecord, StepTrace, read_records
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from step_timeline import stage_order, token_breakdown  # noqa: E402
+from test_bad_input import forward_once  # noqa: E402
 
 
 def record(stage: str, micro_batch: int, received: int, started: int, computed: int, sent: int,
@@ -55,7 +56,6 @@ def test_stages_trace_every_micro_batch_in_order(tiny_model, stages, tmp_path):
         bad = stage_pb2.ForwardRequest(session_id="no-such-session", micro_batch_id=7, route=[addresses[1]],
                                        activations=codec.encode(torch.tensor([[5]])),
                                        position_ids=codec.encode(torch.tensor([[0]])))
-        from test_bad_input import forward_once
         assert forward_once(addresses[0], bad).status_code != 0
     records = read_records(path)
     first, last = stage_order(records)
