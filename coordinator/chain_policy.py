@@ -17,23 +17,9 @@ network hop, so it stays on.
 
 from __future__ import annotations
 
-import ipaddress
+from protos.addresses import is_loopback
 
 CHAIN_SETTINGS = ("auto", "on", "off")
-
-
-def is_loopback(address: str) -> bool:
-    """Whether a stage address (host:port, [v6]:port, unix:path) names this machine by a loopback form."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def chain_greedy_steps(setting: str, stage_addresses: tuple[str, ...] | list[str]) -> bool:

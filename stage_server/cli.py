@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="append one JSON line per micro-batch to FILE: when it arrived, started, finished "
                              "computing and went on (monotonic ns; stages on one machine may share FILE; "
                              "bench/step_timeline.py reads it)")
+    parser.add_argument("--local-hops", choices=["on", "off"], default="on",
+                        help="on (default, Linux): take micro-batches from stages of this machine on a Unix "
+                             "socket named after the port, and send to next stages at loopback addresses on "
+                             "theirs, instead of gRPC streams (stage_server/local_hops.py); off: gRPC only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            progress=not args.quiet)
+            local_hops=args.local_hops == "on", progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

@@ -53,6 +53,63 @@ class ChannelPool:
             self._channels.clear()
 
 
+class KeptSends:
+    """What a link sent and may still hear about: per micro-batch, the bytes sent. A micro-batch
+    whose answer goes to a reply_to collector sends nothing back on success, so of those only the
+    latest RECENT_KEPT are kept, for a failure to report (or a relayed answer to find)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[tuple[str, int], int] = {}  # (session, micro-batch) → bytes sent
+        self._recent: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def record(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
+        """Keep a request about to be sent; False once closed (the link has failed)."""
+        key = (request.session_id, request.micro_batch_id)
+        with self._lock:
+            if self._closed:
+                return False
+            if request.reply_to:
+                self._recent[key] = sent_bytes
+                self._recent.move_to_end(key)
+                if len(self._recent) > RECENT_KEPT:
+                    self._recent.popitem(last=False)
+            else:
+                self._pending[key] = sent_bytes
+        return True
+
+    def take(self, session_id: str, micro_batch_id: int) -> int:
+        """Stop keeping a micro-batch (answered, or known to be done); returns the bytes it sent (0 if unknown)."""
+        key = (session_id, micro_batch_id)
+        with self._lock:
+            sent = self._pending.pop(key, None)
+            return sent if sent is not None else self._recent.pop(key, 0)
+
+    def __len__(self) -> int:
+        """Micro-batches kept: awaiting an answer, or recent ones sent towards a collector."""
+        with self._lock:
+            return len(self._pending) + len(self._recent)
+
+    def answered(self, response: stage_pb2.ForwardResponse) -> stage_pb2.ForwardResponse:
+        """An answer that came back: its micro-batch is no longer kept, and the bytes this hop sent
+        for it go first in its hop_bytes."""
+        hops = [self.take(response.session_id, response.micro_batch_id), *response.hop_bytes]
+        del response.hop_bytes[:]
+        response.hop_bytes.extend(hops)
+        return response
+
+    def fail_all(self, address: str, detail: str, deliver: Callable[[stage_pb2.ForwardResponse], None]) -> None:
+        """The link to `address` has ended: refuse further records and answer every kept micro-batch
+        with UNAVAILABLE naming the hop."""
+        with self._lock:
+            self._closed = True
+            kept = [*self._pending, *self._recent]
+            self._pending, self._recent = {}, OrderedDict()
+        for session_id, micro_batch_id in kept:
+            deliver(unreachable(address, session_id, micro_batch_id, detail))
+
+
 class DownstreamLink:
     """An outgoing Forward stream to one next hop, on behalf of one upstream stream."""
 
@@ -62,11 +119,7 @@ class DownstreamLink:
         self._deliver = deliver
         self._on_closed = on_closed
         self._outbox: queue.Queue = queue.Queue()
-        self._pending: dict[tuple[str, int], int] = {}  # (session, micro-batch) → bytes we sent
-        # The same for micro-batches answered to a reply_to collector: no answer comes back, so only
-        # the latest RECENT_KEPT are kept, for a failure to report (or a relayed answer to find).
-        self._recent: OrderedDict[tuple[str, int], int] = OrderedDict()
-        self._lock = threading.Lock()
+        self._sends = KeptSends()
         self.alive = True
         self._call = stage_pb2_grpc.StageStub(channel).Forward(iter(self._outbox.get, _CLOSE))
         self._reader = threading.Thread(target=self._read, name=f"downstream-{address}", daemon=True)
@@ -74,25 +127,14 @@ class DownstreamLink:
 
     def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
         """Queue a request; False if the link has already failed (open a new one)."""
-        key = (request.session_id, request.micro_batch_id)
-        with self._lock:
-            if not self.alive:
-                return False
-            if request.reply_to:
-                self._recent[key] = sent_bytes
-                self._recent.move_to_end(key)
-                if len(self._recent) > RECENT_KEPT:
-                    self._recent.popitem(last=False)
-            else:
-                self._pending[key] = sent_bytes
+        if not self._sends.record(request, sent_bytes):
+            return False
         self._outbox.put(request)
         return True
 
     def forget(self, session_id: str, micro_batch_id: int) -> None:
         """Stop waiting for a micro-batch's answer: it is known to be done (no receipt will come)."""
-        with self._lock:
-            self._pending.pop((session_id, micro_batch_id), None)
-            self._recent.pop((session_id, micro_batch_id), None)
+        self._sends.take(session_id, micro_batch_id)
 
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""
@@ -102,34 +144,18 @@ class DownstreamLink:
         self._call.cancel()
 
     def _read(self) -> None:
+        detail = "stream ended before answering"
         try:
             for response in self._call:
-                key = (response.session_id, response.micro_batch_id)
-                with self._lock:
-                    sent = self._pending.pop(key, None)
-                    if sent is None:
-                        sent = self._recent.pop(key, 0)
-                hops = [sent, *response.hop_bytes]
-                del response.hop_bytes[:]
-                response.hop_bytes.extend(hops)
-                self._deliver(response)
+                self._deliver(self._sends.answered(response))
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.CANCELLED:
                 log.warning("next stage %s failed: %s", self.address, err.details())
-            self._fail_pending(err)
+            detail = err.details() or detail
         finally:
-            with self._lock:
-                self.alive = False
-            self._fail_pending(None)
+            self.alive = False
+            self._sends.fail_all(self.address, detail, self._deliver)
             self._on_closed()
-
-    def _fail_pending(self, err: grpc.RpcError | None) -> None:
-        with self._lock:
-            pending = [*self._pending, *self._recent]
-            self._pending, self._recent = {}, OrderedDict()
-        detail = err.details() if err is not None else "stream ended before answering"
-        for session_id, micro_batch_id in pending:
-            self._deliver(unreachable(self.address, session_id, micro_batch_id, detail))
 
 
 def unreachable(address: str, session_id: str, micro_batch_id: int, detail: str) -> stage_pb2.ForwardResponse:

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from protos import codec, stage_pb2
-from stage_server.downstream import ChannelPool, DownstreamLink
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +71,11 @@ def next_step(request: stage_pb2.ForwardRequest, tokens: list[int], positions: t
 class GreedyChain:
     """The last stage's side of chaining: stop requests, and links to first stages."""
 
-    def __init__(self, channels: ChannelPool, collector: Callable[[str], object | None]) -> None:
-        self._channels = channels
+    def __init__(self, open_link: Callable[..., object], collector: Callable[[str], object | None]) -> None:
+        self._open_link = open_link  # (address, deliver, on_closed) -> a link (the servicer's open_link)
         self._collector = collector  # collector id -> queue of answers for a coordinator, or None
         self._lock = threading.Lock()
-        self._links: dict[str, DownstreamLink] = {}
+        self._links: dict[str, object] = {}  # first stage's address -> link (gRPC or same-machine)
         # chained step -> (its coordinator's collector, the first stage it went to)
         self._reply_to: dict[tuple[str, int], tuple[str, str]] = {}
         self._stops: dict[str, float] = {}  # session id -> when StopChain came
@@ -104,7 +103,7 @@ class GreedyChain:
             self._reply_to[key] = (step.reply_to, address)
             link = self._links.get(address)
             if link is None or not link.alive:
-                link = DownstreamLink(address, self._channels.get(address), self._answer, lambda: None)
+                link = self._open_link(address, self._answer, lambda: None)
                 self._links[address] = link
         if link.send(step, 0):  # the token ids' hop is the coordinator's, which is not counted either
             return True

@@ -21,7 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_options import server_options
 from protos.reflection import enable_reflection
+from stage_server import local_hops
 from stage_server.compute_threads import ComputeThreads
+from stage_server.local_hops import LocalHopListener
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -59,6 +61,7 @@ class StageServerConfig:
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
+    local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/local_hops.py)
     progress: bool = True
 
 
@@ -84,6 +87,7 @@ class StageServer:
         enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
+        self.local_hops: LocalHopListener | None = None  # the same-machine socket, when listening
         self.split_head = None  # the last stage's SplitHead, when its head is split
         self._stopped = threading.Event()
 
@@ -101,6 +105,7 @@ class StageServer:
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self.service.trace = StepTrace(cfg.trace_steps)
         self.grpc_server.start()
+        self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
@@ -114,6 +119,8 @@ class StageServer:
                 attention=cfg.attention, progress=cfg.progress))
             self._install_step_helpers(loaded)
         except Exception:
+            if self.local_hops is not None:
+                self.local_hops.close()
             self.grpc_server.stop(0)
             raise
         finally:
@@ -134,6 +141,18 @@ class StageServer:
                  loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
                  "lean layers" if getattr(loaded.architecture, "lean", None) is not None
                  else "transformers' layer forward", loaded.fingerprint)
+
+    def _listen_for_local_hops(self, port: int) -> None:
+        """Take same-machine upstreams on a Unix socket too (local_hops.py), unless turned off; this
+        stage's own next hops use theirs likewise."""
+        self.service.local_hops = self.config.local_hops and local_hops.SUPPORTED
+        if not self.service.local_hops:
+            return
+        try:
+            self.local_hops = LocalHopListener(port, self.service.forward_stream, self.service.take_stream_slot,
+                                               self.service.free_stream_slot)
+        except OSError as err:  # the name is taken: hops to this stage stay on gRPC
+            log.warning("no same-machine hops into this stage (%s); upstream stages use gRPC", err)
 
     def _install_step_helpers(self, loaded) -> None:
         """The last stage's split LM head, and row chunks for per-sequence stages."""
@@ -165,6 +184,8 @@ class StageServer:
         if not self.service.wait_idle(self.config.drain_timeout_s):
             log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
         self._stopped.set()
+        if self.local_hops is not None:
+            self.local_hops.close()
         self.grpc_server.stop(grace=1.0).wait()
         self.service.close()
         if self.service.trace is not None:

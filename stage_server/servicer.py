@@ -25,10 +25,11 @@ import psutil
 import torch
 
 from protos import codec, stage_pb2, stage_pb2_grpc
+from stage_server import local_hops
 from stage_server.cache_edits import PlannedEdit
 from stage_server.compute_thread import ComputeThread
 from stage_server.compute_threads import ComputeThreads
-from stage_server.downstream import ChannelPool, DownstreamLink, unreachable
+from stage_server.downstream import ChannelPool, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.sessions import SessionStore
@@ -94,37 +95,51 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._inflight_changed = threading.Condition()
         self._collectors: dict[str, queue.Queue] = {}  # Results subscribers by collector id
         self._collectors_lock = threading.Lock()
-        self._chain = GreedyChain(self._channels, self._collector)
+        self.local_hops = local_hops.SUPPORTED  # next hops on this machine over their Unix socket (local_hops.py)
+        self._chain = GreedyChain(self.open_link, self._collector)
 
     def attach(self, model: StageModel, sessions: SessionStore) -> None:
         self.model, self.sessions = model, sessions
 
+    def open_link(self, address: str, deliver, on_closed):
+        """A link to the next hop at `address`: same-machine socket if it has one, else gRPC."""
+        return local_hops.open_link(address, self._channels, deliver, on_closed, local=self.local_hops)
+
     # ---- Forward -------------------------------------------------------------------------
+
+    def take_stream_slot(self) -> bool:
+        """Reserve one of max_streams slots for a stream (gRPC or same-machine); False when none is free."""
+        with self._streams_lock:
+            if self._streams >= self.max_streams:
+                return False
+            self._streams += 1
+            return True
+
+    def free_stream_slot(self) -> None:
+        with self._streams_lock:
+            self._streams -= 1
 
     @contextlib.contextmanager
     def _stream_slot(self, context):
         """Hold one of max_streams slots for a stream's life; refuse the stream when none is free."""
-        with self._streams_lock:
-            full = self._streams >= self.max_streams
-            if not full:
-                self._streams += 1
-        if full:
+        if not self.take_stream_slot():
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"stage {self.name} already serves {self.max_streams} streams (Forward and Results; a "
                           f"coordinator holds one or two): close some, or restart it with a larger --max-streams")
         try:
             yield
         finally:
-            with self._streams_lock:
-                self._streams -= 1
+            self.free_stream_slot()
 
     def Forward(self, request_iterator, context):
         with self._stream_slot(context):
-            yield from self._forward(request_iterator, context)
+            yield from self.forward_stream(request_iterator, context)
 
-    def _forward(self, request_iterator, context):
+    def forward_stream(self, request_iterator, context):
+        """One upstream stream of micro-batches, whichever way it came (a gRPC Forward stream, or a
+        same-machine connection, local_hops.py); yields the answers that go back up it."""
         answers: queue.Queue = queue.Queue()
-        links: dict[str, DownstreamLink] = {}
+        links: dict[str, object] = {}  # next hop address -> its link (local_hops.open_link)
         producers = [1]  # the reader of the upstream stream, plus one per open link
         producers_lock = threading.Lock()
         # Micro-batches read from upstream that this stage has not settled yet: settled when their
@@ -149,12 +164,12 @@ class StageService(stage_pb2_grpc.StageServicer):
                 if producers[0] == 0:
                     answers.put(_END)
 
-        def link_to(address: str) -> DownstreamLink:
+        def link_to(address: str):
             link = links.get(address)
             if link is None or not link.alive:  # first use, or the last link to it failed: reconnect
                 with producers_lock:
                     producers[0] += 1
-                link = DownstreamLink(address, self._channels.get(address), answers.put, producer_done)
+                link = self.open_link(address, answers.put, producer_done)
                 links[address] = link
             return link
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import running_coordinator
 
-from coordinator.chain_policy import chain_greedy_steps, is_loopback
+from coordinator.chain_policy import chain_greedy_steps
 from coordinator.cli import build_parser
+from protos.addresses import is_loopback, loopback_port
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:50051", "127.3.4.5:1", "localhost:50051", "[::1]:50051",
@@ -19,6 +20,13 @@ def test_loopback_addresses(address):
                                      "[2001:db8::1]:50051", "dns:///stage-b:50051"])
 def test_other_machines(address):
     assert not is_loopback(address)
+
+
+@pytest.mark.parametrize(("address", "port"), [("127.0.0.1:50051", 50051), ("localhost:7", 7), ("[::1]:8080", 8080),
+                                             ("10.0.0.2:50051", None), ("unix:/tmp/stage.sock", None),
+                                             ("127.0.0.1", None), ("127.0.0.1:x", None), ("127.0.0.1:70000", None)])
+def test_loopback_port(address, port):
+    assert loopback_port(address) == port
 
 
 def test_auto_chains_only_when_a_stage_is_elsewhere():

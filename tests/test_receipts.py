@@ -14,6 +14,7 @@ import queue
 import threading
 
 import grpc
+import pytest
 import torch
 from stalling import stalled_forward
 from waiting import eventually
@@ -22,6 +23,7 @@ from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient, StepFuture, _Pending
 from protos import codec, stage_pb2, stage_pb2_grpc
 from stage_server.downstream import DownstreamLink
+from stage_server.local_hops import LocalHopLink
 
 HIDDEN = 64  # the tiny models' hidden size (tests/tiny_models.py)
 FLOAT32 = 4
@@ -40,17 +42,17 @@ def _collect(stream, into: queue.Queue) -> threading.Thread:
 
 
 def _count_link_deliveries(monkeypatch) -> list:
-    """Every response a stage's link to its next stage hands back (in-process stages share the class)."""
+    """Every response a stage's link to its next stage hands back, over gRPC or a same-machine socket
+    (in-process stages share the classes)."""
     delivered = []
-    original = DownstreamLink.__init__
+    for link_class in (DownstreamLink, LocalHopLink):
+        def counting_init(self, address, connection, deliver, on_closed, _original=link_class.__init__):
+            def counted(response):
+                delivered.append(response)
+                deliver(response)
+            _original(self, address, connection, counted, on_closed)
 
-    def counting_init(self, address, channel, deliver, on_closed):
-        def counted(response):
-            delivered.append(response)
-            deliver(response)
-        original(self, address, channel, counted, on_closed)
-
-    monkeypatch.setattr(DownstreamLink, "__init__", counting_init)
+        monkeypatch.setattr(link_class, "__init__", counting_init)
     return delivered
 
 
@@ -90,11 +92,14 @@ def test_no_receipts_come_back_and_the_answer_carries_its_hop_sizes(tiny_model, 
             assert eventually(lambda: [s.service._inflight for s in servers], [0, 0, 0]) == [0, 0, 0]
 
 
-def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_model, stages):
+@pytest.mark.parametrize("local_hops", [True, False], ids=["same-machine socket", "gRPC"])
+def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_model, stages, local_hops):
     """Without receipts the first stage no longer waits for the micro-batch it sent on, yet when the
-    last stage dies computing it, the first stage still answers it UNAVAILABLE naming that stage."""
+    last stage dies computing it, the first stage still answers it UNAVAILABLE naming that stage,
+    whichever way the hop went."""
     model_dir = tiny_model("llama")
-    with stages(model_dir, 2) as (addresses, servers):
+    with stages(model_dir, 2, local_hops=local_hops) as (addresses, servers):
+        assert (servers[1].local_hops is not None) == local_hops
         last = servers[1].service
         with stalled_forward(last) as (computing, _):
             with grpc.insecure_channel(addresses[0]) as first, grpc.insecure_channel(addresses[1]) as channel:
@@ -111,7 +116,9 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
                     position_ids=codec.encode(torch.arange(3).view(1, -1)), logits_top_k=1, reply_to="c1"))
                 assert computing.wait(30)
                 assert eventually(lambda: servers[0].service._inflight, 0) == 0  # settled once sent on
-                servers[1].grpc_server.stop(None)  # gone at once, mid-step
+                if servers[1].local_hops is not None:  # gone at once, mid-step: both ways in are shut
+                    servers[1].local_hops.close()
+                servers[1].grpc_server.stop(None)
                 failure = back.get(timeout=30)
                 outbox.put(None)
     assert failure.micro_batch_id == 7 and failure.status_code == grpc.StatusCode.UNAVAILABLE.value[0]
@@ -145,7 +152,7 @@ def test_a_chained_decode_counts_every_hop_once_and_leaves_nothing_waiting(tiny_
         finally:
             client.close()
         chain = servers[-1].service._chain
-        waiting = eventually(lambda: (len(chain._reply_to), [len(link._pending) for link in chain._links.values()],
+        waiting = eventually(lambda: (len(chain._reply_to), [len(link._sends) for link in chain._links.values()],
                                       [s.service._inflight for s in servers]), (0, [0], [0, 0, 0]))
     assert len(result.token_ids) == new_tokens
     # two hops per step: the prompt's positions once, then one position per decode step

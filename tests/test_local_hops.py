@@ -1,0 +1,190 @@
+"""Same-machine hops over a Unix socket (stage_server/local_hops.py): framing, never blocking the
+sender, which way a real pipeline's hops go, and that turning it off leaves them on gRPC."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import grpc
+import pytest
+import torch
+
+from coordinator.engine import Engine, SequenceRequest
+from coordinator.pipeline_client import PipelineClient
+from protos import codec, stage_pb2, stage_pb2_grpc
+from stage_server import local_hops
+from stage_server.downstream import DownstreamLink
+from stage_server.local_hops import FrameError, FrameWriter, LocalHopLink, read_frames
+
+pytestmark = pytest.mark.skipif(not local_hops.SUPPORTED, reason="abstract Unix sockets are Linux only")
+
+
+def _request(micro_batch_id: int, payload: bytes = b"") -> stage_pb2.ForwardRequest:
+    request = stage_pb2.ForwardRequest(session_id="s", micro_batch_id=micro_batch_id)
+    request.activations.data = payload
+    return request
+
+
+def test_frames_round_trip_in_order():
+    sender, receiver = socket.socketpair()
+    writer = FrameWriter(sender, "test")
+    sent = [_request(i, bytes([i]) * i) for i in range(20)]
+    for request in sent:
+        assert writer.write(request)
+    writer.close()
+    assert list(read_frames(receiver, stage_pb2.ForwardRequest.FromString)) == sent
+
+
+def test_a_frame_the_socket_cannot_take_at_once_does_not_block_the_sender():
+    sender, receiver = socket.socketpair()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    writer = FrameWriter(sender, "test")
+    big = [_request(i, bytes([i]) * (1 << 20)) for i in range(3)]  # far more than the socket buffers
+    started = time.perf_counter()
+    for request in [*big, _request(3)]:
+        assert writer.write(request)
+    assert time.perf_counter() - started < 2.0  # nothing read yet: the writer thread holds the rest
+    writer.close()
+    received = list(read_frames(receiver, stage_pb2.ForwardRequest.FromString))
+    assert [r.micro_batch_id for r in received] == [0, 1, 2, 3]
+    assert received[:3] == big
+
+
+def test_writing_to_a_closed_peer_fails_instead_of_raising():
+    sender, receiver = socket.socketpair()
+    receiver.close()
+    writer = FrameWriter(sender, "test")
+    assert not writer.write(_request(1)) or not writer.write(_request(2))
+    assert writer.failed
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    (struct.pack("<I", 1 << 30), "exceeds"),
+    (struct.pack("<I", 100) + b"x" * 10, "closed 10 bytes into"),
+    (struct.pack("<I", 3) + b"\xff\xff\xff", "undecodable"),
+    (b"\x01\x00", "closed 2 bytes into"),
+])
+def test_malformed_frames_are_refused(raw, message):
+    sender, receiver = socket.socketpair()
+    sender.sendall(raw)
+    sender.close()
+    with pytest.raises(FrameError, match=message):
+        list(read_frames(receiver, stage_pb2.ForwardRequest.FromString, max_bytes=1 << 20))
+
+
+def _links_opened(monkeypatch) -> dict[str, list[str]]:
+    """Addresses each kind of link was opened to, by class name."""
+    opened: dict[str, list[str]] = {"DownstreamLink": [], "LocalHopLink": []}
+    for link_class in (DownstreamLink, LocalHopLink):
+        def recording_init(self, address, connection, deliver, on_closed, _original=link_class.__init__,
+                           _name=link_class.__name__):
+            opened[_name].append(address)
+            _original(self, address, connection, deliver, on_closed)
+
+        monkeypatch.setattr(link_class, "__init__", recording_init)
+    return opened
+
+
+def _generate(addresses: list[str], prompt: list[int], new_tokens: int, *, chain: bool = False) -> list[int]:
+    client = PipelineClient(addresses)
+    try:
+        return Engine(client, chain=chain).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["through the coordinator", "greedy chain"])
+def test_a_local_pipeline_hops_over_the_sockets_with_the_same_tokens(tiny_model, stages, monkeypatch, chain):
+    model_dir = tiny_model("llama")
+    prompt = [5, 6, 7, 8, 9]
+    with stages(model_dir, 3, local_hops=False) as (addresses, _):
+        over_grpc = _generate(addresses, prompt, 8, chain=chain)
+    opened = _links_opened(monkeypatch)
+    with stages(model_dir, 3) as (addresses, servers):
+        over_sockets = _generate(addresses, prompt, 8, chain=chain)
+        assert [s.service._inflight for s in servers] == [0, 0, 0]
+    assert over_sockets == over_grpc and len(over_sockets) == 8
+    assert opened["DownstreamLink"] == []
+    assert set(opened["LocalHopLink"]) == set(addresses[1:] + (addresses[:1] if chain else []))
+
+
+def test_off_keeps_every_hop_on_grpc(tiny_model, stages, monkeypatch):
+    opened = _links_opened(monkeypatch)
+    with stages(tiny_model("llama"), 2, local_hops=False) as (addresses, servers):
+        assert all(server.local_hops is None for server in servers)
+        _generate(addresses, [5, 6, 7], 3)
+    assert opened == {"DownstreamLink": [addresses[1]], "LocalHopLink": []}
+
+
+def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_model, stages):
+    with stages(tiny_model("llama"), 2) as (addresses, servers):
+        port = servers[1].port
+        # an error for a micro-batch is answered on the same connection, in-band
+        sock = local_hops.connect(addresses[1])
+        writer = FrameWriter(sock, "test")
+        writer.write(stage_pb2.ForwardRequest(session_id="nobody", micro_batch_id=4,
+                                              activations=codec.encode(torch.zeros(1, 1, 64)),
+                                              position_ids=codec.encode(torch.tensor([[3]]))))
+        answers = read_frames(sock, stage_pb2.ForwardResponse.FromString)
+        answer = next(answers)
+        assert answer.micro_batch_id == 4 and answer.status_code == grpc.StatusCode.NOT_FOUND.value[0]
+        writer.close()
+        assert list(answers) == []  # the stage ends the stream once the upstream has
+        sock.close()
+        # garbage on the socket drops that connection only; the stage still serves
+        garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        garbage.connect(local_hops.socket_name(port))
+        garbage.sendall(struct.pack("<I", 1 << 31))
+        garbage.settimeout(10)
+        assert garbage.recv(1) == b""
+        garbage.close()
+        with grpc.insecure_channel(addresses[1]) as channel:
+            info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+        assert info.layer_end > 0
+        assert _wait_for(lambda: servers[1].service._streams == 0)
+
+
+def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
+    with stages(tiny_model("llama"), 2, max_streams=1) as (addresses, servers):
+        first = local_hops.connect(addresses[1])
+        assert _wait_for(lambda: servers[1].service._streams == 1)
+        second = local_hops.connect(addresses[1])
+        second.settimeout(10)
+        assert second.recv(1) == b""  # closed by the stage
+        first.close()
+        second.close()
+        assert _wait_for(lambda: servers[1].service._streams == 0)
+
+
+def test_a_stopped_stage_closes_its_socket(tiny_model, stages):
+    with stages(tiny_model("llama"), 1) as (addresses, servers):
+        assert local_hops.connect(addresses[0]) is not None
+        servers[0].stop()
+        assert local_hops.connect(addresses[0]) is None
+
+
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_two_stages_cannot_share_a_socket_name():
+    name = local_hops.socket_name(1)  # port 1: no stage of these tests listens there
+    holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    holder.bind(name)
+    try:
+        with pytest.raises(OSError):
+            local_hops.LocalHopListener(1, lambda requests, context: iter(()), lambda: True, lambda: None)
+    finally:
+        holder.close()
+    listener = local_hops.LocalHopListener(1, lambda requests, context: iter(()), lambda: True, lambda: None)
+    listener.close()
+    again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    again.bind(name)  # a closed listener leaves the name free
+    again.close()
