@@ -45,6 +45,7 @@ class CoordinatorConfig:
     micro_batches: int = 0  # groups in flight at once; 0 = one per stage
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
+    local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/local_streams.py)
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0
@@ -119,7 +120,7 @@ class CoordinatorServer:
         check_chain(config.stages, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
-                                       model_fingerprint=infos[0].model_fingerprint)
+                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context)
         info = coordinator_pb2.ModelInfo(

@@ -68,6 +68,10 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              "off: every step goes through the coordinator; auto (default): on unless every stage "
                              "is on this machine, where the coordinator's work would share the stages' cores")
     parser.add_argument("--no-chain", dest="chain", action="store_const", const="off", help="same as --chain off")
+    parser.add_argument("--local-hops", choices=["on", "off"], default="on",
+                        help="on (default, Linux): send micro-batches to a first stage on this machine and take the "
+                             "last stage's answers over their Unix sockets instead of gRPC streams "
+                             "(coordinator/local_streams.py); off: gRPC only")
     defaults = BatchLimits()
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="sequences generating at once; more wait in the queue "
@@ -200,7 +204,7 @@ def cmd_fetch(args) -> int:
 def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> CoordinatorConfig:
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
-                             chain=args.chain, batch_limits=BatchLimits(
+                             chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))

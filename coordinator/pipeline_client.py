@@ -16,36 +16,17 @@ import queue
 import threading
 import uuid
 from collections import OrderedDict
-from concurrent.futures import Future
 
 import grpc
 import torch
 
+from coordinator.local_streams import LocalForwardStream, LocalResults, open_forward, open_results
+from coordinator.step_future import StageCallError, StepFuture, status_code_from_value
 from protos import codec, stage_pb2, stage_pb2_grpc
 from protos.channel_options import channel_options
 
 log = logging.getLogger(__name__)
 _CLOSE = object()
-
-
-class StageCallError(Exception):
-    """A micro-batch failed somewhere in the chain."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, failed_stage: str = "") -> None:
-        super().__init__(message)
-        self.code = code
-        self.failed_stage = failed_stage
-
-
-def status_code_from_value(value: int) -> grpc.StatusCode:
-    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
-
-
-class StepFuture(Future):
-    """A micro-batch's answer to come. When the last stage chained the next step itself
-    (greedy chaining), `next_in_chain` is that step's future, set before this one resolves."""
-
-    next_in_chain: StepFuture | None = None
 
 
 class _Pending:
@@ -156,6 +137,9 @@ class _Stream:
     def close(self) -> None:
         self.outbox.put(_CLOSE)
 
+    def cancel(self) -> None:
+        self.call.cancel()
+
     def _read(self) -> None:
         error = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
         try:
@@ -180,6 +164,9 @@ class _Results:
         self.call = stub.Results(stage_pb2.ResultsRequest(collector_id=self.collector_id))
         threading.Thread(target=self._read, name="pipeline-results", daemon=True).start()
 
+    def cancel(self) -> None:
+        self.call.cancel()
+
     def _read(self) -> None:
         detail = "ended"
         try:
@@ -197,7 +184,9 @@ class PipelineClient:
     """Sends micro-batches down a route of stage addresses and gets logits back."""
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
-                 model_fingerprint: str = "", direct_results: bool = True) -> None:
+                 model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True) -> None:
+        """`local_hops`: reach stages on this machine over their Unix sockets where they have one
+        (coordinator/local_streams.py), else gRPC."""
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
@@ -206,10 +195,11 @@ class PipelineClient:
         self._channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self.direct_results = direct_results and len(self.addresses) > 1
+        self.local_hops = local_hops
         self.hop_bytes = 0  # activation bytes the stages sent each other, as they report them
         self._pending = _Pending()
-        self._stream: _Stream | None = None
-        self._results: _Results | None = None
+        self._stream: _Stream | LocalForwardStream | None = None
+        self._results: _Results | LocalResults | None = None
         self._lock = threading.Lock()
         self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
@@ -223,10 +213,11 @@ class PipelineClient:
                 self.hop_bytes += sum(response.hop_bytes)
         self._pending.resolve(response)
 
-    def _live_stream(self) -> _Stream:
+    def _live_stream(self) -> _Stream | LocalForwardStream:
         with self._lock:
             if self._stream is None or not self._stream.alive:
-                self._stream = _Stream(self._stubs[0], self.addresses[0], self._pending, self._take_answer)
+                local = open_forward(self.addresses[0], self._pending, self._take_answer) if self.local_hops else None
+                self._stream = local or _Stream(self._stubs[0], self.addresses[0], self._pending, self._take_answer)
             return self._stream
 
     def _collector_id(self) -> str:
@@ -235,7 +226,9 @@ class PipelineClient:
             return ""
         with self._lock:
             if self._results is None or not self._results.alive:
-                self._results = _Results(self._stubs[-1], self.addresses[-1], self._pending, self._take_answer)
+                local = open_results(self.addresses[-1], self._pending, self._take_answer) if self.local_hops else None
+                self._results = local or _Results(self._stubs[-1], self.addresses[-1], self._pending,
+                                                  self._take_answer)
             return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
@@ -296,9 +289,9 @@ class PipelineClient:
         with self._lock:
             if self._stream is not None:
                 self._stream.close()
-                self._stream.call.cancel()
+                self._stream.cancel()
             if self._results is not None:
-                self._results.call.cancel()
+                self._results.cancel()
         for channel in self._channels:
             channel.close()
 

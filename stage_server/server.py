@@ -149,8 +149,8 @@ class StageServer:
         if not self.service.local_hops:
             return
         try:
-            self.local_hops = LocalHopListener(port, self.service.forward_stream, self.service.take_stream_slot,
-                                               self.service.free_stream_slot)
+            self.local_hops = LocalHopListener(port, self.service.forward_stream, self.service.results_stream,
+                                               self.service.take_stream_slot, self.service.free_stream_slot)
         except OSError as err:  # the name is taken: hops to this stage stay on gRPC
             log.warning("no same-machine hops into this stage (%s); upstream stages use gRPC", err)
 

@@ -386,12 +386,14 @@ class StageService(stage_pb2_grpc.StageServicer):
             return self._collectors.get(collector_id)
 
     def Results(self, request, context):
+        with self._stream_slot(context):
+            yield from self.results_stream(request, context)
+
+    def results_stream(self, request, context):
+        """Answers sent to collector `request.collector_id`, whichever way the subscription came
+        (a gRPC Results call, or a same-machine connection, local_hops.py)."""
         if not request.collector_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "collector_id is empty")
-        with self._stream_slot(context):
-            yield from self._results(request, context)
-
-    def _results(self, request, context):
         answers: queue.Queue = queue.Queue()
         with self._collectors_lock:
             if request.collector_id in self._collectors:

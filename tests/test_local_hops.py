@@ -1,5 +1,6 @@
-"""Same-machine hops over a Unix socket (stage_server/local_hops.py): framing, never blocking the
-sender, which way a real pipeline's hops go, and that turning it off leaves them on gRPC."""
+"""Same-machine hops over a Unix socket (protos/local_socket.py, stage_server/local_hops.py,
+coordinator/local_streams.py): framing, never blocking the sender, which way a real pipeline's hops
+go (the same tokens either way), bad connections, and that turning it off leaves them on gRPC."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import pytest
 import torch
 
 from coordinator.engine import Engine, SequenceRequest
+from coordinator.local_streams import LocalForwardStream, LocalResults
 from coordinator.pipeline_client import PipelineClient
-from protos import codec, stage_pb2, stage_pb2_grpc
+from protos import codec, local_socket, stage_pb2, stage_pb2_grpc
+from protos.local_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames
 from stage_server import local_hops
 from stage_server.downstream import DownstreamLink
-from stage_server.local_hops import FrameError, FrameWriter, LocalHopLink, read_frames
+from stage_server.local_hops import LocalHopLink
 
 pytestmark = pytest.mark.skipif(not local_hops.SUPPORTED, reason="abstract Unix sockets are Linux only")
 
@@ -87,10 +90,13 @@ def _links_opened(monkeypatch) -> dict[str, list[str]]:
     return opened
 
 
-def _generate(addresses: list[str], prompt: list[int], new_tokens: int, *, chain: bool = False) -> list[int]:
-    client = PipelineClient(addresses)
+def _generate(addresses: list[str], prompt: list[int], new_tokens: int, *, chain: bool = False,
+              local_hops: bool = True) -> tuple[list[int], tuple[type, type]]:
+    """The tokens, and the kinds of the coordinator's stream to the first stage and from the last."""
+    client = PipelineClient(addresses, local_hops=local_hops)
     try:
-        return Engine(client, chain=chain).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids
+        tokens = Engine(client, chain=chain).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids
+        return tokens, (type(client._stream), type(client._results))
     finally:
         client.close()
 
@@ -100,12 +106,17 @@ def test_a_local_pipeline_hops_over_the_sockets_with_the_same_tokens(tiny_model,
     model_dir = tiny_model("llama")
     prompt = [5, 6, 7, 8, 9]
     with stages(model_dir, 3, local_hops=False) as (addresses, _):
-        over_grpc = _generate(addresses, prompt, 8, chain=chain)
+        over_grpc, _ = _generate(addresses, prompt, 8, chain=chain, local_hops=False)
     opened = _links_opened(monkeypatch)
     with stages(model_dir, 3) as (addresses, servers):
-        over_sockets = _generate(addresses, prompt, 8, chain=chain)
-        assert [s.service._inflight for s in servers] == [0, 0, 0]
+        over_sockets, coordinator_streams = _generate(addresses, prompt, 8, chain=chain)
+        assert _wait_for(lambda: [s.service._inflight for s in servers] == [0, 0, 0])
+        # every stream ended with the client, but for the chain's: the last stage keeps its link to the
+        # first, and the steps that come that way go on through links of that stream
+        streams_left = [1, 1, 1] if chain else [0, 0, 0]
+        assert _wait_for(lambda: [s.service._streams for s in servers] == streams_left)
     assert over_sockets == over_grpc and len(over_sockets) == 8
+    assert coordinator_streams == (LocalForwardStream, LocalResults)
     assert opened["DownstreamLink"] == []
     assert set(opened["LocalHopLink"]) == set(addresses[1:] + (addresses[:1] if chain else []))
 
@@ -114,15 +125,16 @@ def test_off_keeps_every_hop_on_grpc(tiny_model, stages, monkeypatch):
     opened = _links_opened(monkeypatch)
     with stages(tiny_model("llama"), 2, local_hops=False) as (addresses, servers):
         assert all(server.local_hops is None for server in servers)
-        _generate(addresses, [5, 6, 7], 3)
+        _, coordinator_streams = _generate(addresses, [5, 6, 7], 3)  # the coordinator finds no socket either
     assert opened == {"DownstreamLink": [addresses[1]], "LocalHopLink": []}
+    assert [kind.__name__ for kind in coordinator_streams] == ["_Stream", "_Results"]
 
 
 def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_model, stages):
     with stages(tiny_model("llama"), 2) as (addresses, servers):
         port = servers[1].port
         # an error for a micro-batch is answered on the same connection, in-band
-        sock = local_hops.connect(addresses[1])
+        sock = local_socket.connect(addresses[1], FORWARD)
         writer = FrameWriter(sock, "test")
         writer.write(stage_pb2.ForwardRequest(session_id="nobody", micro_batch_id=4,
                                               activations=codec.encode(torch.zeros(1, 1, 64)),
@@ -134,12 +146,12 @@ def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_mod
         assert list(answers) == []  # the stage ends the stream once the upstream has
         sock.close()
         # garbage on the socket drops that connection only; the stage still serves
-        garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        garbage.connect(local_hops.socket_name(port))
-        garbage.sendall(struct.pack("<I", 1 << 31))
-        garbage.settimeout(10)
-        assert garbage.recv(1) == b""
-        garbage.close()
+        for raw in (FORWARD + struct.pack("<I", 1 << 31), b"X", RESULTS + struct.pack("<I", 0)):
+            garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            garbage.connect(local_socket.socket_name(port))
+            garbage.sendall(raw)
+            assert _closed_by_stage(garbage), raw
+            garbage.close()
         with grpc.insecure_channel(addresses[1]) as channel:
             info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
         assert info.layer_end > 0
@@ -148,21 +160,32 @@ def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_mod
 
 def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
     with stages(tiny_model("llama"), 2, max_streams=1) as (addresses, servers):
-        first = local_hops.connect(addresses[1])
+        first = local_socket.connect(addresses[1], FORWARD)
         assert _wait_for(lambda: servers[1].service._streams == 1)
-        second = local_hops.connect(addresses[1])
-        second.settimeout(10)
-        assert second.recv(1) == b""  # closed by the stage
+        second = local_socket.connect(addresses[1], RESULTS)
+        # closed by the stage (seen at once when the kind byte finds it closed: then no socket at all, and a
+        # coordinator falls back to gRPC, which refuses with RESOURCE_EXHAUSTED and says why)
+        assert second is None or _closed_by_stage(second)
         first.close()
-        second.close()
+        if second is not None:
+            second.close()
         assert _wait_for(lambda: servers[1].service._streams == 0)
 
 
 def test_a_stopped_stage_closes_its_socket(tiny_model, stages):
     with stages(tiny_model("llama"), 1) as (addresses, servers):
-        assert local_hops.connect(addresses[0]) is not None
+        assert local_socket.connect(addresses[0], FORWARD) is not None
         servers[0].stop()
-        assert local_hops.connect(addresses[0]) is None
+        assert local_socket.connect(addresses[0], FORWARD) is None
+
+
+def _closed_by_stage(sock: socket.socket) -> bool:
+    """Whether the stage closed the connection (an end of stream, or a reset if it left bytes unread)."""
+    sock.settimeout(10)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
 
 
 def _wait_for(condition, timeout_s: float = 10.0) -> bool:
@@ -174,16 +197,40 @@ def _wait_for(condition, timeout_s: float = 10.0) -> bool:
     return condition()
 
 
+def _no_answers(request_or_requests, context):
+    return iter(())
+
+
+def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collector(tiny_model, stages):
+    with stages(tiny_model("llama"), 2) as (addresses, servers):
+        last = servers[1].service
+        sock = local_socket.connect(addresses[1], RESULTS)
+        FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="c9"))
+        assert _wait_for(lambda: "c9" in last._collectors)
+        last._collector("c9").put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=3))
+        answers = read_frames(sock, stage_pb2.ForwardResponse.FromString)
+        assert next(answers).micro_batch_id == 3
+        sock.shutdown(socket.SHUT_WR)  # the coordinator goes away: the subscription ends, its slot is free
+        assert _wait_for(lambda: "c9" not in last._collectors and last._streams == 0)
+        sock.close()
+        # an empty collector id is refused, as over gRPC
+        refused = local_socket.connect(addresses[1], RESULTS)
+        FrameWriter(refused, "test").write(stage_pb2.ResultsRequest())
+        assert _closed_by_stage(refused)
+        refused.close()
+        assert _wait_for(lambda: last._streams == 0)
+
+
 def test_two_stages_cannot_share_a_socket_name():
-    name = local_hops.socket_name(1)  # port 1: no stage of these tests listens there
+    name = local_socket.socket_name(1)  # port 1: no stage of these tests listens there
     holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     holder.bind(name)
     try:
         with pytest.raises(OSError):
-            local_hops.LocalHopListener(1, lambda requests, context: iter(()), lambda: True, lambda: None)
+            local_hops.LocalHopListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
     finally:
         holder.close()
-    listener = local_hops.LocalHopListener(1, lambda requests, context: iter(()), lambda: True, lambda: None)
+    listener = local_hops.LocalHopListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
     listener.close()
     again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     again.bind(name)  # a closed listener leaves the name free

@@ -1,0 +1,180 @@
+"""The same-machine socket between layerline processes: its name, its framing, connecting to it.
+
+Owns: what a stage's Unix socket is called (an abstract name made from the stage's TCP port, so it
+is scoped to the network namespace exactly as a loopback port is), how a connection says what it
+is (one byte: FORWARD, a stream of micro-batches like a gRPC Forward stream; RESULTS, a Results
+subscription whose first frame is the ResultsRequest), and the frames that follow (a 4-byte
+little-endian length, then the protobuf bytes of the same messages the gRPC calls carry). Shared
+by the stage (stage_server/local_hops.py: the listener, and links to next stages) and the
+coordinator (coordinator/local_streams.py).
+
+Does not own: what is done with the messages, or deciding when to use the socket.
+Linux only (abstract sockets); elsewhere `connect` finds nothing and everything stays on gRPC.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+from protos.addresses import loopback_port
+from protos.channel_options import MAX_MESSAGE_BYTES
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = sys.platform.startswith("linux")
+FORWARD = b"F"  # the connection is a stream of ForwardRequests; ForwardResponses come back
+RESULTS = b"R"  # the connection is a Results subscription: one ResultsRequest, then answers come back
+KINDS = (FORWARD, RESULTS)
+
+
+def socket_name(port: int) -> str:
+    """The abstract socket a stage listening on TCP `port` also listens on (leading NUL: abstract)."""
+    return f"\0layerline-stage-{port}"
+
+
+_LENGTH = struct.Struct("<I")
+
+
+class FrameError(Exception):
+    """The peer sent something that is not a frame of this protocol; the connection is dropped."""
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytearray | None:
+    """`count` bytes, or None if the peer closed the connection before the first of them."""
+    buffer = bytearray(count)
+    view, got = memoryview(buffer), 0
+    while got < count:
+        received = sock.recv_into(view[got:])
+        if received == 0:
+            if got == 0:
+                return None
+            raise FrameError(f"connection closed {got} bytes into a {count}-byte read")
+        got += received
+    return buffer
+
+
+def read_frames(sock: socket.socket, parse: Callable[[bytes], object],
+                max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[object]:
+    """Messages from `sock` until the peer closes it. Raises FrameError on a frame over `max_bytes`,
+    a frame cut short, or bytes that do not parse; OSError when the socket fails."""
+    while True:
+        header = _read_exactly(sock, _LENGTH.size)
+        if header is None:
+            return
+        (length,) = _LENGTH.unpack(header)
+        if length > max_bytes:
+            raise FrameError(f"a frame of {length} bytes exceeds the {max_bytes}-byte limit")
+        body = _read_exactly(sock, length) if length else bytearray()
+        if body is None:
+            raise FrameError(f"connection closed before a {length}-byte frame")
+        try:
+            yield parse(bytes(body))
+        except Exception as err:  # protobuf's DecodeError, whatever the runtime names it
+            raise FrameError(f"undecodable frame: {err}") from err
+
+
+class FrameWriter:
+    """Writes frames to a socket in order without blocking the caller: what the socket does not
+    take at once waits in a backlog that a writer thread sends (started on first need)."""
+
+    def __init__(self, sock: socket.socket, name: str) -> None:
+        self._sock = sock
+        self._name = name
+        self._lock = threading.Lock()
+        self._backlog: collections.deque[memoryview] = collections.deque()
+        self._wake = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
+        self.failed = False
+        self._closed = self._release = False
+
+    def write(self, message) -> bool:
+        """Queue one message; False once the socket has failed."""
+        data = message.SerializeToString()
+        frame = memoryview(_LENGTH.pack(len(data)) + data)
+        with self._lock:
+            if self.failed:
+                return False
+            if not self._backlog:
+                try:
+                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as err:
+                    self._fail(err)
+                    return False
+                frame = frame[sent:]
+                if not frame:
+                    return True
+            self._backlog.append(frame)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._drain, name=f"{self._name}-writer", daemon=True)
+                self._writer.start()
+            self._wake.notify()
+        return True
+
+    def close(self, *, release: bool = False) -> None:
+        """No more frames: the backlog is sent, then the sending side of the socket is shut (and
+        with `release`, the socket closed: its reading side is done too)."""
+        with self._lock:
+            self._closed, self._release = True, release
+            if self._backlog and not self.failed:
+                self._wake.notify()
+                return
+        self._shut_sending()
+
+    def _shut_sending(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if self._release:
+            self._sock.close()
+
+    def _fail(self, err: OSError) -> None:
+        log.debug("%s: send failed: %s", self._name, err)
+        self.failed = True
+        self._backlog.clear()
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                while not self._backlog and not self._closed:
+                    self._wake.wait()
+                if not self._backlog:  # closed and all sent
+                    break
+                frame = self._backlog[0]
+            try:
+                sent = self._sock.send(frame)  # blocking: this thread may wait for the reader
+            except OSError as err:
+                with self._lock:
+                    self._fail(err)
+                break
+            with self._lock:
+                if sent == len(frame):
+                    self._backlog.popleft()
+                else:
+                    self._backlog[0] = frame[sent:]
+        self._shut_sending()
+
+
+def connect(address: str, kind: bytes) -> socket.socket | None:
+    """A socket connected to the stage at loopback `address` as a `kind` connection, if that stage
+    listens for same-machine connections; None otherwise (not loopback, not Linux, an older stage,
+    or one started with --local-hops off)."""
+    port = loopback_port(address)
+    if port is None or not SUPPORTED:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(socket_name(port))
+        sock.sendall(kind)
+    except OSError:
+        sock.close()
+        return None
+    return sock
