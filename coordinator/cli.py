@@ -71,7 +71,7 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-hops", choices=["on", "off"], default="on",
                         help="on (default, Linux): send micro-batches to a first stage on this machine and take the "
                              "last stage's answers over their Unix sockets instead of gRPC streams "
-                             "(coordinator/local_streams.py); off: gRPC only")
+                             "(coordinator/local_streams.py); off: gRPC only (launch-local passes it to its stages)")
     defaults = BatchLimits()
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="sequences generating at once; more wait in the queue "
@@ -232,7 +232,7 @@ def cmd_launch_local(args) -> int:
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
-                     extra_args=("--attention", args.attention)) as stages:
+                     extra_args=("--attention", args.attention, "--local-hops", args.local_hops)) as stages:
         addresses = stages.start()
         server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port))
         port = server.start()

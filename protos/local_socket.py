@@ -129,8 +129,8 @@ class FrameWriter:
         self._shut_sending()
 
     def _shut_sending(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
+        try:  # with release, reading is over too: SHUT_RDWR also wakes a thread still waiting in recv
+            self._sock.shutdown(socket.SHUT_RDWR if self._release else socket.SHUT_WR)
         except OSError:
             pass
         if self._release:

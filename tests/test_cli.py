@@ -26,10 +26,11 @@ def run(*args, timeout=TIMEOUT):
 
 
 def test_launch_local_one_shot_json(tiny_model):
+    """(With every hop on gRPC: the serving test below takes the default, same-machine sockets.)"""
     model_dir = tiny_model("llama")
     result = run("coordinator.cli", "launch-local", "--model", str(model_dir), "--num-stages", "3",
                  "--prompt", "Hello there", "--max-new-tokens", "8", "--json", "--threads", "1",
-                 "--attention", "per-sequence")
+                 "--attention", "per-sequence", "--local-hops", "off")
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout.strip().splitlines()[-1])
     prompt_ids = AutoTokenizer.from_pretrained(model_dir)("Hello there")["input_ids"]

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 import torch
+from conftest import running_coordinator
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.local_streams import LocalForwardStream, LocalResults
@@ -128,6 +129,24 @@ def test_off_keeps_every_hop_on_grpc(tiny_model, stages, monkeypatch):
         _, coordinator_streams = _generate(addresses, [5, 6, 7], 3)  # the coordinator finds no socket either
     assert opened == {"DownstreamLink": [addresses[1]], "LocalHopLink": []}
     assert [kind.__name__ for kind in coordinator_streams] == ["_Stream", "_Results"]
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_both_command_lines_take_the_setting(tiny_model, stages, setting):
+    from coordinator.cli import build_parser as coordinator_parser
+    from stage_server.cli import build_parser as stage_parser
+
+    stage_args = stage_parser().parse_args(["--model", "m", "--layers", "0:1", "--local-hops", setting])
+    serve_args = coordinator_parser().parse_args(["serve", "--stages", "a:1", "--model", "m", "--local-hops", setting])
+    assert stage_args.local_hops == serve_args.local_hops == setting
+    assert stage_parser().parse_args(["--model", "m", "--layers", "0:1"]).local_hops == "on"
+    # a served coordinator reaches the stages as told
+    with stages(tiny_model("llama"), 2) as (addresses, _), \
+            running_coordinator(tiny_model("llama"), addresses, local_hops=setting == "on") as (_, server):
+        server.pipeline._live_stream()
+        server.pipeline._collector_id()
+        kinds = type(server.pipeline._stream).__name__, type(server.pipeline._results).__name__
+    assert kinds == (("LocalForwardStream", "LocalResults") if setting == "on" else ("_Stream", "_Results"))
 
 
 def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_model, stages):
