@@ -132,6 +132,7 @@ class Prefill:
         self.sequences = sequences
         self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.padded = bool((self.mask == 0).any())  # see Group.padded
         for sequence in sequences:
             sequence.last_position = len(sequence.prompt_ids) - 1
         rows, length = self.input_ids.shape
@@ -147,6 +148,10 @@ class Prefill:
     def length(self) -> int:
         return self.mask.shape[1]
 
+    def sent_mask(self, end: int) -> torch.Tensor | None:
+        """The mask a chunk ending at `end` is sent with: None when no row is padded (Group.padded)."""
+        return self.mask[:, :end] if self.padded else None
+
 
 class Group:
     """A running session on the stages: its rows in cache order and their mask."""
@@ -155,6 +160,11 @@ class Group:
         self.session_id: str | None = None
         self.rows: list[LiveSequence] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
+        # Whether any row has left padding. Steps of a group without are sent with no mask: the stages
+        # then attend causally over every cached position, which an all-ones mask says at the cost of
+        # decoding, checking and expanding it on every stage each step (4 float32 stages, one request
+        # decoding, alternated with the unsplit model: 0.899 -> 0.917 of its tokens/s).
+        self.padded = False
         self.joining: list[Prefill] = []  # prefilled, merged at the next step
         self.incoming = 0  # rows still being prefilled for this group
         self.in_flight: Future | None = None
@@ -175,6 +185,7 @@ class Group:
         self.session_id = prefill.session_id
         self.rows = list(prefill.sequences)
         self.mask = prefill.mask
+        self.padded = prefill.padded
 
     def next_edit(self) -> stage_pb2.CacheEdit | None:
         """Drop finished rows and left padding nobody needs, append joining sessions.
@@ -204,15 +215,18 @@ class Group:
             self.mask = torch.cat(masks, dim=0)
             self.joining = []
         changed = bool(edit.keep_rows) or bool(edit.keep_positions) or bool(edit.append_sessions)
+        if changed:
+            self.padded = bool((self.mask == 0).any())
         return edit if changed else None
 
-    def step_inputs(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Token ids [b, 1], positions [b, 1] and mask [b, P + 1] of the next decode step."""
+    def step_inputs(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids [b, 1], positions [b, 1] and mask [b, P + 1] of the next decode step (the mask
+        None when no row is padded; it is kept here all the same, for the edits to come)."""
         tokens = [s.last_token if s.finish is None else pad_token_id for s in self.rows]
         positions = [s.last_position if s.finish is None else 0 for s in self.rows]
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
         return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
-                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask)
+                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask if self.padded else None)
 
     def chain_credit(self) -> int:
         """How many steps the last stage may chain after the step about to be sent: until the
@@ -225,3 +239,4 @@ class Group:
         self.session_id = None
         self.rows = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)
+        self.padded = False

@@ -224,7 +224,7 @@ class Scheduler:
                 last = i == len(prefill.chunks) - 1
                 futures.append(self.pipeline.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
-                    prefill.mask[:, :end], start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
+                    prefill.sent_mask(end), start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
                     logits_top_k=_top_k_needed(sequences) if last else 1))
         except Exception as err:
             self._resolve_all(sequences, err)

@@ -334,3 +334,35 @@ def test_one_token_requests_free_their_prefill_session_with_its_last_chunk(tiny_
     assert alone == want and together == want
     assert left == [0, 0]
     assert len(ended) == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_steps_without_padding_carry_no_mask_and_stay_exact(family, tiny_model, stages, monkeypatch):
+    """A lone prompt (or prompts of one length) has no padding: its steps go without a mask, and
+    the tokens still match the unsplit model; once a row is padded, every step carries the mask."""
+    model_dir = tiny_model(family)
+    with_mask: list[bool] = []
+    original = PipelineClient.submit
+
+    def recording_submit(self, session_id, activations, position_ids, attention_mask, **kwargs):
+        with_mask.append(attention_mask is not None)
+        return original(self, session_id, activations, position_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(PipelineClient, "submit", recording_submit)
+    runs = {"alone": [[5, 6, 7, 8]], "same length": [[9, 10, 11], [12, 13, 14]],
+            "padded": [[9, 10, 11], [15, 16, 17, 18, 19]]}
+    masks, tokens = {}, {}
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        try:
+            engine = Engine(client, chain=False)  # every step from here, so every step is seen
+            for name, prompts in runs.items():
+                with_mask.clear()
+                tokens[name] = [r.token_ids for r in engine.generate([SequenceRequest(p, 6) for p in prompts])]
+                masks[name] = list(with_mask)
+        finally:
+            client.close()
+    assert {name: (len(sent), any(sent), all(sent)) for name, sent in masks.items()} == {
+        "alone": (6, False, False), "same length": (6, False, False), "padded": (6, True, True)}
+    for name, prompts in runs.items():
+        assert tokens[name] == [reference_greedy(model_dir, [p], 6)[0] for p in prompts], name
