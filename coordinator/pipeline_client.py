@@ -313,6 +313,8 @@ class StepLogits:
         """The greedy token of one row."""
         if self.token_ids is None:
             return int(torch.argmax(self.values[index]))
+        if self.token_ids.shape[1] == 1:  # the stage sent each row's best alone (greedy decode)
+            return int(self.token_ids[index, 0])
         return int(self.token_ids[index, int(torch.argmax(self.values[index]))])
 
 

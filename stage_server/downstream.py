@@ -1,15 +1,17 @@
-"""Links from a stage to the next stage of a route.
+"""Links from a stage to the next stage of a route, over gRPC.
 
 Owns: one persistent channel per next-hop address (shared by every stream of this
 stage), and per upstream stream one outgoing `Forward` stream per next hop whose
-answers are handed back to the upstream stream. When a next hop fails, every
+answers are handed back to the upstream stream; and what any link keeps of what it sent
+(`KeptSends`, shared with the same-machine link of local_hops.py). When a next hop fails, every
 micro-batch still waiting on it is answered with UNAVAILABLE naming the hop, so the
 coordinator can re-route or replay. A micro-batch whose answer goes to a reply_to
 collector sends nothing back on success, so the link cannot know when it is done: it
 reports the last RECENT_KEPT of them as failed too (the coordinator ignores a failure of
 a micro-batch it has its answer for).
 
-Does not own: computing anything, or the upstream side of the stream.
+Does not own: computing anything, the upstream side of the stream, or hops to a stage on
+this machine that listens on its Unix socket (local_hops.py).
 """
 
 from __future__ import annotations

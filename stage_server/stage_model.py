@@ -35,6 +35,14 @@ def value_range(values: torch.Tensor) -> tuple[int, int]:
     return int(low), int(high)
 
 
+def _as(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` on `device` as `dtype`; itself, without a torch call, when it is already (a call
+    costs tens of µs on the cold caches a step starts with)."""
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor
+    return tensor.to(device=device, dtype=dtype)
+
+
 class StageModel:
     """Runs micro-batches through one loaded slice."""
 
@@ -125,13 +133,13 @@ class StageModel:
         """Run one checked step; returns hidden states [B, T, D] or, on the last stage, logits [B, V] fp32."""
         loaded, arch = self.loaded, self.loaded.architecture
         device = loaded.device
-        position_ids = position_ids.to(device=device, dtype=torch.long)
+        position_ids = _as(position_ids, device, torch.long)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(device=device, dtype=torch.long)
+            attention_mask = _as(attention_mask, device, torch.long)
         if loaded.is_first:
-            hidden = arch.embed(activations.to(device=device, dtype=torch.long), position_ids)
+            hidden = arch.embed(_as(activations, device, torch.long), position_ids)
         else:
-            hidden = activations.to(device=device, dtype=loaded.dtype)
+            hidden = _as(activations, device, loaded.dtype)
         hidden = arch.run_layers(hidden, position_ids, attention_mask, session.cache)
         session.tokens_seen += activations.shape[1]
         if loaded.is_last:
