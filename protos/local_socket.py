@@ -123,8 +123,8 @@ class FrameWriter:
         with `release`, the socket closed: its reading side is done too)."""
         with self._lock:
             self._closed, self._release = True, release
-            if self._backlog and not self.failed:
-                self._wake.notify()
+            if self._writer is not None and self._writer.is_alive():
+                self._wake.notify()  # the writer thread sends what is left, then shuts the socket
                 return
         self._shut_sending()
 

@@ -56,6 +56,19 @@ def test_a_frame_the_socket_cannot_take_at_once_does_not_block_the_sender():
     assert received[:3] == big
 
 
+def test_closing_after_the_backlog_has_drained_ends_the_writer_thread():
+    sender, receiver = socket.socketpair()
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+    writer = FrameWriter(sender, "test")
+    assert writer.write(_request(1, b"x" * (1 << 20)))  # too big for the socket: the writer thread starts
+    frames = read_frames(receiver, stage_pb2.ForwardRequest.FromString)
+    assert next(frames).micro_batch_id == 1  # all of it arrived: the thread now waits for more
+    writer.close()
+    writer._writer.join(5)
+    assert not writer._writer.is_alive()
+    assert list(frames) == []  # and the peer sees the end
+
+
 def test_writing_to_a_closed_peer_fails_instead_of_raising():
     sender, receiver = socket.socketpair()
     receiver.close()
