@@ -84,6 +84,7 @@ class LocalForwardStream:
         how = _read_answers(self._sock, self._take_answer)
         with self.lock:
             self.alive = False
+        self._writer.close()  # ends its writer thread, if it has one
         self._sock.close()
         self.pending.fail(StageCallError(grpc.StatusCode.UNAVAILABLE,
                                          f"same-machine stream to the first stage {self.address} {how}",

@@ -3,7 +3,8 @@
 Owns: what a stage's Unix socket is called (an abstract name made from the stage's TCP port, so it
 is scoped to the network namespace exactly as a loopback port is), how a connection says what it
 is (one byte: FORWARD, a stream of micro-batches like a gRPC Forward stream; RESULTS, a Results
-subscription whose first frame is the ResultsRequest), and the frames that follow (a 4-byte
+subscription whose first frame is the ResultsRequest), the stage's one-byte answer (ACCEPTED, or
+REFUSED when its stream slots are all taken), and the frames that follow (a 4-byte
 little-endian length, then the protobuf bytes of the same messages the gRPC calls carry). Shared
 by the stage (stage_server/local_hops.py: the listener, and links to next stages) and the
 coordinator (coordinator/local_streams.py).
@@ -31,6 +32,9 @@ SUPPORTED = sys.platform.startswith("linux")
 FORWARD = b"F"  # the connection is a stream of ForwardRequests; ForwardResponses come back
 RESULTS = b"R"  # the connection is a Results subscription: one ResultsRequest, then answers come back
 KINDS = (FORWARD, RESULTS)
+ACCEPTED = b"+"  # the stage's first byte back: it took a stream slot for the connection
+REFUSED = b"-"  # ... or it had none free (--max-streams); it closes the connection
+ANSWER_WAIT_S = 10.0  # how long `connect` waits for that byte
 
 
 def socket_name(port: int) -> str:
@@ -165,8 +169,9 @@ class FrameWriter:
 
 def connect(address: str, kind: bytes) -> socket.socket | None:
     """A socket connected to the stage at loopback `address` as a `kind` connection, if that stage
-    listens for same-machine connections; None otherwise (not loopback, not Linux, an older stage,
-    or one started with --local-hops off)."""
+    listens for same-machine connections and takes this one; None otherwise (not loopback, not
+    Linux, an older stage, one started with --local-hops off, or one with no stream slot free: over
+    gRPC the caller then gets RESOURCE_EXHAUSTED saying so)."""
     port = loopback_port(address)
     if port is None or not SUPPORTED:
         return None
@@ -174,7 +179,13 @@ def connect(address: str, kind: bytes) -> socket.socket | None:
     try:
         sock.connect(socket_name(port))
         sock.sendall(kind)
+        sock.settimeout(ANSWER_WAIT_S)
+        answer = sock.recv(1)
+        sock.settimeout(None)
     except OSError:
+        sock.close()
+        return None
+    if answer != ACCEPTED:  # refused (every stream slot taken) or gone: gRPC says why, or fails too
         sock.close()
         return None
     return sock

@@ -31,10 +31,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from protos import local_socket, stage_pb2
-from protos.local_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames, socket_name
+from protos.local_socket import ACCEPTED, FORWARD, REFUSED, RESULTS, FrameError, FrameWriter, read_frames, socket_name
 from stage_server.downstream import DownstreamLink, KeptSends
 
 log = logging.getLogger(__name__)
@@ -52,16 +53,24 @@ class _ConnectionContext:
     def __init__(self) -> None:
         self._callbacks: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._ended = False
 
     def add_callback(self, callback: Callable[[], None]) -> bool:
-        self._callbacks.append(callback)
-        return True
+        """Run `callback` when the connection ends; if it has already, run it now (and say so with
+        False, as gRPC's context does)."""
+        with self._lock:
+            if not self._ended:
+                self._callbacks.append(callback)
+                return True
+        callback()
+        return False
 
     def abort(self, code, details: str):
         raise StreamAborted(f"{code.name}: {details}")
 
     def ended(self) -> None:
         with self._lock:
+            self._ended = True
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback()
@@ -86,7 +95,7 @@ class LocalHopListener:
             self._sock.close()
             raise
         self._sock.listen(64)
-        self._connections: set[socket.socket] = set()
+        self._connections: dict[socket.socket, threading.Thread] = {}  # each with the thread serving it
         self._lock = threading.Lock()
         self._closed = False
         self._acceptor = threading.Thread(target=self._accept, name="local-hops-accept", daemon=True)
@@ -96,24 +105,31 @@ class LocalHopListener:
         while True:
             try:
                 connection, _ = self._sock.accept()
-            except OSError:
-                return  # closed
+            except OSError as err:
+                if self._closed:
+                    return
+                log.warning("same-machine socket: accept failed (%s); retrying", err)  # e.g. out of descriptors
+                time.sleep(0.1)
+                continue
             if not self._take_slot():
-                log.warning("refused a same-machine upstream: every stream slot is taken (--max-streams)")
-                connection.close()
+                log.warning("refused a same-machine connection: every stream slot is taken (--max-streams)")
+                _answer_and_close(connection, REFUSED)
                 continue
             with self._lock:
                 if self._closed:
-                    connection.close()
                     self._free_slot()
+                    _answer_and_close(connection, REFUSED)
                     return
-                self._connections.add(connection)
-            threading.Thread(target=self._serve, args=(connection,), name="local-hops-stream", daemon=True).start()
+                serving = threading.Thread(target=self._serve, args=(connection,), name="local-hops-stream",
+                                           daemon=True)
+                self._connections[connection] = serving
+            serving.start()
 
     def _serve(self, connection: socket.socket) -> None:
         writer = FrameWriter(connection, "local-hops-answers")
         context = _ConnectionContext()
         try:
+            connection.sendall(ACCEPTED)
             for answer in self._answers(connection, context):
                 if not writer.write(answer):
                     break
@@ -123,25 +139,32 @@ class LocalHopListener:
             context.ended()
             writer.close(release=True)
             with self._lock:
-                self._connections.discard(connection)
+                self._connections.pop(connection, None)
             self._free_slot()
 
-    def close(self) -> None:
-        """Stop accepting and end every open connection (their upstreams see the link fail)."""
+    def close(self, grace_s: float = 1.0) -> None:
+        """Stop accepting, then end every open connection: first only their reading side, so that
+        each stream finishes what it has (its answers still go back), and after `grace_s` at once
+        (their upstreams see the link fail)."""
         with self._lock:
             self._closed = True
-            connections = list(self._connections)
         try:  # wakes the accepting thread; a bare close would leave the name bound until accept returns
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._sock.close()
         self._acceptor.join(5.0)  # the name is free once its accept has returned
+        with self._lock:
+            connections = dict(self._connections)
         for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            _shutdown(connection, socket.SHUT_RD)
+        deadline = time.monotonic() + grace_s
+        for serving in connections.values():
+            serving.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            left = list(self._connections)
+        for connection in left:
+            _shutdown(connection, socket.SHUT_RDWR)
 
 
     def _answers(self, connection: socket.socket, context: _ConnectionContext) -> Iterator:
@@ -159,6 +182,21 @@ class LocalHopListener:
                              daemon=True).start()
             return self._results_stream(request, context)
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
+
+
+def _shutdown(connection: socket.socket, how: int) -> None:
+    try:
+        connection.shutdown(how)
+    except OSError:
+        pass
+
+
+def _answer_and_close(connection: socket.socket, answer: bytes) -> None:
+    try:
+        connection.sendall(answer)
+    except OSError:
+        pass
+    connection.close()
 
 
 def _ended_when_read(frames: Iterator, context: _ConnectionContext) -> None:
@@ -225,6 +263,7 @@ class LocalHopLink:
             detail = str(err)
         finally:
             self.alive = False
+            self._writer.close()  # ends its writer thread, if it has one
             self._sends.fail_all(self.address, detail, self._deliver)
             self._sock.close()
             self._on_closed()

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 
 import grpc
 import pytest
 import torch
 from conftest import running_coordinator
+from stalling import stalled_forward
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.local_streams import LocalForwardStream, LocalResults
@@ -194,14 +196,48 @@ def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
     with stages(tiny_model("llama"), 2, max_streams=1) as (addresses, servers):
         first = local_socket.connect(addresses[1], FORWARD)
         assert _wait_for(lambda: servers[1].service._streams == 1)
-        second = local_socket.connect(addresses[1], RESULTS)
-        # closed by the stage (seen at once when the kind byte finds it closed: then no socket at all, and a
-        # coordinator falls back to gRPC, which refuses with RESOURCE_EXHAUSTED and says why)
-        assert second is None or _closed_by_stage(second)
+        # refused: no socket, so a coordinator falls back to gRPC, which refuses with RESOURCE_EXHAUSTED
+        # and says why
+        assert local_socket.connect(addresses[1], RESULTS) is None
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        raw.connect(local_socket.socket_name(servers[1].port))
+        raw.settimeout(10)
+        assert raw.recv(1) == local_socket.REFUSED
+        raw.close()
+        with grpc.insecure_channel(addresses[1]) as channel:
+            results = stage_pb2_grpc.StageStub(channel).Results(stage_pb2.ResultsRequest(collector_id="c"))
+            with pytest.raises(grpc.RpcError) as refused:
+                next(results)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in refused.value.details()
         first.close()
-        if second is not None:
-            second.close()
         assert _wait_for(lambda: servers[1].service._streams == 0)
+
+
+def test_stopping_lets_a_stream_finish_what_it_has(tiny_model, stages):
+    """On stop, an answer still on its way goes back before the connection ends (a grace, like gRPC's)."""
+    with stages(tiny_model("llama"), 1) as (addresses, servers):
+        service = servers[0].service
+        with stalled_forward(service) as (computing, release):
+            sock = local_socket.connect(addresses[0], FORWARD)
+            FrameWriter(sock, "test").write(stage_pb2.ForwardRequest(
+                session_id="s", micro_batch_id=1, start_session=True, logits_top_k=1,
+                activations=codec.encode(torch.tensor([[5, 6, 7]])), position_ids=codec.encode(torch.arange(3)[None])))
+            assert computing.wait(30)
+            threading.Timer(0.3, release.set).start()  # finishes during the grace
+            servers[0].local_hops.close(grace_s=10)
+        answers = list(read_frames(sock, stage_pb2.ForwardResponse.FromString))
+        sock.close()
+    assert [(a.micro_batch_id, a.status_code, len(a.top_token_ids.data) > 0) for a in answers] == [(1, 0, True)]
+
+
+def test_a_context_that_has_ended_runs_a_late_callback_at_once():
+    context = local_hops._ConnectionContext()
+    ran = []
+    assert context.add_callback(lambda: ran.append("early"))
+    context.ended()
+    assert not context.add_callback(lambda: ran.append("late"))
+    context.ended()
+    assert ran == ["early", "late"]
 
 
 def test_a_stopped_stage_closes_its_socket(tiny_model, stages):
@@ -212,12 +248,16 @@ def test_a_stopped_stage_closes_its_socket(tiny_model, stages):
 
 
 def _closed_by_stage(sock: socket.socket) -> bool:
-    """Whether the stage closed the connection (an end of stream, or a reset if it left bytes unread)."""
+    """Whether the stage closed the connection, after at most its ACCEPTED byte (an end of stream, or
+    a reset if it left bytes unread)."""
     sock.settimeout(10)
+    received = b""
     try:
-        return sock.recv(1) == b""
+        while chunk := sock.recv(16):
+            received += chunk
     except ConnectionResetError:
-        return True
+        pass
+    return received in (b"", local_socket.ACCEPTED)
 
 
 def _wait_for(condition, timeout_s: float = 10.0) -> bool:
