@@ -27,7 +27,7 @@ import grpc
 
 from coordinator.step_future import StageCallError, StepFuture
 from protos import local_socket, stage_pb2
-from protos.local_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames
+from protos.local_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames, shut_quietly
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,6 @@ def _read_answers(sock: socket.socket, take_answer: Callable[[stage_pb2.ForwardR
     except (FrameError, OSError) as err:
         return f"failed: {err}"
     return "ended"
-
-
-def _shut(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 class LocalForwardStream:
@@ -70,7 +63,7 @@ class LocalForwardStream:
                 raise StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} is closed")
             self.pending.add((request.session_id, request.micro_batch_id), future, self, bool(request.reply_to))
         if not self._writer.write(request):  # the reader sees the socket fail and fails the future
-            _shut(self._sock)
+            shut_quietly(self._sock)
         return future
 
     def close(self) -> None:
@@ -78,7 +71,7 @@ class LocalForwardStream:
         self._writer.close()
 
     def cancel(self) -> None:
-        _shut(self._sock)
+        shut_quietly(self._sock)
 
     def _read(self) -> None:
         how = _read_answers(self._sock, self._take_answer)
@@ -105,7 +98,7 @@ class LocalResults:
         threading.Thread(target=self._read, name="pipeline-local-results", daemon=True).start()
 
     def cancel(self) -> None:
-        _shut(self._sock)
+        shut_quietly(self._sock)
 
     def _read(self) -> None:
         how = _read_answers(self._sock, self._take_answer)

@@ -89,6 +89,10 @@ def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def _has_padding(mask: torch.Tensor) -> bool:
+    return bool((mask == 0).any())
+
+
 def _pad_mask_left(mask: torch.Tensor, length: int) -> torch.Tensor:
     missing = length - mask.shape[1]
     return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1) if missing > 0 else mask
@@ -132,7 +136,7 @@ class Prefill:
         self.sequences = sequences
         self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
-        self.padded = bool((self.mask == 0).any())  # see Group.padded
+        self.padded = _has_padding(self.mask)  # see Group.padded
         for sequence in sequences:
             sequence.last_position = len(sequence.prompt_ids) - 1
         rows, length = self.input_ids.shape
@@ -165,7 +169,7 @@ class Group:
         # decoding, checking and expanding it on every stage each step (4 float32 stages, one request
         # decoding, alternated with the unsplit model: 0.899 -> 0.917 of its tokens/s).
         self.padded = False
-        self._ones_to_append = 0  # mask columns of 1s owed by steps of an unpadded group (made when needed)
+        self._ones_to_append = 0  # mask columns of 1s owed by steps sent (made when needed, see step_inputs)
         self.joining: list[Prefill] = []  # prefilled, merged at the next step
         self.incoming = 0  # rows still being prefilled for this group
         self.in_flight: Future | None = None
@@ -219,7 +223,7 @@ class Group:
             self.joining = []
         changed = bool(edit.keep_rows) or bool(edit.keep_positions) or bool(edit.append_sessions)
         if changed:
-            self.padded = bool((self.mask == 0).any())
+            self.padded = _has_padding(self.mask)
         return edit if changed else None
 
     def step_inputs(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -227,16 +231,15 @@ class Group:
         None when no row is padded; it is kept here all the same, for the edits to come)."""
         tokens = [s.last_token if s.finish is None else pad_token_id for s in self.rows]
         positions = [s.last_position if s.finish is None else 0 for s in self.rows]
-        if not self.padded:  # nothing to send: the column is owed until an edit needs the mask
-            self._ones_to_append += 1
-            return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
-                    torch.tensor(positions, dtype=torch.long).view(-1, 1), None)
-        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        self._ones_to_append += 1
+        if self.padded:
+            self._settle_mask()
         return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
-                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask)
+                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask if self.padded else None)
 
     def _settle_mask(self) -> None:
-        """Append the columns of 1s the unpadded steps so far owe the mask."""
+        """Append the columns of 1s owed by the steps so far (a padded group's at once, an unpadded
+        one's when an edit needs the mask)."""
         if self._ones_to_append:
             ones = torch.ones(len(self.rows), self._ones_to_append, dtype=torch.long)
             self.mask = torch.cat([self.mask, ones], dim=1)

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 SUPPORTED = sys.platform.startswith("linux")
 FORWARD = b"F"  # the connection is a stream of ForwardRequests; ForwardResponses come back
 RESULTS = b"R"  # the connection is a Results subscription: one ResultsRequest, then answers come back
-KINDS = (FORWARD, RESULTS)
 ACCEPTED = b"+"  # the stage's first byte back: it took a stream slot for the connection
 REFUSED = b"-"  # ... or it had none free (--max-streams); it closes the connection
 ANSWER_WAIT_S = 10.0  # how long `connect` waits for that byte
@@ -43,6 +42,15 @@ def socket_name(port: int) -> str:
 
 
 _LENGTH = struct.Struct("<I")
+
+
+def shut_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """`sock.shutdown(how)`, where a socket already shut or closed is no error. Shutting (not only
+    closing) is what wakes another thread blocked in recv or accept on it."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
 
 
 class FrameError(Exception):
@@ -133,10 +141,8 @@ class FrameWriter:
         self._shut_sending()
 
     def _shut_sending(self) -> None:
-        try:  # with release, reading is over too: SHUT_RDWR also wakes a thread still waiting in recv
-            self._sock.shutdown(socket.SHUT_RDWR if self._release else socket.SHUT_WR)
-        except OSError:
-            pass
+        # with release, reading is over too: SHUT_RDWR also wakes a thread still waiting in recv
+        shut_quietly(self._sock, socket.SHUT_RDWR if self._release else socket.SHUT_WR)
         if self._release:
             self._sock.close()
 

@@ -35,7 +35,17 @@ import time
 from collections.abc import Callable, Iterator
 
 from protos import local_socket, stage_pb2
-from protos.local_socket import ACCEPTED, FORWARD, REFUSED, RESULTS, FrameError, FrameWriter, read_frames, socket_name
+from protos.local_socket import (
+    ACCEPTED,
+    FORWARD,
+    REFUSED,
+    RESULTS,
+    FrameError,
+    FrameWriter,
+    read_frames,
+    shut_quietly,
+    socket_name,
+)
 from stage_server.downstream import DownstreamLink, KeptSends
 
 log = logging.getLogger(__name__)
@@ -85,12 +95,11 @@ class LocalHopListener:
 
     def __init__(self, port: int, forward_stream, results_stream, take_slot: Callable[[], bool],
                  free_slot: Callable[[], None]) -> None:
-        self.name = socket_name(port)
         self._forward_stream, self._results_stream = forward_stream, results_stream
         self._take_slot, self._free_slot = take_slot, free_slot
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.bind(self.name)
+            self._sock.bind(socket_name(port))
         except OSError:
             self._sock.close()
             raise
@@ -148,24 +157,20 @@ class LocalHopListener:
         (their upstreams see the link fail)."""
         with self._lock:
             self._closed = True
-        try:  # wakes the accepting thread; a bare close would leave the name bound until accept returns
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_quietly(self._sock)  # wakes the accepting thread: a bare close would leave the name bound
         self._sock.close()
         self._acceptor.join(5.0)  # the name is free once its accept has returned
         with self._lock:
             connections = dict(self._connections)
         for connection in connections:
-            _shutdown(connection, socket.SHUT_RD)
+            shut_quietly(connection, socket.SHUT_RD)
         deadline = time.monotonic() + grace_s
         for serving in connections.values():
             serving.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             left = list(self._connections)
         for connection in left:
-            _shutdown(connection, socket.SHUT_RDWR)
-
+            shut_quietly(connection)
 
     def _answers(self, connection: socket.socket, context: _ConnectionContext) -> Iterator:
         """What goes back on a connection, by the kind it declared in its first byte."""
@@ -182,13 +187,6 @@ class LocalHopListener:
                              daemon=True).start()
             return self._results_stream(request, context)
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
-
-
-def _shutdown(connection: socket.socket, how: int) -> None:
-    try:
-        connection.shutdown(how)
-    except OSError:
-        pass
 
 
 def _answer_and_close(connection: socket.socket, answer: bytes) -> None:
@@ -248,10 +246,7 @@ class LocalHopLink:
         self._writer.close()
 
     def cancel(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        shut_quietly(self._sock)
 
     def _read(self) -> None:
         detail = "stream ended before answering"
