@@ -6,9 +6,8 @@ token's period into what every stage did with it:
 
   wait     the step waited for the stage's compute thread (received -> started)
   compute  validation, the forward pass and the answer's argmax (started -> computed)
-  send     encoding it and handing it to the next hop or the coordinator (computed -> sent)
-  hop      stage k handed it on -> stage k+1's upstream stream had it (both processes; over the
-           same-machine socket the receiver may have it before the sender's stamp: below zero)
+  send     encoding it for the next hop (computed -> handed to its link), or answering it
+  hop      stage k handed it to its link -> stage k+1's upstream stream had it (both processes)
   turn     the last stage handed the answer on -> stage 0 had the next token's step (the
            coordinator's part: receiving, sampling, sending; or the greedy chain's hop back)
 

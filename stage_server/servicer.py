@@ -244,8 +244,10 @@ class StageService(stage_pb2_grpc.StageServicer):
         woke two threads on each side of it while the next stage computed (alternated decode,
         2 bfloat16 stages: 0.969 -> 1.020 of the unsplit model; 4 float32 stages 0.849 -> 0.859).
         The link to the next stage still reports it as failed if that stage goes away.
-        With a trace (--trace-steps), the step's stamps are written once it is sent on or answered."""
-        started, computed, outcome = now_ns(), 0, "failed"
+        With a trace (--trace-steps), the step's stamps are written once it is sent on or answered;
+        a forwarded step's `sent` is stamped as it is handed to the link (over a same-machine socket
+        the next stage may have it before the write returns)."""
+        started, computed, handed, outcome = now_ns(), 0, 0, "failed"
         try:
             output, positions, mask = self._compute(request)
             computed = now_ns()
@@ -265,6 +267,7 @@ class StageService(stage_pb2_grpc.StageServicer):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
                     sent.attention_mask.CopyFrom(request.attention_mask)
+                handed = now_ns()
                 if not link_to(request.route[0]).send(sent, sent_bytes):
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
@@ -288,11 +291,11 @@ class StageService(stage_pb2_grpc.StageServicer):
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
         if self.trace is not None:
-            self._write_trace(request, outcome, received_ns, started, computed)
+            self._write_trace(request, outcome, received_ns, started, computed, handed if outcome == "forwarded" else 0)
 
     def _write_trace(self, request: stage_pb2.ForwardRequest, outcome: str, received: int, started: int,
-                     computed: int) -> None:
-        sent = now_ns()
+                     computed: int, handed: int) -> None:
+        sent = handed or now_ns()
         record = StepRecord(stage=self.name, session_id=request.session_id, micro_batch_id=request.micro_batch_id,
                             outcome=outcome, received=received, started=started, computed=computed or sent,
                             sent=sent)
