@@ -32,8 +32,14 @@ of a machine whose speed drifts), keeping the last few such pairs. One thread sw
 once their median is clearly (AUTO_MIN_GAIN) faster; all switch back to one only once one is no
 slower at all. Between the two the choice stays: a single rule flipped the count at nearly every
 step of a bfloat16 pipeline whose gain hovered near 15 %. Only single-token steps are compared
-(one sequence decoding, all alike in cost); a probe on the slower count costs at most one slow
-step in PROBE_EVERY.
+(one sequence decoding, all alike in cost).
+
+A probe on the slower count is a slow step, and every stage of a pipeline counts the same steps,
+so all of them probe the same token: with a probe every 32 steps, a 4-stage float32 decode (two
+threads each) took 61-71 ms for every 32nd token against ~41, 0.6-0.9 ms a token on average
+(2 % of its speed; traced per token). So each probe that leaves the choice as it was doubles the
+distance to the next one, up to PROBE_EVERY_MAX steps (a probe then costs ~0.1 % of the speed);
+a change of choice starts again at PROBE_EVERY, so that a count that just changed is checked soon.
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
 torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
@@ -59,9 +65,11 @@ SMALL_STEP_TOKENS = 4
 # "auto" keeps one thread for small steps unless all threads are at least this much faster.
 AUTO_MIN_GAIN = 1.15
 AUTO = "auto"
-# While serving, "auto" runs every PROBE_EVERY-th single-token step on the other thread count,
-# and compares the medians of the last PROBE_WINDOW timings of each count.
+# While serving, "auto" runs a single-token step on the other thread count every PROBE_EVERY
+# steps, and compares the medians of the last PROBE_WINDOW timings of each count. Each probe that
+# confirms the choice doubles the distance to the next, up to PROBE_EVERY_MAX.
 PROBE_EVERY = 32
+PROBE_EVERY_MAX = 512
 PROBE_WINDOW = 5
 
 
@@ -78,7 +86,8 @@ class ComputeThreads:
         self.full = full or torch.get_num_threads()
         self.auto = small_step == AUTO
         self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
-        self._single_steps = 0  # single-token steps so far (every PROBE_EVERY-th is a probe)
+        self.probe_every = PROBE_EVERY  # single-token steps from one probe to the next
+        self._until_probe = PROBE_EVERY  # single-token steps left until the next probe (0: this one)
         self._timed: int | None = None  # the thread count of the step being run, if it is timed
         # (a probe or the step before one)
         self._timings = {count: deque(maxlen=PROBE_WINDOW) for count in {1, self.full}}
@@ -88,15 +97,15 @@ class ComputeThreads:
 
     def for_step(self, tokens: int) -> int:
         """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
-        every PROBE_EVERY-th single-token step gets the other count, to time it)."""
+        every `probe_every`-th single-token step gets the other count, to time it)."""
         threads = self.threads_for(tokens)
         self._timed = None
         if tokens == 1 and self.auto and self.full > 1:
-            self._single_steps += 1
-            place = self._single_steps % PROBE_EVERY
-            if place == 0:
+            self._until_probe -= 1
+            if self._until_probe == 0:
                 threads = self.full if threads == 1 else 1
-            if place in (0, PROBE_EVERY - 1):  # the probe, and the step before it
+                self._until_probe = self.probe_every
+            if self._until_probe in (1, self.probe_every):  # the step before the probe, and the probe
                 self._timed = threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -105,9 +114,11 @@ class ComputeThreads:
     def record(self, seconds: float) -> None:
         """How long the step for_step was last called for took. In "auto" mode, the timings of probes
         and of the steps just before them move the small-step count to all threads when they are
-        AUTO_MIN_GAIN faster, and back to one when one is no slower (in between, it stays)."""
+        AUTO_MIN_GAIN faster, and back to one when one is no slower (in between, it stays). A probe
+        that confirms the choice doubles the distance to the next one; a change resets it."""
         if self._timed is None:
             return
+        probe = self._timed != self.small_step
         self._timings[self._timed].append(seconds)
         self._timed = None
         one, full = self._timings[1], self._timings[self.full]
@@ -122,6 +133,10 @@ class ComputeThreads:
             log.info("small steps: now %.1f ms on 1 thread, %.1f ms on %d (medians of the last %d); using %d",
                      on_one * 1e3, on_all * 1e3, self.full, PROBE_WINDOW, chosen)
             self.small_step = chosen
+            self.probe_every = PROBE_EVERY
+            self._until_probe = min(self._until_probe, PROBE_EVERY)
+        elif probe:
+            self.probe_every = self._until_probe = min(2 * self.probe_every, PROBE_EVERY_MAX)
 
     def calibrate(self, small_step_seconds: Callable[[], float], rounds: int = 6,
                   lock: MachineLock | None = None) -> None:

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from stage_server.cli import build_parser
-from stage_server.compute_threads import AUTO_MIN_GAIN, PROBE_EVERY, PROBE_WINDOW, SMALL_STEP_TOKENS, ComputeThreads
+from stage_server.compute_threads import (
+    AUTO_MIN_GAIN,
+    PROBE_EVERY,
+    PROBE_EVERY_MAX,
+    PROBE_WINDOW,
+    SMALL_STEP_TOKENS,
+    ComputeThreads,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +115,7 @@ def test_auto_follows_the_faster_count_while_serving():
     assert set(serve(threads, lambda count, _: clearly_faster[count], 2 * PROBE_EVERY)) == {1}  # 2 probes: too few
     serve(threads, lambda count, _: clearly_faster[count], PROBE_EVERY)
     assert threads.threads_for(1) == 2  # a start-up calibration that missed the gain is corrected
-    window = PROBE_WINDOW * PROBE_EVERY
+    window = PROBE_WINDOW * PROBE_EVERY_MAX  # enough steps for a window of probes however far apart
     # all threads still faster, though not clearly: they stay (no flip-flopping inside the band)
     assert set(serve(threads, lambda count, _: {1: 1.0, 2: 0.95}[count], 2 * window)) == {2}
     serve(threads, lambda count, _: {1: 0.99, 2: 1.0}[count], 2 * window)  # one thread no slower: back to one
@@ -139,6 +146,45 @@ def test_gains_near_the_threshold_do_not_flip_the_count_at_every_step():
     chosen = serve(threads, lambda count, index: 1.0 / AUTO_MIN_GAIN if count == 2 else 1.0 + 0.02 * (-1) ** index,
                    40 * PROBE_EVERY)
     assert sum(a != b for a, b in zip(chosen, chosen[1:], strict=False)) <= 1
+
+
+def probe_steps(threads: ComputeThreads, seconds, steps: int) -> list[int]:
+    """The indexes of the probes (steps on the count not chosen) among `steps` served single-token steps."""
+    probes = []
+    for index in range(steps):
+        chosen = threads.threads_for(1)
+        used = threads.for_step(1)
+        threads.record(seconds(used, index))
+        if used != chosen:
+            probes.append(index)
+    return probes
+
+
+def test_probes_that_confirm_the_choice_come_ever_further_apart():
+    """Every stage probes the same token, so a probe is a slow token for the whole pipeline: once the
+    window can decide, each probe that keeps the choice doubles the distance to the next, up to
+    PROBE_EVERY_MAX."""
+    threads = ComputeThreads(full=2)
+    probes = probe_steps(threads, lambda count, _: {1: 1.0, 2: 1.0}[count], 12 * PROBE_EVERY_MAX)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert probes[0] == PROBE_EVERY - 1
+    assert gaps[:2] == [PROBE_EVERY, PROBE_EVERY]  # the window has too few timings to decide yet
+    assert gaps[2:6] == [2 * PROBE_EVERY, 4 * PROBE_EVERY, 8 * PROBE_EVERY, 16 * PROBE_EVERY]
+    assert set(gaps[-3:]) == {PROBE_EVERY_MAX}
+    assert threads.threads_for(1) == 1
+
+
+def test_a_change_of_count_brings_the_probes_close_again():
+    threads = ComputeThreads(full=2)
+    probe_steps(threads, lambda count, _: 1.0, 8 * PROBE_EVERY_MAX)  # probes far apart now
+    assert threads.probe_every == PROBE_EVERY_MAX
+    steps = 0
+    while threads.threads_for(1) == 1:  # all threads are now clearly faster: the probes switch to them
+        probe_steps(threads, lambda count, _: {1: 1.0, 2: 0.5}[count], 1)
+        steps += 1
+        assert steps <= 4 * PROBE_EVERY_MAX, "never switched"
+    probes = probe_steps(threads, lambda count, _: {1: 1.0, 2: 0.5}[count], PROBE_EVERY)
+    assert probes == [PROBE_EVERY - 1]  # the new count is checked PROBE_EVERY steps on, not PROBE_EVERY_MAX
 
 
 def test_fixed_counts_ignore_timings():
