@@ -366,3 +366,59 @@ def test_steps_without_padding_carry_no_mask_and_stay_exact(family, tiny_model, 
         "alone": (6, False, False), "same length": (6, False, False), "padded": (6, True, True)}
     for name, prompts in runs.items():
         assert tokens[name] == [reference_greedy(model_dir, [p], 6)[0] for p in prompts], name
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_a_lone_groups_answers_are_handled_on_the_thread_that_read_them(chain, tiny_model, stages, monkeypatch):
+    """A decode step's answer is handled where it was read while the scheduler's loop is idle (the
+    next step leaves without waking the loop's thread), also when a chained step's answer is
+    already there as its predecessor is handled (queued then, not handled re-entrantly), and the
+    tokens stay exact."""
+    from coordinator.scheduler import Scheduler
+
+    model_dir = tiny_model("llama")
+    prompt, new_tokens = [5, 6, 7, 8], 10
+    handled_on: list[str] = []
+    depth = [0]
+    step_done = Scheduler._step_done
+
+    def recording_step_done(self, group, future):
+        handled_on.append(threading.current_thread().name)
+        depth[0] += 1
+        try:
+            assert depth[0] == 1, "an answer was handled inside another one's handling"
+            return step_done(self, group, future)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(Scheduler, "_step_done", recording_step_done)
+    with stages(model_dir, 2) as (addresses, _):
+        client = PipelineClient(addresses)
+        try:
+            result = Engine(client, chain=chain).generate([SequenceRequest(prompt, new_tokens)])[0]
+        finally:
+            client.close()
+    assert result.token_ids == reference_greedy(model_dir, [prompt], new_tokens)[0]
+    assert len(handled_on) == new_tokens - 1  # every decode step's answer once (the first token: the prefill)
+    elsewhere = [name for name in handled_on if name != "batch-scheduler"]
+    assert len(elsewhere) >= len(handled_on) // 2, handled_on
+
+
+def test_an_answer_arriving_during_scheduling_is_queued_for_the_loop():
+    from coordinator.running_batch import Group
+    from coordinator.scheduler import Scheduler
+
+    class NoPipeline:
+        can_chain = False
+        hop_bytes = 0
+
+    scheduler = Scheduler(NoPipeline())
+    handled = []
+    scheduler._step_done = lambda group, future: handled.append(future)
+    answered: Future = Future()
+    answered.set_result(None)
+    with scheduler._lock, scheduler._busy():  # the loop (or another answer) is scheduling on this thread
+        scheduler._step_answered(Group(), answered)
+    assert handled == [] and scheduler._events.get_nowait()[2] is answered
+    scheduler._step_answered(Group(), answered)  # nobody scheduling: handled at once, here
+    assert handled == [answered]
