@@ -18,6 +18,7 @@ import uuid
 from collections import OrderedDict
 
 import grpc
+import numpy as np
 import torch
 
 from coordinator.local_streams import LocalForwardStream, LocalResults, open_forward, open_results
@@ -231,18 +232,19 @@ class PipelineClient:
                                                   self._take_answer)
             return self._results.collector_id
 
-    def submit(self, session_id: str, activations: torch.Tensor, position_ids: torch.Tensor,
+    def submit(self, session_id: str, activations: torch.Tensor | np.ndarray, position_ids: torch.Tensor | np.ndarray,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
                end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None,
                logits_top_k: int = 0, chain_steps: int = 0, chain_stop_ids: frozenset[int] = frozenset()
                ) -> StepFuture:
-        """Queue one micro-batch; the future resolves to the last stage's ForwardResponse.
+        """Queue one micro-batch; the future resolves to the last stage's ForwardResponse. Token ids and
+        positions may come as int64 numpy arrays (a decode step's; encoded without torch).
 
         `chain_steps` > 0 (greedy, logits_top_k = 1, `can_chain`) lets the last stage send up
         to that many next steps itself; see StepFuture.next_in_chain and `stop_chain`."""
         request = stage_pb2.ForwardRequest(
             session_id=session_id, micro_batch_id=self._take_ids(1 + chain_steps), route=self.addresses[1:],
-            activations=codec.encode(activations), position_ids=codec.encode(position_ids),
+            activations=_encoded(activations), position_ids=_encoded(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
             model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id())
         if attention_mask is not None:
@@ -296,25 +298,50 @@ class PipelineClient:
             channel.close()
 
 
-class StepLogits:
-    """The last stage's answer for each row: all logits, or the top-k values with their token ids."""
+def _encoded(values: torch.Tensor | np.ndarray) -> stage_pb2.Tensor:
+    return codec.encode_int64(values) if isinstance(values, np.ndarray) else codec.encode(values)
 
-    def __init__(self, values: torch.Tensor, token_ids: torch.Tensor | None = None) -> None:
-        self.values = values  # float32 [B, V], or [B, k] when token_ids is set
-        self.token_ids = token_ids  # int64 [B, k] or None
+
+class StepLogits:
+    """The last stage's answer for each row: all logits, or the top-k values with their token ids.
+    Decoded when first read: a greedy step reads only each row's best token id, and takes it from
+    the wire bytes with neither torch nor numpy (a decode step's few torch calls each cost ~100 µs on caches
+    the stages' forwards have just flushed)."""
+
+    def __init__(self, values: stage_pb2.Tensor, token_ids: stage_pb2.Tensor | None = None) -> None:
+        self._values_message, self._ids_message = values, token_ids
+        self._values: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
+        self._best_ids: list[int] | None = None
+
+    @property
+    def values(self) -> torch.Tensor:
+        """float32 [B, V], or [B, k] when token_ids is set."""
+        if self._values is None:
+            self._values = codec.decode(self._values_message)
+        return self._values
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """int64 [B, k], or None when the stage sent every logit."""
+        if self._ids is None and self._ids_message is not None:
+            self._ids = codec.decode(self._ids_message)
+        return self._ids
 
     def row(self, index: int) -> torch.Tensor:
         """All logits of one row [V] (only when the stage sent them all)."""
-        if self.token_ids is not None:
+        if self._ids_message is not None:
             raise ValueError("the stage sent only the top logits; ask for all of them to sample")
         return self.values[index]
 
     def best(self, index: int) -> int:
         """The greedy token of one row."""
-        if self.token_ids is None:
+        if self._ids_message is None:
             return int(torch.argmax(self.values[index]))
-        if self.token_ids.shape[1] == 1:  # the stage sent each row's best alone (greedy decode)
-            return int(self.token_ids[index, 0])
+        if len(self._ids_message.shape) == 2 and self._ids_message.shape[1] == 1:
+            if self._best_ids is None:  # the stage sent each row's best alone (greedy decode)
+                self._best_ids = codec.int64_values(self._ids_message)
+            return self._best_ids[index]
         return int(self.token_ids[index, int(torch.argmax(self.values[index]))])
 
 
@@ -323,5 +350,4 @@ def logits_of(response: stage_pb2.ForwardResponse) -> StepLogits:
     if response.status_code != 0:
         raise StageCallError(status_code_from_value(response.status_code), response.error_message,
                              response.failed_stage)
-    ids = codec.decode(response.top_token_ids) if response.HasField("top_token_ids") else None
-    return StepLogits(codec.decode(response.logits), ids)
+    return StepLogits(response.logits, response.top_token_ids if response.HasField("top_token_ids") else None)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from coordinator.pipeline_client import StepLogits
@@ -200,9 +201,11 @@ class Group:
         changes) and updates this group's rows and mask the same way. The caller has
         made sure the group keeps at least one row or has a session to adopt.
         """
+        keep = [i for i, sequence in enumerate(self.rows) if sequence.finish is None]
+        if len(keep) == len(self.rows) and not self.joining:
+            return None  # nothing changes: an unpadded group's owed mask columns stay owed
         self._settle_mask()
         edit = stage_pb2.CacheEdit()
-        keep = [i for i, sequence in enumerate(self.rows) if sequence.finish is None]
         if len(keep) < len(self.rows):
             edit.keep_rows.extend(keep)
             self.rows = [self.rows[i] for i in keep]
@@ -226,16 +229,17 @@ class Group:
             self.padded = _has_padding(self.mask)
         return edit if changed else None
 
-    def step_inputs(self, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Token ids [b, 1], positions [b, 1] and mask [b, P + 1] of the next decode step (the mask
-        None when no row is padded; it is kept here all the same, for the edits to come)."""
+    def step_inputs(self, pad_token_id: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+        """Token ids [b, 1], positions [b, 1] (int64 numpy arrays: they go straight to the wire,
+        with no torch call) and mask [b, P + 1] of the next decode step (the mask None when no row
+        is padded; it is kept here all the same, for the edits to come)."""
         tokens = [s.last_token if s.finish is None else pad_token_id for s in self.rows]
         positions = [s.last_position if s.finish is None else 0 for s in self.rows]
         self._ones_to_append += 1
         if self.padded:
             self._settle_mask()
-        return (torch.tensor(tokens, dtype=torch.long).view(-1, 1),
-                torch.tensor(positions, dtype=torch.long).view(-1, 1), self.mask if self.padded else None)
+        return (np.array(tokens, dtype=np.int64).reshape(-1, 1),
+                np.array(positions, dtype=np.int64).reshape(-1, 1), self.mask if self.padded else None)
 
     def _settle_mask(self) -> None:
         """Append the columns of 1s owed by the steps so far (a padded group's at once, an unpadded

@@ -62,6 +62,7 @@ FP16 or INT8 comes back float32, a bfloat16 one comes back bfloat16.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import torch
@@ -368,11 +369,9 @@ def _expect_empty(message: stage_pb2.Tensor, codec: int) -> None:
                               f"{message.int8_layout}")
 
 
-def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.Tensor:
-    """Decode and validate a `stage_pb2.Tensor` into a fresh, writable CPU tensor of its logical dtype.
-
-    Raises WireFormatError for anything malformed, including tensors of more than `max_elements`.
-    """
+def _checked(message: stage_pb2.Tensor, max_elements: int) -> tuple[int, tuple[int, ...], int]:
+    """The codec (unspecified read as none), shape and element count of a well-formed message;
+    raises WireFormatError for anything malformed."""
     if not isinstance(message, stage_pb2.Tensor):
         raise TypeError(f"decode expects a stage_pb2.Tensor, got {type(message).__name__}")
     if message.dtype not in _WIRE_DTYPES:
@@ -392,11 +391,33 @@ def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.T
     numel = math.prod(shape)
     if numel > max_elements:
         raise WireFormatError(f"tensor of shape {list(shape)} has {numel} elements; limit is {max_elements}")
-    torch_dtype, raw_dtype = _WIRE_DTYPES[message.dtype]
     if codec in _LOSSY_CODECS and message.dtype not in _FLOAT_DTYPES:
         raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} applies to floating tensors, not "
                               f"{stage_pb2.DType.Name(message.dtype)}")
+    return codec, shape, numel
 
+
+def int64_values(message: stage_pb2.Tensor, *, max_elements: int = 1 << 20) -> list[int]:
+    """The values of a raw int64 tensor (token ids), row-major, as Python ints, with neither torch
+    nor numpy: the short path for the token ids of the coordinator's decode steps (the counterpart
+    of `encode_int64`). Raises WireFormatError for anything else or anything malformed."""
+    codec, _, numel = _checked(message, max_elements)
+    if message.dtype != stage_pb2.DTYPE_INT64 or codec != stage_pb2.CODEC_NONE:
+        raise WireFormatError(f"expected a raw int64 tensor, got {stage_pb2.DType.Name(message.dtype)} with codec "
+                              f"{stage_pb2.Codec.Name(codec)}")
+    _expect_empty(message, codec)
+    if len(message.data) != 8 * numel:
+        raise WireFormatError(f"data holds {len(message.data)} bytes; expected {8 * numel} ({numel} x 8-byte int64)")
+    return list(struct.unpack(f"<{numel}q", message.data))
+
+
+def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.Tensor:
+    """Decode and validate a `stage_pb2.Tensor` into a fresh, writable CPU tensor of its logical dtype.
+
+    Raises WireFormatError for anything malformed, including tensors of more than `max_elements`.
+    """
+    codec, shape, numel = _checked(message, max_elements)
+    torch_dtype, raw_dtype = _WIRE_DTYPES[message.dtype]
     if codec == stage_pb2.CODEC_INT8:
         return _decode_int8(message, shape, numel).to(torch_dtype).reshape(shape)
     _expect_empty(message, codec)

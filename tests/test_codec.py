@@ -600,3 +600,19 @@ def test_rice_malformed_streams():
         message = wire(encode(torch.zeros(2, 4), codec_value))
         message.int8_layout = RICE
         rejects(message, "int8_layout")
+
+
+def test_int64_short_paths_round_trip_without_torch_and_refuse_anything_else():
+    ids = np.array([[7], [-3], [2**40]], dtype=np.int64)
+    message = codec.encode_int64(ids)
+    assert decode(message).tolist() == ids.tolist()  # the general path reads it alike
+    assert codec.int64_values(message) == [7, -3, 2**40]
+    assert codec.int64_values(encode(torch.tensor([[1, 2]]))) == [1, 2]
+    for other in (encode(torch.tensor([1.5])), encode(torch.tensor([1], dtype=torch.int32))):
+        with pytest.raises(WireFormatError, match="expected a raw int64 tensor"):
+            codec.int64_values(other)
+    short = stage_pb2.Tensor(shape=[2, 1], dtype=stage_pb2.DTYPE_INT64, data=b"\0" * 8)
+    with pytest.raises(WireFormatError, match="holds 8 bytes"):
+        codec.int64_values(short)
+    with pytest.raises(WireFormatError, match="elements"):
+        codec.int64_values(message, max_elements=2)

@@ -42,3 +42,27 @@ def test_send_returns_once_the_sending_thread_has_taken_the_request(monkeypatch)
     finally:
         stream.close()
         stub.closed.set()
+
+
+def test_a_greedy_answer_is_read_from_its_ids_alone_and_decoded_only_when_asked():
+    import pytest
+    import torch
+
+    from coordinator.pipeline_client import logits_of
+    from protos import codec
+    from protos.codec import WireFormatError
+
+    response = stage_pb2.ForwardResponse(session_id="s", micro_batch_id=1)
+    response.top_token_ids.CopyFrom(codec.encode(torch.tensor([[11], [4]])))
+    response.logits.CopyFrom(stage_pb2.Tensor(shape=[2, 1], dtype=stage_pb2.DTYPE_FLOAT32, data=b"bad"))
+    logits = logits_of(response)
+    assert [logits.best(0), logits.best(1)] == [11, 4]  # the values were never needed
+    with pytest.raises(WireFormatError):
+        logits.values  # noqa: B018 - reading them decodes (and validates) them
+    top2 = stage_pb2.ForwardResponse()
+    top2.top_token_ids.CopyFrom(codec.encode(torch.tensor([[5, 9]])))
+    top2.logits.CopyFrom(codec.encode(torch.tensor([[0.5, 2.0]])))
+    assert logits_of(top2).best(0) == 9
+    everything = stage_pb2.ForwardResponse()
+    everything.logits.CopyFrom(codec.encode(torch.tensor([[0.1, 3.0, 0.2]])))
+    assert logits_of(everything).best(0) == 1 and logits_of(everything).row(0).tolist()[1] == 3.0
