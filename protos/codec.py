@@ -183,12 +183,20 @@ def _raw_message(t: torch.Tensor, wire_dtype: int) -> stage_pb2.Tensor:
     return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=_raw_bytes(t))
 
 
+def _array_message(values: np.ndarray, little_endian: str, wire_dtype: int) -> stage_pb2.Tensor:
+    array = np.ascontiguousarray(values, dtype=little_endian)
+    return stage_pb2.Tensor(shape=array.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=array.tobytes())
+
+
 def encode_int64(values: np.ndarray) -> stage_pb2.Tensor:
     """A raw int64 tensor straight from a numpy array of integers (token ids, positions, masks):
     the short path for the few small tensors a stage builds between two forwards."""
-    array = np.ascontiguousarray(values, dtype="<i8")
-    return stage_pb2.Tensor(shape=array.shape, dtype=stage_pb2.DTYPE_INT64, codec=stage_pb2.CODEC_NONE,
-                            data=array.tobytes())
+    return _array_message(values, "<i8", stage_pb2.DTYPE_INT64)
+
+
+def encode_float32(values: np.ndarray) -> stage_pb2.Tensor:
+    """A raw float32 tensor straight from a numpy array (a greedy answer's best logits), no torch call."""
+    return _array_message(values, "<f4", stage_pb2.DTYPE_FLOAT32)
 
 
 def encode(

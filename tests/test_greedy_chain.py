@@ -266,3 +266,22 @@ def test_an_answer_that_overtakes_the_one_announcing_it_is_kept():
     for i in range(_Pending.EARLY_KEPT + 10):
         pending.resolve(stage_pb2.ForwardResponse(session_id="gone", micro_batch_id=i))
     assert len(pending._early) == _Pending.EARLY_KEPT
+
+
+def test_a_greedy_answer_holds_each_rows_first_maximum_and_its_logit():
+    """The last stage picks greedy tokens in numpy: the same ids as torch's argmax on all logits
+    (the first of equal maxima), with their logits, for every row."""
+    from stage_server.servicer import greedy_ids, logits_response
+
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
+    logits[1, 7] = logits[1, 200] = logits[1].max() + 1.0  # a tie: the first one wins
+    ids = greedy_ids(logits)
+    assert ids.tolist() == logits.argmax(dim=-1).tolist() and ids[1] == 7
+    request = stage_pb2.ForwardRequest(session_id="s", micro_batch_id=4, logits_top_k=1)
+    answer = logits_response(request, logits)
+    assert codec.decode(answer.top_token_ids).tolist() == [[i] for i in ids.tolist()]
+    assert torch.equal(codec.decode(answer.logits), logits.gather(-1, torch.from_numpy(ids).view(-1, 1)))
+    assert (answer.session_id, answer.micro_batch_id) == ("s", 4)
+    halves = logits.to(torch.bfloat16)  # not float32: the torch path, same choice
+    assert greedy_ids(halves).tolist() == halves.argmax(dim=-1).tolist()
+    assert codec.decode(logits_response(request, halves).logits).dtype == torch.bfloat16
