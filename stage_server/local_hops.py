@@ -2,7 +2,8 @@
 
 Owns: the stage's listener on its same-machine socket (protos/local_socket.py: named after its
 TCP port, framed protobuf messages), which hands a FORWARD connection to the same stream handler a
-gRPC `Forward` stream gets and a RESULTS connection to the same handler a `Results` call gets (so
+gRPC `Forward` stream gets and a RESULTS connection to the same handler a `Results` call gets (with
+its frame writer, which the handler sends answers through as they are made; so
 validation, errors, sessions, draining and stream slots do not know which way a message came);
 and the link a stage sends to its next stage through, which keeps the interface of
 `downstream.DownstreamLink` (send, forget, close, cancel, alive).
@@ -88,7 +89,7 @@ class _ConnectionContext:
 
 class LocalHopListener:
     """Accepts processes of this machine on `socket_name(port)`. A FORWARD connection is served by
-    `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context)` (the
+    `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context, send=...)` (the
     handlers gRPC's Forward and Results calls get); what they yield goes back as frames.
     `take_slot()` -> bool reserves one of the stage's stream slots (False: full, the connection is
     closed) and `free_slot()` returns it."""
@@ -139,7 +140,7 @@ class LocalHopListener:
         context = _ConnectionContext()
         try:
             connection.sendall(ACCEPTED)
-            for answer in self._answers(connection, context):
+            for answer in self._answers(connection, context, writer):
                 if not writer.write(answer):
                     break
         except (StreamAborted, FrameError, OSError) as err:
@@ -172,8 +173,9 @@ class LocalHopListener:
         for connection in left:
             shut_quietly(connection)
 
-    def _answers(self, connection: socket.socket, context: _ConnectionContext) -> Iterator:
-        """What goes back on a connection, by the kind it declared in its first byte."""
+    def _answers(self, connection: socket.socket, context: _ConnectionContext, writer: FrameWriter) -> Iterator:
+        """What goes back on a connection, by the kind it declared in its first byte (a Results
+        subscription sends its answers through `writer` itself, as they are made)."""
         kind = connection.recv(1)
         if kind == FORWARD:
             return self._forward_stream(_logged(read_frames(connection, stage_pb2.ForwardRequest.FromString)), context)
@@ -185,7 +187,7 @@ class LocalHopListener:
             # nothing more comes up a results connection: its end (or anything else) ends the subscription
             threading.Thread(target=_ended_when_read, args=(frames, context), name="local-results-watch",
                              daemon=True).start()
-            return self._results_stream(request, context)
+            return self._results_stream(request, context, send=writer.write)
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
 
 

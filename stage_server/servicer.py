@@ -409,24 +409,31 @@ class StageService(stage_pb2_grpc.StageServicer):
         with self._stream_slot(context):
             yield from self.results_stream(request, context)
 
-    def results_stream(self, request, context):
+    def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came
-        (a gRPC Results call, or a same-machine connection, local_hops.py)."""
+        (a gRPC Results call, or a same-machine connection, local_hops.py).
+
+        With `send` (a same-machine connection's frame writer: thread-safe, never blocks), each answer
+        is sent by the thread that made it, the compute thread, and nothing is yielded: a hand-off to
+        the stream's thread cost each token 175-280 µs between the last stage's answer and its write
+        (4 local float32 stages, stamped per token). A failed send ends the subscription."""
         if not request.collector_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "collector_id is empty")
         answers: queue.Queue = queue.Queue()
+        collector = answers if send is None else _SendingCollector(send, answers)
         with self._collectors_lock:
             if request.collector_id in self._collectors:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"collector {request.collector_id!r} is already subscribed here")
-            self._collectors[request.collector_id] = answers
+            self._collectors[request.collector_id] = collector
         context.add_callback(lambda: answers.put(_END))
         try:
             while (answer := answers.get()) is not _END:
                 yield answer
         finally:
             with self._collectors_lock:
-                self._collectors.pop(request.collector_id, None)
+                if self._collectors.get(request.collector_id) is collector:
+                    del self._collectors[request.collector_id]
 
     def StopChain(self, request, context):
         if not request.session_id:
@@ -487,6 +494,18 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._chain.close()
         self._channels.close()
         self.compute.close()
+
+
+class _SendingCollector:
+    """A collector that sends each answer at once through `send`; once a send fails it puts _END on
+    `ended` (the subscription's own queue), which ends the subscription."""
+
+    def __init__(self, send: Callable[[stage_pb2.ForwardResponse], bool], ended: queue.Queue) -> None:
+        self._send, self._ended = send, ended
+
+    def put(self, answer: stage_pb2.ForwardResponse) -> None:
+        if not self._send(answer):
+            self._ended.put(_END)
 
 
 def software_versions() -> dict[str, str]:

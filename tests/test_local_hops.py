@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import running_coordinator
 from stalling import stalled_forward
+from tiny_models import reference_greedy
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.local_streams import LocalForwardStream, LocalResults
@@ -291,6 +292,37 @@ def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collect
         assert _closed_by_stage(refused)
         refused.close()
         assert _wait_for(lambda: last._streams == 0)
+
+
+def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_thread(tiny_model, stages,
+                                                                                       monkeypatch):
+    """Answers for a coordinator subscribed over the socket leave from the thread that made them (no
+    hand-off to the connection's thread); a subscription whose socket fails ends and frees its slot."""
+    from stage_server import servicer
+
+    sent_from: list[str] = []
+    put = servicer._SendingCollector.put
+
+    def recording_put(self, answer):
+        sent_from.append(threading.current_thread().name)
+        return put(self, answer)
+
+    monkeypatch.setattr(servicer._SendingCollector, "put", recording_put)
+    model_dir = tiny_model("llama")
+    with stages(model_dir, 2) as (addresses, servers):
+        tokens, kinds = _generate(addresses, [5, 6, 7], 6)
+        assert kinds[1] is LocalResults
+        last = servers[1].service
+        sock = local_socket.connect(addresses[1], RESULTS)
+        FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="gone"))
+        assert _wait_for(lambda: "gone" in last._collectors)
+        collector = last._collector("gone")
+        sock.close()  # the coordinator vanishes; the next answer's send fails and ends the subscription
+        collector.put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=1))
+        assert _wait_for(lambda: "gone" not in last._collectors and last._streams == 0)
+    assert tokens == reference_greedy(model_dir, [[5, 6, 7]], 6)[0]
+    decode_answers = sent_from[:-1]  # the last put was the test's own
+    assert len(decode_answers) >= 6 and all(name.startswith("compute") for name in decode_answers), sent_from
 
 
 def test_two_stages_cannot_share_a_socket_name():
