@@ -353,13 +353,17 @@ def _rice_message(residual: torch.Tensor, step_fraction: float) -> stage_pb2.Ten
 # decode
 
 
-def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | None = None) -> np.ndarray:
-    """`count` little-endian items of `le` from `buf`, as a writable native-order array (a copy,
-    converted to `as_type` if given): torch must not wrap the read-only protobuf buffer."""
+def _expect_length(buf: bytes, le: np.dtype, count: int, what: str) -> None:
     expected = count * le.itemsize
     if len(buf) != expected:
         raise WireFormatError(f"{what} holds {len(buf)} bytes; expected {expected} "
                               f"({count} x {le.itemsize}-byte {le.name})")
+
+
+def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | None = None) -> np.ndarray:
+    """`count` little-endian items of `le` from `buf`, as a writable native-order array (a copy,
+    converted to `as_type` if given): torch must not wrap the read-only protobuf buffer."""
+    _expect_length(buf, le, count, what)
     native = le.newbyteorder("=") if as_type is None else as_type
     return np.frombuffer(buf, dtype=le).astype(native, copy=True)
 
@@ -414,8 +418,7 @@ def int64_values(message: stage_pb2.Tensor, *, max_elements: int = 1 << 20) -> l
         raise WireFormatError(f"expected a raw int64 tensor, got {stage_pb2.DType.Name(message.dtype)} with codec "
                               f"{stage_pb2.Codec.Name(codec)}")
     _expect_empty(message, codec)
-    if len(message.data) != 8 * numel:
-        raise WireFormatError(f"data holds {len(message.data)} bytes; expected {8 * numel} ({numel} x 8-byte int64)")
+    _expect_length(message.data, _WIRE_DTYPES[stage_pb2.DTYPE_INT64][1], numel, "data")
     return list(struct.unpack(f"<{numel}q", message.data))
 
 

@@ -56,14 +56,19 @@ def error_response(request: stage_pb2.ForwardRequest, code_name: str, message: s
                                      failed_stage=stage)
 
 
+def _numpy_view(logits: torch.Tensor) -> np.ndarray | None:
+    """The logits as a numpy array without a copy when they are CPU float32 (every stage's answer;
+    torch's argmax, gather and encoding of a decode step's logits took 130 µs warm against 14 in
+    numpy, on the last stage's critical path, and several times that on caches the forward has
+    just flushed); None otherwise."""
+    return logits.numpy() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+
+
 def greedy_ids(logits: torch.Tensor) -> np.ndarray:
     """Each row's best token id, int64 [B]: the first of equal maxima, as greedy decoding on all
-    logits picks. In numpy for CPU float32 logits (every stage's answer): torch's argmax, gather and
-    encoding of a decode step's logits took 130 µs warm against 14 in numpy, on the last stage's
-    critical path, and several times that on caches the forward has just flushed."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32:
-        return logits.numpy().argmax(axis=-1)
-    return logits.argmax(dim=-1).cpu().numpy()
+    logits picks (in numpy where it can, see _numpy_view)."""
+    array = _numpy_view(logits)
+    return array.argmax(axis=-1) if array is not None else logits.argmax(dim=-1).cpu().numpy()
 
 
 def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor,
@@ -77,9 +82,9 @@ def logits_response(request: stage_pb2.ForwardRequest, logits: torch.Tensor,
         return response
     if k == 1:
         ids = best if best is not None else greedy_ids(logits)
-        if logits.device.type == "cpu" and logits.dtype == torch.float32:
-            values = logits.numpy()[np.arange(len(ids)), ids].reshape(-1, 1)
-            response.logits.CopyFrom(codec.encode_float32(values))
+        array = _numpy_view(logits)
+        if array is not None:
+            response.logits.CopyFrom(codec.encode_float32(array[np.arange(len(ids)), ids].reshape(-1, 1)))
         else:
             column = torch.from_numpy(ids).to(logits.device).view(-1, 1)
             response.logits.CopyFrom(codec.encode(logits.gather(-1, column).contiguous()))
