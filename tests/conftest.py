@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import exit_watchdog  # noqa: E402
 from tiny_models import save_tiny_model, save_tiny_tokenizer  # noqa: E402
 
 from coordinator.planner import plan_partition  # noqa: E402
@@ -19,6 +20,25 @@ from stage_server.server import StageServer, StageServerConfig  # noqa: E402
 
 torch.set_num_threads(2)
 logging.getLogger("stage_server").setLevel(logging.WARNING)
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+def pytest_terminal_summary(terminalreporter):
+    report = exit_watchdog.busy_threads_report()
+    if report:
+        terminalreporter.write_sep("!", "threads left busy")
+        terminalreporter.write_line(report)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """A run that finished must exit: see exit_watchdog."""
+    if _EXIT_STATUS in config.stash:
+        exit_watchdog.arm(config.stash[_EXIT_STATUS])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,55 @@
+"""The test run's exit watchdog: a finished run with a thread stuck for good still exits, with its status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+STUCK_RUN = textwrap.dedent("""
+    import sys, threading
+    sys.path.insert(0, sys.argv[1])
+    import exit_watchdog
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    pool.submit(lambda: None).result()  # an idle worker: not busy, and the exit's join ends it
+    never = threading.Event()
+    threading.Thread(target=never.wait, name="stuck-for-good").start()
+    print(exit_watchdog.busy_threads_report(settle_s=0.2), flush=True)
+    exit_watchdog.arm(3, grace_s=1.0)
+""")
+
+
+def test_a_stuck_thread_is_named_and_the_process_still_exits_with_the_runs_status():
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", STUCK_RUN, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert time.monotonic() - started < 30
+    report = done.stdout
+    assert "1 non-daemon thread(s) still busy" in report
+    assert "--- thread 'stuck-for-good':" in report and "in wait" in report
+    assert "ThreadPoolExecutor" not in report  # the idle worker is not reported
+    assert "exit watchdog: the tests finished" in done.stderr
+    assert "is 'stuck-for-good'" in done.stderr
+    assert "in _shutdown" in done.stderr  # the main thread was held in the exit's join, as in CI
+
+
+def test_a_clean_exit_is_not_held_up_and_reports_nothing():
+    clean = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import exit_watchdog
+        print(repr(exit_watchdog.busy_threads_report(settle_s=0.2)), flush=True)
+        exit_watchdog.arm(0, grace_s=20.0)
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", clean, str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "''"
+    assert time.monotonic() - started < 15
+    assert "exit watchdog" not in done.stderr
