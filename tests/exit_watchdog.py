@@ -1,21 +1,23 @@
 """Keeps a finished test run from hanging at exit, and says what would have hung it.
 
 Python's exit joins every thread that is not a daemon: the worker pools of the in-process gRPC
-servers and each stage's compute thread among them. One of them stuck for good kept a run whose
-tests had all passed alive until CI gave up on it (stop 20: 757 passed in 185 s, then nothing for
-90 minutes), with no word about which thread. So, once the session ends:
+servers and each stage's compute thread among them; then it tears the interpreter down, native
+libraries included. Something there kept a run whose tests had all passed alive until CI gave up
+on it (stop 20: 757 passed in 185 s, then nothing for 90 minutes), with no word about what. So,
+once the session ends:
 
 - `busy_threads_report()` names the non-daemon threads still busy (an idle pool worker waiting for
   work is not busy: the exit's join ends it at once) with their stacks, for the terminal summary;
-- `arm(status)` starts a watchdog that, if the process has not exited `EXIT_GRACE_S` later, prints
-  every thread's stack and ends the process with pytest's own exit status; faulthandler backs it
-  up for a hang past the point where Python threads still run (it exits with status 1).
+- `arm(status)` makes the process end with pytest's own exit status: a watchdog prints every
+  thread's stack and ends it if the exit's join of those threads has not returned `EXIT_GRACE_S`
+  later, and once the join returns the process ends at once, without the interpreter's teardown.
 
 Owns only that; it does not decide whether the suite passed.
 """
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import os
 import sys
@@ -58,7 +60,11 @@ def busy_threads_report(settle_s: float = SETTLE_S) -> str:
 
 
 def arm(status: int, grace_s: float = EXIT_GRACE_S) -> None:
-    """End the process with `status` if it is still alive `grace_s` from now, after printing stacks."""
+    """Make sure the process ends with `status`: a watchdog ends it `grace_s` from now (after
+    printing every thread's stack) if the exit's join of non-daemon threads hangs; once that join is
+    over, the first exit handler ends it at once, skipping the interpreter's teardown (module
+    clean-up, native libraries' destructors), which a test run has no need of and where a hang
+    would leave no Python thread to report it."""
     err = sys.__stderr__
 
     def watch() -> None:
@@ -69,8 +75,16 @@ def arm(status: int, grace_s: float = EXIT_GRACE_S) -> None:
             err.write(f"  thread 0x{thread.ident or 0:016x} is {thread.name!r}{' (daemon)' * thread.daemon}\n")
         err.flush()
         faulthandler.dump_traceback(file=err, all_threads=True)
-        err.flush()
-        os._exit(status)
+        _exit_now(status)
 
     threading.Thread(target=watch, name="exit-watchdog", daemon=True).start()
-    faulthandler.dump_traceback_later(2 * grace_s, exit=True, file=err)
+    atexit.register(_exit_now, status)  # registered last, so called first
+
+
+def _exit_now(status: int) -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+    os._exit(status)

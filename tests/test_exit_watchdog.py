@@ -38,6 +38,36 @@ def test_a_stuck_thread_is_named_and_the_process_still_exits_with_the_runs_statu
     assert "in _shutdown" in done.stderr  # the main thread was held in the exit's join, as in CI
 
 
+HANGS_IN_TEARDOWN = textwrap.dedent("""
+    import sys, threading
+    sys.path.insert(0, sys.argv[1])
+    import exit_watchdog
+
+    class HangsInTeardown:
+        def __del__(self):  # runs as the interpreter clears this module, after every exit handler
+            lock = threading.Lock()
+            lock.acquire()
+            lock.acquire()
+
+    kept = HangsInTeardown()
+    if sys.argv[2] == "armed":
+        exit_watchdog.arm(5, grace_s=30.0)
+""")
+
+
+def test_a_hang_in_the_interpreters_teardown_is_skipped_with_the_runs_status():
+    run = [sys.executable, "-c", HANGS_IN_TEARDOWN, str(Path(__file__).parent)]
+    armed = subprocess.run([*run, "armed"], capture_output=True, text=True, timeout=60)
+    assert armed.returncode == 5, armed.stderr
+    assert "exit watchdog" not in armed.stderr  # ended by the exit handler, not the watchdog's grace
+    try:  # the same process unguarded never exits: the guard is what ended it
+        subprocess.run([*run, "bare"], capture_output=True, timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    else:
+        raise AssertionError("the unguarded teardown did not hang, so this test proves nothing")
+
+
 def test_a_clean_exit_is_not_held_up_and_reports_nothing():
     clean = textwrap.dedent("""
         import sys
