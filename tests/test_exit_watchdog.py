@@ -8,25 +8,30 @@ import textwrap
 import time
 from pathlib import Path
 
-STUCK_RUN = textwrap.dedent("""
-    import sys, threading
-    sys.path.insert(0, sys.argv[1])
-    import exit_watchdog
-    from concurrent.futures import ThreadPoolExecutor
+import pytest
 
-    pool = ThreadPoolExecutor(2)
-    pool.submit(lambda: None).result()  # an idle worker: not busy, and the exit's join ends it
-    never = threading.Event()
-    threading.Thread(target=never.wait, name="stuck-for-good").start()
-    print(exit_watchdog.busy_threads_report(settle_s=0.2), flush=True)
-    exit_watchdog.arm(3, grace_s=1.0)
-""")
+_IMPORTS = "import sys, threading\nsys.path.insert(0, sys.argv[1])\nimport exit_watchdog\n"
+
+
+def _python(body: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `body` (after importing exit_watchdog) in a fresh interpreter; sys.argv[2:] are `args`."""
+    script = _IMPORTS + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script, str(Path(__file__).parent), *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_stuck_thread_is_named_and_the_process_still_exits_with_the_runs_status():
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", STUCK_RUN, str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=60)
+    done = _python("""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(2)
+        pool.submit(lambda: None).result()  # an idle worker: not busy, and the exit's join ends it
+        never = threading.Event()
+        threading.Thread(target=never.wait, name="stuck-for-good").start()
+        print(exit_watchdog.busy_threads_report(settle_s=0.2), flush=True)
+        exit_watchdog.arm(3, grace_s=1.0)
+    """)
     assert done.returncode == 3, done.stderr
     assert time.monotonic() - started < 30
     report = done.stdout
@@ -38,11 +43,7 @@ def test_a_stuck_thread_is_named_and_the_process_still_exits_with_the_runs_statu
     assert "in _shutdown" in done.stderr  # the main thread was held in the exit's join, as in CI
 
 
-HANGS_IN_TEARDOWN = textwrap.dedent("""
-    import sys, threading
-    sys.path.insert(0, sys.argv[1])
-    import exit_watchdog
-
+HANGS_IN_TEARDOWN = """
     class HangsInTeardown:
         def __del__(self):  # runs as the interpreter clears this module, after every exit handler
             lock = threading.Lock()
@@ -52,33 +53,23 @@ HANGS_IN_TEARDOWN = textwrap.dedent("""
     kept = HangsInTeardown()
     if sys.argv[2] == "armed":
         exit_watchdog.arm(5, grace_s=30.0)
-""")
+"""
 
 
 def test_a_hang_in_the_interpreters_teardown_is_skipped_with_the_runs_status():
-    run = [sys.executable, "-c", HANGS_IN_TEARDOWN, str(Path(__file__).parent)]
-    armed = subprocess.run([*run, "armed"], capture_output=True, text=True, timeout=60)
+    armed = _python(HANGS_IN_TEARDOWN, "armed")
     assert armed.returncode == 5, armed.stderr
     assert "exit watchdog" not in armed.stderr  # ended by the exit handler, not the watchdog's grace
-    try:  # the same process unguarded never exits: the guard is what ended it
-        subprocess.run([*run, "bare"], capture_output=True, timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    else:
-        raise AssertionError("the unguarded teardown did not hang, so this test proves nothing")
+    with pytest.raises(subprocess.TimeoutExpired):  # unguarded, the same process never exits
+        _python(HANGS_IN_TEARDOWN, "bare", timeout=5)
 
 
 def test_a_clean_exit_is_not_held_up_and_reports_nothing():
-    clean = textwrap.dedent("""
-        import sys
-        sys.path.insert(0, sys.argv[1])
-        import exit_watchdog
+    started = time.monotonic()
+    done = _python("""
         print(repr(exit_watchdog.busy_threads_report(settle_s=0.2)), flush=True)
         exit_watchdog.arm(0, grace_s=20.0)
     """)
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", clean, str(Path(__file__).parent)],
-                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "''"
     assert time.monotonic() - started < 15
