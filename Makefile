@@ -1,8 +1,9 @@
 # layerline — the two quick-start commands are `make demo` and `make test`.
 #
-# The install pins torch==2.13.0: on our machines that is a CPU build lying on disk
-# (seconds to install). pyproject.toml states the honest compatible range; a bare
-# `pip install .` on a machine without torch would fetch whatever torch pip picks.
+# Installs take exact versions from constraints.txt, so a new release of a dependency
+# changes nothing until that file does; pyproject.toml states the honest ranges.
+# torch==2.13.0 is a CPU build on our machines (seconds to install); elsewhere, install a
+# CPU build first (see README) or set TORCH.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -10,13 +11,13 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.layerline-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean constraints
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,bench]"
 	@touch $@
 
 install: $(STAMP)
@@ -44,6 +45,17 @@ bench: install
 .PHONY: clients
 clients:
 	clients/install.sh
+
+# Re-resolve every dependency to its newest allowed version and rewrite constraints.txt.
+constraints:
+	rm -rf .constraints-venv
+	$(PYTHON) -m venv .constraints-venv
+	.constraints-venv/bin/pip install --quiet "$(TORCH)"
+	.constraints-venv/bin/pip install --quiet ".[test,bench]"
+	{ sed -n '1,3p' constraints.txt; .constraints-venv/bin/pip freeze --exclude layerline \
+		| sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .constraints-venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
