@@ -20,6 +20,8 @@ Does not own: the masks (transformers builds them), how prompts are grouped into
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional
 from transformers import AttentionInterface
@@ -147,11 +149,12 @@ def per_sequence_attention(module, query, key, value, attention_mask, dropout: f
 def _decode_rows_by_length(query, key, value, first_key: list[int], attended: list[int], groups: int,
                            scaling: float | None, out: torch.Tensor) -> frozenset[int]:
     """Decode rows (one query each, seeing all their keys) whose keys start at the same position
-    hold the same number of keys: they take one unmasked call together instead of one each.
-    Rows of an unmasked call are computed independently, so each gets the bits of its call alone
-    (checked on the CPU, torch 2.13, for 2-256 rows of 1-300 keys in float32, bfloat16 and float16;
-    the test checks 8 rows of 4 lengths, tests/test_per_sequence_attention.py).
-    Writes their outputs into `out` and returns which rows it did."""
+    hold the same number of keys: they take one unmasked call together instead of one each, where
+    this machine's kernels give each row of such a call the bits of its call alone
+    (`batched_decode_is_exact`). Writes their outputs into `out` and returns which rows it did."""
+    if not batched_decode_is_exact(query.dtype, query.device, query.shape[1], key.shape[1], query.shape[-1],
+                                   value.shape[-1], scaling):
+        return frozenset()
     kv_len = key.shape[2]
     by_lead: dict[int, list[int]] = {}
     for row, lead in enumerate(first_key):
@@ -169,3 +172,37 @@ def _decode_rows_by_length(query, key, value, first_key: list[int], attended: li
         out[index] = o.transpose(1, 2)
         done += rows
     return frozenset(done)
+
+
+# Row counts and key lengths the probe tries: a few of each size class the kernels may block by.
+PROBE_ROWS = (2, 3, 4, 8, 9, 16, 17)
+PROBE_KEYS = (1, 16, 33, 130)
+
+
+@functools.cache
+def batched_decode_is_exact(dtype: torch.dtype, device: torch.device, heads: int, kv_heads: int, dim: int,
+                            value_dim: int, scaling: float | None) -> bool:
+    """Whether one unmasked sdpa call over several decode rows gives every row exactly the bits
+    of the same call on that row alone, on this machine's kernels, for these head shapes.
+
+    Why probed: the kernels may split a batched call's work differently from a lone row's (on an
+    AMD EPYC with AVX2 only, float32 rows of a batched call differed from alone by 1 ulp), so
+    grouping rows is only safe where the machine shows it is. Probed once per shape, on the
+    first decode step that could group rows."""
+    generator = torch.Generator().manual_seed(0)
+    for keys in PROBE_KEYS:
+        rows = PROBE_ROWS[-1]
+        q = torch.randn(rows, heads, 1, dim, generator=generator).to(dtype).to(device)
+        k = torch.randn(rows, kv_heads, keys, dim, generator=generator).to(dtype).to(device)
+        v = torch.randn(rows, kv_heads, keys, value_dim, generator=generator).to(dtype).to(device)
+        gqa = heads != kv_heads
+        with torch.inference_mode():
+            alone = torch.cat([functional.scaled_dot_product_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1],
+                                                                       scale=scaling, enable_gqa=gqa)
+                               for i in range(rows)])
+            for count in PROBE_ROWS:
+                together = functional.scaled_dot_product_attention(q[:count], k[:count], v[:count], scale=scaling,
+                                                                   enable_gqa=gqa)
+                if not torch.equal(together, alone[:count]):
+                    return False
+    return True

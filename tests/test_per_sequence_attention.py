@@ -122,10 +122,9 @@ def test_inputs_it_does_not_implement_go_to_stock_sdpa():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_rows_of_one_length_share_a_call_and_keep_their_bits(dtype, monkeypatch):
-    """A decode step whose rows hold caches of a few lengths: rows of one length go to sdpa in one
-    call (fewer calls than rows), and every row still gets exactly what it gets alone."""
+def _decode_step_with_counted_calls(dtype, monkeypatch):
+    """A decode step whose rows hold caches of a few lengths: returns the batch sizes of the sdpa
+    calls it made and, per row, (that row's output in the batch, the row alone)."""
     import stage_server.per_sequence_attention as module
 
     leads = [0, 4, 0, 9, 4, 4, 0, 11]  # three lengths shared, one row alone
@@ -139,23 +138,68 @@ def test_decode_rows_of_one_length_share_a_call_and_keep_their_bits(dtype, monke
         calls.append(args[0].shape[0])
         return real_sdpa(*args, **kwargs)
 
+    module.batched_decode_is_exact(dtype, q.device, HEADS, KV_HEADS, DIM, DIM, 0.3)  # probed before counting
     monkeypatch.setattr(module.functional, "scaled_dot_product_attention", counting_sdpa)
     together, _ = per_sequence_attention(FakeAttention(), q, k, v, mask, scaling=0.3)
-    assert sorted(calls) == [1, 1, 3, 3], "one call per shared length, the lone row in its own"
+    monkeypatch.setattr(module.functional, "scaled_dot_product_attention", real_sdpa)
+    rows = []
     for row, lead in enumerate(leads):
         alone, _ = per_sequence_attention(FakeAttention(), q[row:row + 1], k[row:row + 1, :, lead:],
                                           v[row:row + 1, :, lead:], None, scaling=0.3)
-        assert torch.equal(together[row], alone[0]), f"row {row}"
+        rows.append((together[row], alone[0]))
+    return calls, rows
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_rows_of_one_length_keep_their_bits_and_share_a_call_where_the_machine_allows(dtype, monkeypatch):
+    """Rows of one length go to sdpa in one call where this machine's kernels keep each row's bits
+    in a batched call (probed), one call each where they do not; either way every row gets exactly
+    what it gets alone."""
+    import stage_server.per_sequence_attention as module
+
+    calls, rows = _decode_step_with_counted_calls(dtype, monkeypatch)
+    if module.batched_decode_is_exact(dtype, torch.device("cpu"), HEADS, KV_HEADS, DIM, DIM, 0.3):
+        assert sorted(calls) == [1, 1, 3, 3], "one call per shared length, the lone row in its own"
+    else:
+        assert calls == [1] * 8, "one call per row where batched rows lose their bits"
+    for row, (together, alone) in enumerate(rows):
+        assert torch.equal(together, alone), f"row {row}"
+
+
+def test_rows_are_not_grouped_where_the_probe_finds_batched_calls_inexact(monkeypatch):
+    import stage_server.per_sequence_attention as module
+
+    monkeypatch.setattr(module, "batched_decode_is_exact", lambda *args: False)
+    calls, rows = _decode_step_with_counted_calls(torch.float32, monkeypatch)
+    assert calls == [1] * 8
+    for row, (together, alone) in enumerate(rows):
+        assert torch.equal(together, alone), f"row {row}"
+
+
+def test_the_probe_sees_a_kernel_that_rounds_batched_rows_differently(monkeypatch):
+    """A kernel whose batched rows are off by one ulp from the same row alone makes the probe say no."""
+    import stage_server.per_sequence_attention as module
+
+    real_sdpa = module.functional.scaled_dot_product_attention
+
+    def drifting_sdpa(query, *args, **kwargs):
+        out = real_sdpa(query, *args, **kwargs)
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if query.shape[0] > 1 else out
+
+    monkeypatch.setattr(module.functional, "scaled_dot_product_attention", drifting_sdpa)
+    probe = module.batched_decode_is_exact.__wrapped__
+    assert probe(torch.float32, torch.device("cpu"), HEADS, KV_HEADS, DIM, DIM, 0.3) is False
+    monkeypatch.setattr(module.functional, "scaled_dot_product_attention", real_sdpa)
+    assert probe(torch.float32, torch.device("cpu"), HEADS, KV_HEADS, DIM, DIM, 0.3) is \
+        module.batched_decode_is_exact(torch.float32, torch.device("cpu"), HEADS, KV_HEADS, DIM, DIM, 0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_lone_decode_step_gets_the_bits_of_transformers_sdpa(dtype):
     """A lone unpadded sequence's decode step is what transformers' sdpa computes for it (no mask,
     grouped-query heads), so per-sequence stages give a lone request the unsplit model's tokens.
-    The heads-as-queries call used before matched it at most lengths but not all: with these shapes
-    in float32, and with SmolLM2's in bfloat16 on an Intel Xeon (random inputs: cache lengths 120,
-    136, 140 and 159 of 1-199), which moved a lone bfloat16 request's greedy tokens off the unsplit
-    model's (tests/test_real_model.py)."""
+    Every cache length is checked: a call of another shape (heads as queries) matches at most
+    lengths but not all, which is enough to move a lone request's greedy tokens."""
     differing = []
     for kv_len in range(1, 200):
         q, k, v = random_qkv(1, 1, kv_len, dtype, seed=kv_len)

@@ -12,7 +12,8 @@ from protos.generate import PROTO_FILES, REPO_ROOT, generate
 
 # Lines that name the generator's own release rather than anything the .proto files say.
 _GENERATOR_VERSION = re.compile(r"^(GRPC_GENERATED_VERSION = |# Protobuf Python Version: ).*$", re.MULTILINE)
-_RUNTIME_CHECK = re.compile(r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,")
+_RUNTIME_CHECK = re.compile(
+    r"(ValidateProtobufRuntimeVersion\(\s*_runtime_version\.Domain\.PUBLIC,)\s*\d+,\s*\d+,\s*\d+,")
 
 
 def without_generator_version(text: str) -> str:
