@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pipeline_vs_unsplit import QUESTIONS, concurrent_clients, log, pipeline  # noqa: E402
 
 from coordinator.text import Tokenization  # noqa: E402
-from stage_server.model_store import ensure_model  # noqa: E402
+from protos.model_files.fetch import ensure_model  # noqa: E402
 
 MODES = ("batched", "per-sequence")
 REFERENCE_PROMPTS = 4  # prompts also run alone in every round

@@ -54,7 +54,7 @@ from coordinator.planner import plan_partition  # noqa: E402
 from coordinator.running_batch import left_padded  # noqa: E402
 from coordinator.split_costs import head_cost_in_layers  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
-from stage_server.model_store import ensure_model  # noqa: E402
+from protos.model_files.fetch import ensure_model  # noqa: E402
 from stage_server.per_sequence_attention import mode_for  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -26,7 +26,7 @@ from coordinator.pipeline_client import PipelineClient  # noqa: E402
 from coordinator.planner import plan_partition  # noqa: E402
 from coordinator.text import Tokenization  # noqa: E402
 from protos import codec  # noqa: E402
-from stage_server.model_store import ensure_model  # noqa: E402
+from protos.model_files.fetch import ensure_model  # noqa: E402
 from stage_server.server import StageServer, StageServerConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -27,7 +27,9 @@ from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
 from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
-from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model
+from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
+from protos.model_files.fetch import ensure_model, fetch_model
+from protos.model_files.resolve import resolve_model
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
 

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     startup_lock.acquire(exclusive=False)
     set_openmp_spin()  # before torch is imported (stage_server/compute_thread.py)
     keep_freed_memory(args.heap_keep_mb)  # before anything allocates much (stage_server/heap_reuse.py)
+    from protos.model_files.catalog import ModelNotFoundError
+    from protos.model_files.resolve import resolve_model
     from stage_server.architectures import UnsupportedArchitectureError
-    from stage_server.model_store import ModelNotFoundError, resolve_model
     from stage_server.server import StageServer, StageServerConfig, run_until_signalled
     from stage_server.slice_loader import SliceLoadError, parse_layer_range
 

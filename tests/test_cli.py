@@ -15,7 +15,8 @@ import pytest
 from tiny_models import reference_greedy
 from transformers import AutoTokenizer, LlamaConfig
 
-from stage_server.model_store import ModelNotFoundError, resolve_model
+from protos.model_files.catalog import ModelNotFoundError
+from protos.model_files.resolve import resolve_model
 
 TIMEOUT = 240
 

