@@ -1,5 +1,7 @@
-"""The wire contract shared by the coordinator and the stage servers.
+"""What the coordinator and the stage servers share.
 
-Owns: the .proto files, the Python stubs generated from them, and the tensor codec
-(`protos.codec`). Knows nothing about models, sessions or scheduling.
+Owns: the wire contract (the .proto files and the stubs generated from them), the tensor codec
+(`protos.codec`), addressing and transport settings both sides dial with, and `protos.model_files`
+(where model checkpoints live on disk and how the known ones get there). Knows nothing about
+sessions, batching or scheduling.
 """
