@@ -68,7 +68,8 @@ class GrpcLink:
         return failure.code()
 
     def describe(self, failure: Exception) -> str:
-        return f"{failure.code().name}: {failure.details()}"
+        details = failure.details()
+        return f"{failure.code().name}: {details}" if details else failure.code().name
 
 
 def _handed_over(outbox: queue.Queue) -> Iterator[Message]:
