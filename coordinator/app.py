@@ -45,7 +45,7 @@ class CoordinatorConfig:
     micro_batches: int = 0  # groups in flight at once; 0 = one per stage
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
-    local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/local_streams.py)
+    local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0

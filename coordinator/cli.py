@@ -73,7 +73,7 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-hops", choices=["on", "off"], default="on",
                         help="on (default, Linux): send micro-batches to a first stage on this machine and take the "
                              "last stage's answers over their Unix sockets instead of gRPC streams "
-                             "(coordinator/local_streams.py); off: gRPC only (launch-local passes it to its stages)")
+                             "(coordinator/stage_streams.py); off: gRPC only (launch-local passes it to its stages)")
     defaults = BatchLimits()
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows,
                         help="sequences generating at once; more wait in the queue "

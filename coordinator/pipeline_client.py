@@ -1,33 +1,38 @@
 """The coordinator's connection to a chain of stages.
 
-Owns: one persistent `Forward` stream to the first stage of the route, multiplexing
-every session's micro-batches on it (each answer is matched to its request by
-session id and micro-batch id), reopening the stream after a failure, and the
-side calls EndSession and Info. Hidden states never pass through here: stage 0
-pushes them on to stage 1 itself.
+Owns: `PipelineClient` (one persistent stream to the first stage of the route, multiplexing
+every session's micro-batches on it, and a Results subscription on the last stage; reopening
+either after a failure; the side calls EndSession, Info and StopChain), `_Pending` (matching
+each answer to its request's future by session id and micro-batch id, whichever stream it came
+on), and `StepLogits` / `logits_of` (reading an answer). Hidden states never pass through
+here: stage 0 pushes them on to stage 1 itself.
 
-Does not own: what to send (engine) or how to sample (sampling).
+Does not own: the streams and their transports (stage_streams), what to send (engine, scheduler)
+or how to sample (sampling).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-import uuid
 from collections import OrderedDict
 
 import grpc
 import numpy as np
 import torch
 
-from coordinator.local_streams import LocalForwardStream, LocalResults, open_forward, open_results
-from coordinator.step_future import StageCallError, StepFuture, status_code_from_value
+from coordinator.stage_errors import StageCallError, status_code_from_value
+from coordinator.stage_streams import (
+    FirstStageStream,
+    ResultsSubscription,
+    open_first_stage_stream,
+    open_results_subscription,
+)
+from coordinator.step_future import StepFuture
 from protos import codec, stage_pb2, stage_pb2_grpc
 from protos.channel_options import channel_options
 
 log = logging.getLogger(__name__)
-_CLOSE = object()
 
 
 class _Pending:
@@ -36,7 +41,7 @@ class _Pending:
     A chained step's answer (or error) may overtake the answer that announces it (the last
     stage sends the next step before answering); such an early answer waits in `_early`.
     A stage whose next hop fails reports the recent micro-batches it sent there towards a
-    collector, answered or not (stage_server/downstream.py): a report for a micro-batch
+    collector, answered or not (stage_server/next_hop.py): a report for a micro-batch
     settled here already is dropped, so it cannot crowd a real early answer out of `_early`."""
 
     EARLY_KEPT = 256  # unclaimed early answers kept (older ones belonged to abandoned sessions)
@@ -97,97 +102,13 @@ class _Pending:
             future.set_exception(error)
 
 
-# How long `send` waits for gRPC's sending thread to take the request (it never waits longer).
-HANDOVER_WAIT_S = 0.005
-
-
-class _Stream:
-    """One live Forward stream to the first stage; answers (or notes of direct answers) come back on it."""
-
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, take_answer) -> None:
-        self.address = address
-        self.outbox: queue.Queue = queue.Queue()
-        self.pending = pending
-        self.lock = threading.Lock()
-        self.alive = True
-        self._take_answer = take_answer
-        self.call = stub.Forward(self._requests())
-        threading.Thread(target=self._read, name="pipeline-reader", daemon=True).start()
-
-    def send(self, request: stage_pb2.ForwardRequest) -> StepFuture:
-        future = StepFuture()
-        with self.lock:
-            if not self.alive:
-                raise StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} is closed")
-            self.pending.add((request.session_id, request.micro_batch_id), future, self, bool(request.reply_to))
-        # Wait (briefly) until gRPC's sending thread has taken it: the caller goes on with Python work
-        # (streaming the last token out), and holding the GIL meanwhile kept that thread from sending
-        # (traced, 2 stages unchained: the step left 0.76 ms after submit; with the wait at once, and
-        # the last stage's answer reached stage 0's next step in 1.62 ms against 1.96, medians of two traces).
-        taken = threading.Event()
-        self.outbox.put((request, taken))
-        taken.wait(HANDOVER_WAIT_S)
-        return future
-
-    def _requests(self):
-        while (item := self.outbox.get()) is not _CLOSE:
-            request, taken = item
-            taken.set()
-            yield request
-
-    def close(self) -> None:
-        self.outbox.put(_CLOSE)
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-    def _read(self) -> None:
-        error = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} ended")
-        try:
-            for response in self.call:
-                self._take_answer(response)
-        except grpc.RpcError as err:
-            error = StageCallError(err.code(), f"first stage {self.address}: {err.details()}", self.address)
-        with self.lock:
-            self.alive = False
-        self.pending.fail(error, stream=self)
-
-
-class _Results:
-    """A Results subscription on the last stage: answers of micro-batches sent with reply_to."""
-
-    def __init__(self, stub: stage_pb2_grpc.StageStub, address: str, pending: _Pending, take_answer) -> None:
-        self.collector_id = uuid.uuid4().hex
-        self.address = address
-        self.pending = pending
-        self._take_answer = take_answer
-        self.alive = True
-        self.call = stub.Results(stage_pb2.ResultsRequest(collector_id=self.collector_id))
-        threading.Thread(target=self._read, name="pipeline-results", daemon=True).start()
-
-    def cancel(self) -> None:
-        self.call.cancel()
-
-    def _read(self) -> None:
-        detail = "ended"
-        try:
-            for response in self.call:
-                self._take_answer(response)
-        except grpc.RpcError as err:
-            detail = f"failed: {err.code().name}: {err.details()}"
-        self.alive = False
-        self.pending.fail(StageCallError(grpc.StatusCode.UNAVAILABLE,
-                                         f"results stream from the last stage {self.address} {detail}",
-                                         self.address), direct_only=True)
-
-
 class PipelineClient:
     """Sends micro-batches down a route of stage addresses and gets logits back."""
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
                  model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True) -> None:
         """`local_hops`: reach stages on this machine over their Unix sockets where they have one
-        (coordinator/local_streams.py), else gRPC."""
+        (stage_streams), else gRPC."""
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
@@ -199,8 +120,8 @@ class PipelineClient:
         self.local_hops = local_hops
         self.hop_bytes = 0  # activation bytes the stages sent each other, as they report them
         self._pending = _Pending()
-        self._stream: _Stream | LocalForwardStream | None = None
-        self._results: _Results | LocalResults | None = None
+        self._stream: FirstStageStream | None = None
+        self._results: ResultsSubscription | None = None
         self._lock = threading.Lock()
         self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
@@ -214,11 +135,11 @@ class PipelineClient:
                 self.hop_bytes += sum(response.hop_bytes)
         self._pending.resolve(response)
 
-    def _live_stream(self) -> _Stream | LocalForwardStream:
+    def _live_stream(self) -> FirstStageStream:
         with self._lock:
             if self._stream is None or not self._stream.alive:
-                local = open_forward(self.addresses[0], self._pending, self._take_answer) if self.local_hops else None
-                self._stream = local or _Stream(self._stubs[0], self.addresses[0], self._pending, self._take_answer)
+                self._stream = open_first_stage_stream(self.addresses[0], self._stubs[0], self._pending,
+                                                       self._take_answer, unix=self.local_hops)
             return self._stream
 
     def _collector_id(self) -> str:
@@ -227,9 +148,8 @@ class PipelineClient:
             return ""
         with self._lock:
             if self._results is None or not self._results.alive:
-                local = open_results(self.addresses[-1], self._pending, self._take_answer) if self.local_hops else None
-                self._results = local or _Results(self._stubs[-1], self.addresses[-1], self._pending,
-                                                  self._take_answer)
+                self._results = open_results_subscription(self.addresses[-1], self._stubs[-1], self._pending,
+                                                          self._take_answer, unix=self.local_hops)
             return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor | np.ndarray, position_ids: torch.Tensor | np.ndarray,

@@ -17,7 +17,7 @@ import threading
 import grpc
 
 from coordinator.engine import CapacityError, Engine, GenerationCancelled, SequenceRequest, SequenceResult
-from coordinator.pipeline_client import StageCallError
+from coordinator.stage_errors import StageCallError
 from coordinator.text import TextStream, Tokenization
 from coordinator.validation import ApiError, Limits, PreparedRequest, prepare
 from protos import coordinator_pb2, coordinator_pb2_grpc

@@ -2,8 +2,8 @@
 
 Owns: telling a loopback address (this machine, this network namespace) from one of another
 machine, and the TCP port of a loopback address. Used by the coordinator (whether to chain greedy
-steps, coordinator/chain_policy.py) and by stages (whether a hop can skip gRPC,
-stage_server/local_hops.py). Does not own resolving names or opening connections.
+steps, coordinator/chain_policy.py) and by both sides' links (which Unix socket a loopback stage
+listens on, protos/unix_socket.py). Does not own resolving names or opening connections.
 """
 
 from __future__ import annotations

@@ -1,15 +1,17 @@
 """gRPC message-size limits and keepalive settings shared by every server and channel.
 
-Owns: the one place where layerline's limits are set. Activations of a large
+Owns: the one place where layerline's gRPC limits are set. Activations of a large
 micro-batch exceed gRPC's 4 MiB default (8×2048×4096 fp16 is 128 MiB), so the limit is
 raised deliberately; requests above it are refused with RESOURCE_EXHAUSTED by gRPC.
 
 Keepalive: channels ping every KEEPALIVE_TIME_MS, with or without calls, so that a dead peer is
 noticed. A gRPC server by default takes a ping less than 5 minutes after the last one, while it
 has sent no data, as abuse, and after three such pings closes the connection (GOAWAY
-"too_many_pings"): a coordinator whose stream from the last stage sat idle for ~90 s (its stages
-idle while the bench ran the unsplit model) lost that stream, and the next request failed with
-UNAVAILABLE. So servers accept pings every SERVER_MIN_PING_INTERVAL_MS, below the channels' rate.
+"too_many_pings"): a stream idle for three pings' time (a coordinator's Results stream while its
+stages have no work) would lose its connection, and the next request fail with UNAVAILABLE. So
+servers accept pings every SERVER_MIN_PING_INTERVAL_MS, below the channels' rate.
+
+Does not own: which TCP path gRPC takes (grpc_transport) or any connection.
 """
 
 from __future__ import annotations

@@ -5,14 +5,13 @@ experiments once, when it initializes; set later, it does nothing). Both command
 `stage-server` and `coordinator`, import this module before anything imports grpc. Does not
 own: message limits or keepalive (channel_options), or any other gRPC setting.
 
-Why: in the gRPC releases we run, the C core serves TCP connections from its EventEngine by
+Why: in the gRPC releases listed below, the C core serves TCP connections from its EventEngine by
 default: as we read it, an EventEngine thread reads a message's bytes and then wakes the thread
 that waits on the completion queue (a server's poller, a channel's reader), which wakes the Python
-thread that takes the message. gRPC still ships its older TCP path, where the thread waiting on
-the completion queue polls and reads the socket itself. Measured (bench/hop_latency.py, both
-paths alternated in one run): a bidi stream echoing a one-token hidden state between two
-processes on this 2-core VM took ~310-370 µs a round trip on the EventEngine path and ~150-230 µs on
-the older one. A decode step crosses stages+1 such hops one way.
+thread that takes the message. gRPC also ships its older TCP path, where the thread waiting on
+the completion queue polls and reads the socket itself, one thread fewer woken per message. A
+decode step crosses stages+1 such hops one way (bench/hop_latency.py, one-token round trip on
+2 cores: ~310-370 µs on the EventEngine path, ~150-230 µs on the older one).
 
 GRPC_EXPERIMENTS already set (even empty) is left alone, so `GRPC_EXPERIMENTS= stage-server ...`
 keeps gRPC's own defaults. The switch is applied only to the gRPC releases it was measured on

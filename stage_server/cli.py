@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-hops", choices=["on", "off"], default="on",
                         help="on (default, Linux): take micro-batches from stages of this machine on a Unix "
                              "socket named after the port, and send to next stages at loopback addresses on "
-                             "theirs, instead of gRPC streams (stage_server/local_hops.py); off: gRPC only")
+                             "theirs, instead of gRPC streams (stage_server/unix_listener.py); off: gRPC only")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser

@@ -18,12 +18,10 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import stage_pb2, stage_pb2_grpc
+from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.channel_options import server_options
 from protos.reflection import enable_reflection
-from stage_server import local_hops
 from stage_server.compute_threads import ComputeThreads
-from stage_server.local_hops import LocalHopListener
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -32,6 +30,7 @@ from stage_server.slice_loader import load_slice
 from stage_server.split_head import install_split_head, parts_for
 from stage_server.stage_model import StageModel
 from stage_server.step_trace import StepTrace
+from stage_server.unix_listener import UnixListener
 
 log = logging.getLogger(__name__)
 STAGE_SERVICE = stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name
@@ -61,7 +60,7 @@ class StageServerConfig:
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
-    local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/local_hops.py)
+    local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/unix_listener.py)
     progress: bool = True
 
 
@@ -87,7 +86,7 @@ class StageServer:
         enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
-        self.local_hops: LocalHopListener | None = None  # the same-machine socket, when listening
+        self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
         self.split_head = None  # the last stage's SplitHead, when its head is split
         self._stopped = threading.Event()
 
@@ -143,14 +142,14 @@ class StageServer:
                  else "transformers' layer forward", loaded.fingerprint)
 
     def _listen_for_local_hops(self, port: int) -> None:
-        """Take same-machine upstreams on a Unix socket too (local_hops.py), unless turned off; this
+        """Take same-machine upstreams on a Unix socket too (unix_listener.py), unless turned off; this
         stage's own next hops use theirs likewise."""
-        self.service.local_hops = self.config.local_hops and local_hops.SUPPORTED
+        self.service.local_hops = self.config.local_hops and unix_socket.SUPPORTED
         if not self.service.local_hops:
             return
         try:
-            self.local_hops = LocalHopListener(port, self.service.forward_stream, self.service.results_stream,
-                                               self.service.take_stream_slot, self.service.free_stream_slot)
+            self.local_hops = UnixListener(port, self.service.forward_stream, self.service.results_stream,
+                                           self.service.take_stream_slot, self.service.free_stream_slot)
         except OSError as err:  # the name is taken: hops to this stage stay on gRPC
             log.warning("no same-machine hops into this stage (%s); upstream stages use gRPC", err)
 

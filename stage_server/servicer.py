@@ -25,14 +25,13 @@ import numpy as np
 import psutil
 import torch
 
-from protos import codec, stage_pb2, stage_pb2_grpc
-from stage_server import local_hops
+from protos import codec, stage_pb2, stage_pb2_grpc, unix_socket
 from stage_server.cache_edits import PlannedEdit
 from stage_server.compute_thread import ComputeThread
 from stage_server.compute_threads import ComputeThreads
-from stage_server.downstream import ChannelPool, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
+from stage_server.next_hop import ChannelPool, open_next_hop, unreachable
 from stage_server.sessions import SessionStore
 from stage_server.split_head import SplitHead
 from stage_server.stage_model import StageModel
@@ -117,7 +116,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self._inflight_changed = threading.Condition()
         self._collectors: dict[str, queue.Queue] = {}  # Results subscribers by collector id
         self._collectors_lock = threading.Lock()
-        self.local_hops = local_hops.SUPPORTED  # next hops on this machine over their Unix socket (local_hops.py)
+        self.local_hops = unix_socket.SUPPORTED  # next hops on this machine over their Unix socket (next_hop.py)
         self._chain = GreedyChain(self.open_link, self._collector)
 
     def attach(self, model: StageModel, sessions: SessionStore) -> None:
@@ -125,7 +124,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def open_link(self, address: str, deliver, on_closed):
         """A link to the next hop at `address`: same-machine socket if it has one, else gRPC."""
-        return local_hops.open_link(address, self._channels, deliver, on_closed, local=self.local_hops)
+        return open_next_hop(address, self._channels, deliver, on_closed, unix=self.local_hops)
 
     # ---- Forward -------------------------------------------------------------------------
 
@@ -159,7 +158,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def forward_stream(self, request_iterator, context):
         """One upstream stream of micro-batches, whichever way it came (a gRPC Forward stream, or a
-        same-machine connection, local_hops.py); yields the answers that go back up it."""
+        same-machine connection, unix_listener.py); yields the answers that go back up it."""
         answers: queue.Queue = queue.Queue()
         links: dict[str, object] = {}  # next hop address -> its link (local_hops.open_link)
         producers = [1]  # the reader of the upstream stream, plus one per open link
@@ -416,7 +415,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came
-        (a gRPC Results call, or a same-machine connection, local_hops.py).
+        (a gRPC Results call, or a same-machine connection, unix_listener.py).
 
         With `send` (a same-machine connection's frame writer: thread-safe, never blocks), each answer
         is sent by the thread that made it, the compute thread, and nothing is yielded: a hand-off to

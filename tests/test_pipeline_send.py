@@ -1,14 +1,14 @@
 """A step sent to the first stage is handed to gRPC's sending thread before the coordinator goes on
-(coordinator/pipeline_client.py): the coordinator's next Python work would otherwise hold the GIL
-while the step waits in the queue."""
+(coordinator/stage_streams.py, protos/grpc_link.py): the coordinator's next Python work would
+otherwise hold the GIL while the step waits in the queue."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from coordinator import pipeline_client
-from coordinator.pipeline_client import _Pending, _Stream
+from coordinator import stage_streams
+from coordinator.pipeline_client import _Pending
 from protos import stage_pb2
 
 
@@ -32,13 +32,13 @@ class SlowSendingStub:
 
 
 def test_send_returns_once_the_sending_thread_has_taken_the_request(monkeypatch):
-    monkeypatch.setattr(pipeline_client, "HANDOVER_WAIT_S", 5.0)  # the bound, out of the way of a busy machine
+    monkeypatch.setattr(stage_streams, "HANDOVER_WAIT_S", 5.0)  # the bound, out of the way of a busy machine
     stub = SlowSendingStub()
-    stream = _Stream(stub, "stage-0", _Pending(), take_answer=lambda response: None)
+    stream = stage_streams.open_first_stage_stream("stage-0", stub, _Pending(), lambda response: None, unix=False)
     try:
         for step in range(3):
             stream.send(stage_pb2.ForwardRequest(session_id="s", micro_batch_id=step))
-            assert stream.outbox.empty(), f"step {step} still waits in the queue"
+            assert stream.link._outbox.empty(), f"step {step} still waits in the queue"
     finally:
         stream.close()
         stub.closed.set()

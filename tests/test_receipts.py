@@ -22,8 +22,7 @@ from waiting import eventually
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient, StepFuture, _Pending
 from protos import codec, stage_pb2, stage_pb2_grpc
-from stage_server.downstream import DownstreamLink
-from stage_server.local_hops import LocalHopLink
+from stage_server.next_hop import NextHop
 
 HIDDEN = 64  # the tiny models' hidden size (tests/tiny_models.py)
 FLOAT32 = 4
@@ -45,14 +44,14 @@ def _count_link_deliveries(monkeypatch) -> list:
     """Every response a stage's link to its next stage hands back, over gRPC or a same-machine socket
     (in-process stages share the classes)."""
     delivered = []
-    for link_class in (DownstreamLink, LocalHopLink):
-        def counting_init(self, address, connection, deliver, on_closed, _original=link_class.__init__):
-            def counted(response):
-                delivered.append(response)
-                deliver(response)
-            _original(self, address, connection, counted, on_closed)
 
-        monkeypatch.setattr(link_class, "__init__", counting_init)
+    def counting_init(self, link, address, deliver, on_closed, _original=NextHop.__init__):
+        def counted(response):
+            delivered.append(response)
+            deliver(response)
+        _original(self, link, address, counted, on_closed)
+
+    monkeypatch.setattr(NextHop, "__init__", counting_init)
     return delivered
 
 

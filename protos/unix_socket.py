@@ -1,16 +1,17 @@
-"""The same-machine socket between layerline processes: its name, its framing, connecting to it.
+"""The same-machine (Unix) socket between layerline processes: its name, handshake and framing.
 
 Owns: what a stage's Unix socket is called (an abstract name made from the stage's TCP port, so it
 is scoped to the network namespace exactly as a loopback port is), how a connection says what it
 is (one byte: FORWARD, a stream of micro-batches like a gRPC Forward stream; RESULTS, a Results
 subscription whose first frame is the ResultsRequest), the stage's one-byte answer (ACCEPTED, or
-REFUSED when its stream slots are all taken), and the frames that follow (a 4-byte
-little-endian length, then the protobuf bytes of the same messages the gRPC calls carry). Shared
-by the stage (stage_server/local_hops.py: the listener, and links to next stages) and the
-coordinator (coordinator/local_streams.py).
+REFUSED when its stream slots are all taken), the frames that follow (a 4-byte little-endian
+length, then the protobuf bytes of the same messages the gRPC calls carry), `FrameWriter` (sends
+frames without blocking its caller) and `connect`. Used by both sides: the stage's listener
+(stage_server/unix_listener.py) and the link either side sends through (protos/unix_link.py).
 
-Does not own: what is done with the messages, or deciding when to use the socket.
-Linux only (abstract sockets); elsewhere `connect` finds nothing and everything stays on gRPC.
+Does not own: what is done with the messages, or deciding when to use the socket (the callers of
+`connect`). Linux only (abstract sockets); elsewhere `connect` finds nothing and every hop stays
+on gRPC.
 """
 
 from __future__ import annotations
@@ -176,8 +177,8 @@ class FrameWriter:
 def connect(address: str, kind: bytes) -> socket.socket | None:
     """A socket connected to the stage at loopback `address` as a `kind` connection, if that stage
     listens for same-machine connections and takes this one; None otherwise (not loopback, not
-    Linux, an older stage, one started with --local-hops off, or one with no stream slot free: over
-    gRPC the caller then gets RESOURCE_EXHAUSTED saying so)."""
+    Linux, a stage without the socket or started with --local-hops off, or one with no stream slot
+    free: over gRPC the caller then gets RESOURCE_EXHAUSTED saying so)."""
     port = loopback_port(address)
     if port is None or not SUPPORTED:
         return None

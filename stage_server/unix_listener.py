@@ -1,30 +1,22 @@
-"""Hops into and out of a stage from processes on its machine, over a Unix socket instead of gRPC.
+"""A stage's listener on its Unix socket: hops into the stage from processes on its machine.
 
-Owns: the stage's listener on its same-machine socket (protos/local_socket.py: named after its
-TCP port, framed protobuf messages), which hands a FORWARD connection to the same stream handler a
-gRPC `Forward` stream gets and a RESULTS connection to the same handler a `Results` call gets (with
-its frame writer, which the handler sends answers through as they are made; so
-validation, errors, sessions, draining and stream slots do not know which way a message came);
-and the link a stage sends to its next stage through, which keeps the interface of
-`downstream.DownstreamLink` (send, forget, close, cancel, alive).
+Owns: `UnixListener`, which accepts connections on the stage's same-machine socket
+(protos/unix_socket.py: named after its TCP port, framed protobuf messages) and hands a FORWARD
+connection to the same stream handler a gRPC `Forward` stream gets and a RESULTS connection to
+the same handler a `Results` call gets (with its frame writer, which the handler sends answers
+through as they are made), so validation, errors, sessions, draining and stream slots do not know
+which way a message came; and the servicer context such a connection stands in for
+(`_ConnectionContext`). Closing drains: the connections' reading side is shut first, and their
+answers still go back for a grace of 1 s.
 
-Why: a gRPC hop wakes about four threads in two processes (the sender's request-consuming
-thread and its channel's poller, the receiver's poller and its stream reader) and costs each
-stage ~0.8 ms of CPU a decode token on those threads, which on shared cores stalls whichever
-stage computes meanwhile. Here the sending thread writes the frame itself and the receiver's
-stream reader wakes straight from `recv`. Measured (4 local float32 stages of SmolLM2-135M, one
-request decoding, 21 rounds alternated with the unsplit model): 0.872 -> 0.906 of the unsplit
-model's tokens/s with the stage-to-stage hops moved; the stage processes' other threads went
-from ~0.8 to ~0.25 ms CPU a token.
+Why: a gRPC hop wakes about four threads in two processes and costs each stage CPU time on those
+threads that, on shared cores, stalls whichever stage computes meanwhile; here the sending
+thread writes the frame itself and the receiver's stream reader wakes straight from `recv`
+(4 local float32 stages: the stages' other threads ~0.8 -> ~0.25 ms CPU a decode token).
 
-Sending never blocks the compute thread: a frame the socket does not take at once (a long
-prompt's activations, or a receiver that is behind) goes to a backlog that a writer thread
-drains in order (local_socket.FrameWriter).
-
-Does not own: the framing (protos/local_socket.py), the handlers (servicer), the coordinator's
-side (coordinator/local_streams.py), or hops to other machines (gRPC, downstream.py).
-`open_link` is asked for every next hop: it picks the socket for a loopback address whose stage
-listens, else gRPC.
+Does not own: the framing (protos/unix_socket.py), the handlers (servicer), or the sending side
+of a link, the stage's to its next hop (next_hop.py) or the coordinator's
+(coordinator/stage_streams.py), both over protos/unix_link.py.
 """
 
 from __future__ import annotations
@@ -35,8 +27,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from protos import local_socket, stage_pb2
-from protos.local_socket import (
+from protos import stage_pb2
+from protos.unix_socket import (
     ACCEPTED,
     FORWARD,
     REFUSED,
@@ -47,10 +39,8 @@ from protos.local_socket import (
     shut_quietly,
     socket_name,
 )
-from stage_server.downstream import DownstreamLink, KeptSends
 
 log = logging.getLogger(__name__)
-SUPPORTED = local_socket.SUPPORTED
 
 
 class StreamAborted(Exception):
@@ -87,7 +77,7 @@ class _ConnectionContext:
             callback()
 
 
-class LocalHopListener:
+class UnixListener:
     """Accepts processes of this machine on `socket_name(port)`. A FORWARD connection is served by
     `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context, send=...)` (the
     handlers gRPC's Forward and Results calls get); what they yield goes back as frames.
@@ -108,7 +98,7 @@ class LocalHopListener:
         self._connections: dict[socket.socket, threading.Thread] = {}  # each with the thread serving it
         self._lock = threading.Lock()
         self._closed = False
-        self._acceptor = threading.Thread(target=self._accept, name="local-hops-accept", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, name="unix-listener-accept", daemon=True)
         self._acceptor.start()
 
     def _accept(self) -> None:
@@ -130,13 +120,13 @@ class LocalHopListener:
                     self._free_slot()
                     _answer_and_close(connection, REFUSED)
                     return
-                serving = threading.Thread(target=self._serve, args=(connection,), name="local-hops-stream",
+                serving = threading.Thread(target=self._serve, args=(connection,), name="unix-listener-stream",
                                            daemon=True)
                 self._connections[connection] = serving
             serving.start()
 
     def _serve(self, connection: socket.socket) -> None:
-        writer = FrameWriter(connection, "local-hops-answers")
+        writer = FrameWriter(connection, "unix-listener-answers")
         context = _ConnectionContext()
         try:
             connection.sendall(ACCEPTED)
@@ -185,7 +175,7 @@ class LocalHopListener:
             if request is None:
                 raise FrameError("a results connection closed before its request")
             # nothing more comes up a results connection: its end (or anything else) ends the subscription
-            threading.Thread(target=_ended_when_read, args=(frames, context), name="local-results-watch",
+            threading.Thread(target=_ended_when_read, args=(frames, context), name="unix-listener-results",
                              daemon=True).start()
             return self._results_stream(request, context, send=writer.write)
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
@@ -215,62 +205,3 @@ def _logged(frames: Iterator) -> Iterator:
         log.warning("dropped a same-machine upstream: %s", err)
     except OSError as err:
         log.debug("same-machine upstream ended: %s", err)
-
-
-class LocalHopLink:
-    """An upstream stage's link to a next hop on this machine, through its LocalHopListener."""
-
-    def __init__(self, address: str, sock: socket.socket,
-                 deliver: Callable[[stage_pb2.ForwardResponse], None], on_closed: Callable[[], None]) -> None:
-        self.address = address
-        self._sock = sock
-        self._deliver = deliver
-        self._on_closed = on_closed
-        self._writer = FrameWriter(sock, f"local-hop-{address}")
-        self._sends = KeptSends()
-        self.alive = True
-        threading.Thread(target=self._read, name=f"local-hop-{address}", daemon=True).start()
-
-    def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
-        """Send a request (the frame is written now or queued); False if the link has failed."""
-        if not self.alive or not self._sends.record(request, sent_bytes):
-            return False
-        if self._writer.write(request):
-            return True
-        self._sends.take(request.session_id, request.micro_batch_id)
-        return False
-
-    def forget(self, session_id: str, micro_batch_id: int) -> None:
-        self._sends.take(session_id, micro_batch_id)
-
-    def close(self) -> None:
-        """No more requests; answers still in flight are delivered before the link ends."""
-        self._writer.close()
-
-    def cancel(self) -> None:
-        shut_quietly(self._sock)
-
-    def _read(self) -> None:
-        detail = "stream ended before answering"
-        try:
-            for response in read_frames(self._sock, stage_pb2.ForwardResponse.FromString):
-                self._deliver(self._sends.answered(response))
-        except (FrameError, OSError) as err:
-            log.warning("next stage %s failed: %s", self.address, err)
-            detail = str(err)
-        finally:
-            self.alive = False
-            self._writer.close()  # ends its writer thread, if it has one
-            self._sends.fail_all(self.address, detail, self._deliver)
-            self._sock.close()
-            self._on_closed()
-
-
-def open_link(address: str, channels, deliver: Callable[[stage_pb2.ForwardResponse], None],
-              on_closed: Callable[[], None], *, local: bool = True):
-    """A link to the next hop at `address`: over its same-machine socket when `local` and it has
-    one, else a gRPC stream on `channels`' channel to it."""
-    sock = local_socket.connect(address, FORWARD) if local else None
-    if sock is not None:
-        return LocalHopLink(address, sock, deliver, on_closed)
-    return DownstreamLink(address, channels.get(address), deliver, on_closed)

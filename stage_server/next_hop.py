@@ -1,23 +1,22 @@
-"""Links from a stage to the next stage of a route, over gRPC.
+"""A stage's link to the next stage of a route (its next hop), over either transport.
 
-Owns: one persistent channel per next-hop address (shared by every stream of this
-stage), and per upstream stream one outgoing `Forward` stream per next hop whose
-answers are handed back to the upstream stream; and what any link keeps of what it sent
-(`KeptSends`, shared with the same-machine link of local_hops.py). When a next hop fails, every
-micro-batch still waiting on it is answered with UNAVAILABLE naming the hop, so the
-coordinator can re-route or replay. A micro-batch whose answer goes to a reply_to
-collector sends nothing back on success, so the link cannot know when it is done: it
-reports the last RECENT_KEPT of them as failed too (the coordinator ignores a failure of
-a micro-batch it has its answer for).
+Owns: `NextHop` (per upstream stream and next-hop address, the link micro-batches go on through,
+and the answers relayed back to the upstream stream), `open_next_hop` (over the next stage's
+Unix socket where it has one, else a gRPC Forward stream), `ChannelPool` (one persistent gRPC
+channel per next-hop address, shared by every stream of this stage), and `KeptSends` (what a
+next hop was sent and may still hear about). When a next hop fails, every micro-batch still
+kept for it is answered with UNAVAILABLE naming the hop (`unreachable`), so the coordinator can
+re-route or replay. A micro-batch whose answer goes to a reply_to collector sends nothing back
+on success, so the link cannot know when it is done: it reports the last RECENT_KEPT of them as
+failed too (the coordinator ignores a failure of a micro-batch it has its answer for).
 
-Does not own: computing anything, the upstream side of the stream, or hops to a stage on
-this machine that listens on its Unix socket (local_hops.py).
+Does not own: the transports (protos/grpc_link.py, protos/unix_link.py), the reader thread
+(protos/link.py's LinkReader), computing anything, or the upstream side of the stream (servicer).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,10 +25,13 @@ import grpc
 
 from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_options import channel_options
+from protos.grpc_link import GrpcLink
+from protos.link import Link, LinkReader
+from protos.unix_link import UnixLink
+from protos.unix_socket import FORWARD
 
 log = logging.getLogger(__name__)
 
-_CLOSE = object()
 RECENT_KEPT = 256  # micro-batches sent towards a reply_to collector that a failed link reports
 
 
@@ -94,7 +96,7 @@ class KeptSends:
             return len(self._pending) + len(self._recent)
 
     def answered(self, response: stage_pb2.ForwardResponse) -> stage_pb2.ForwardResponse:
-        """An answer that came back: its micro-batch is no longer kept, and the bytes this hop sent
+        """An answer that came back: its micro-batch stops being kept, and the bytes this hop sent
         for it go first in its hop_bytes."""
         hops = [self.take(response.session_id, response.micro_batch_id), *response.hop_bytes]
         del response.hop_bytes[:]
@@ -112,52 +114,61 @@ class KeptSends:
             deliver(unreachable(address, session_id, micro_batch_id, detail))
 
 
-class DownstreamLink:
-    """An outgoing Forward stream to one next hop, on behalf of one upstream stream."""
+class NextHop(LinkReader):
+    """An outgoing stream to one next hop, on behalf of one upstream stream: micro-batches go out on
+    `link`, answers (errors, or every answer when none goes to a collector) go to `deliver`, and
+    `on_closed` runs once the link has ended and every kept micro-batch has been answered."""
 
-    def __init__(self, address: str, channel: grpc.Channel,
-                 deliver: Callable[[stage_pb2.ForwardResponse], None], on_closed: Callable[[], None]) -> None:
-        self.address = address
+    def __init__(self, link: Link, address: str, deliver: Callable[[stage_pb2.ForwardResponse], None],
+                 on_closed: Callable[[], None]) -> None:
+        super().__init__(link, address, self._relay)
         self._deliver = deliver
         self._on_closed = on_closed
-        self._outbox: queue.Queue = queue.Queue()
         self._sends = KeptSends()
-        self.alive = True
-        self._call = stage_pb2_grpc.StageStub(channel).Forward(iter(self._outbox.get, _CLOSE))
-        self._reader = threading.Thread(target=self._read, name=f"downstream-{address}", daemon=True)
-        self._reader.start()
+        self._send = link.send
+        self._start_reading(f"next-hop-{address}")
 
     def send(self, request: stage_pb2.ForwardRequest, sent_bytes: int) -> bool:
-        """Queue a request; False if the link has already failed (open a new one)."""
-        if not self._sends.record(request, sent_bytes):
+        """Send a request (written now, or queued); False if the link has failed (open a new one)."""
+        if not self.alive or not self._sends.record(request, sent_bytes):
             return False
-        self._outbox.put(request)
-        return True
+        if self._send(request):
+            return True
+        self._sends.take(request.session_id, request.micro_batch_id)
+        return False
 
     def forget(self, session_id: str, micro_batch_id: int) -> None:
-        """Stop waiting for a micro-batch's answer: it is known to be done (no receipt will come)."""
+        """Stop waiting for a micro-batch's answer: it is known to be done (no answer comes this way)."""
         self._sends.take(session_id, micro_batch_id)
 
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""
-        self._outbox.put(_CLOSE)
+        self.link.close()
 
     def cancel(self) -> None:
-        self._call.cancel()
+        self.link.cancel()
 
-    def _read(self) -> None:
+    def _relay(self, response: stage_pb2.ForwardResponse) -> None:
+        self._deliver(self._sends.answered(response))
+
+    def _ended(self, failure: Exception | None) -> None:
         detail = "stream ended before answering"
-        try:
-            for response in self._call:
-                self._deliver(self._sends.answered(response))
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.CANCELLED:
-                log.warning("next stage %s failed: %s", self.address, err.details())
-            detail = err.details() or detail
-        finally:
-            self.alive = False
-            self._sends.fail_all(self.address, detail, self._deliver)
-            self._on_closed()
+        if failure is not None:
+            detail = self.link.describe(failure)
+            if self.link.status(failure) != grpc.StatusCode.CANCELLED:  # cancelled: this stage ended it
+                log.warning("next stage %s failed: %s", self.address, detail)
+        self._sends.fail_all(self.address, detail, self._deliver)
+        self._on_closed()
+
+
+def open_next_hop(address: str, channels: ChannelPool, deliver: Callable[[stage_pb2.ForwardResponse], None],
+                  on_closed: Callable[[], None], *, unix: bool = True) -> NextHop:
+    """A link to the next hop at `address`: over its Unix socket when `unix` and it takes the
+    connection, else a gRPC Forward stream on `channels`' channel to it."""
+    link = UnixLink.connect(address, FORWARD, f"next-hop-{address}") if unix else None
+    if link is None:
+        link = GrpcLink(stage_pb2_grpc.StageStub(channels.get(address)))
+    return NextHop(link, address, deliver, on_closed)
 
 
 def unreachable(address: str, session_id: str, micro_batch_id: int, detail: str) -> stage_pb2.ForwardResponse:

@@ -1,5 +1,5 @@
-"""Same-machine hops over a Unix socket (protos/local_socket.py, stage_server/local_hops.py,
-coordinator/local_streams.py): framing, never blocking the sender, which way a real pipeline's hops
+"""Same-machine hops over a Unix socket (protos/unix_socket.py, protos/unix_link.py,
+stage_server/unix_listener.py): framing, never blocking the sender, which way a real pipeline's hops
 go (the same tokens either way), bad connections, and that turning it off leaves them on gRPC."""
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ from stalling import stalled_forward
 from tiny_models import reference_greedy
 
 from coordinator.engine import Engine, SequenceRequest
-from coordinator.local_streams import LocalForwardStream, LocalResults
 from coordinator.pipeline_client import PipelineClient
-from protos import codec, local_socket, stage_pb2, stage_pb2_grpc
-from protos.local_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames
-from stage_server import local_hops
-from stage_server.downstream import DownstreamLink
-from stage_server.local_hops import LocalHopLink
+from protos import codec, stage_pb2, stage_pb2_grpc, unix_socket
+from protos.grpc_link import GrpcLink
+from protos.unix_link import UnixLink
+from protos.unix_socket import FORWARD, RESULTS, FrameError, FrameWriter, read_frames
+from stage_server import unix_listener
+from stage_server.next_hop import NextHop
 
-pytestmark = pytest.mark.skipif(not local_hops.SUPPORTED, reason="abstract Unix sockets are Linux only")
+pytestmark = pytest.mark.skipif(not unix_socket.SUPPORTED, reason="abstract Unix sockets are Linux only")
 
 
 def _request(micro_batch_id: int, payload: bytes = b"") -> stage_pb2.ForwardRequest:
@@ -95,25 +95,24 @@ def test_malformed_frames_are_refused(raw, message):
 
 
 def _links_opened(monkeypatch) -> dict[str, list[str]]:
-    """Addresses each kind of link was opened to, by class name."""
-    opened: dict[str, list[str]] = {"DownstreamLink": [], "LocalHopLink": []}
-    for link_class in (DownstreamLink, LocalHopLink):
-        def recording_init(self, address, connection, deliver, on_closed, _original=link_class.__init__,
-                           _name=link_class.__name__):
-            opened[_name].append(address)
-            _original(self, address, connection, deliver, on_closed)
+    """Addresses the stages' next-hop links were opened to, by the class of their transport."""
+    opened: dict[str, list[str]] = {"GrpcLink": [], "UnixLink": []}
 
-        monkeypatch.setattr(link_class, "__init__", recording_init)
+    def recording_init(self, link, address, deliver, on_closed, _original=NextHop.__init__):
+        opened[type(link).__name__].append(address)
+        _original(self, link, address, deliver, on_closed)
+
+    monkeypatch.setattr(NextHop, "__init__", recording_init)
     return opened
 
 
 def _generate(addresses: list[str], prompt: list[int], new_tokens: int, *, chain: bool = False,
               local_hops: bool = True) -> tuple[list[int], tuple[type, type]]:
-    """The tokens, and the kinds of the coordinator's stream to the first stage and from the last."""
+    """The tokens, and the transports of the coordinator's stream to the first stage and from the last."""
     client = PipelineClient(addresses, local_hops=local_hops)
     try:
         tokens = Engine(client, chain=chain).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids
-        return tokens, (type(client._stream), type(client._results))
+        return tokens, (type(client._stream.link), type(client._results.link))
     finally:
         client.close()
 
@@ -133,9 +132,9 @@ def test_a_local_pipeline_hops_over_the_sockets_with_the_same_tokens(tiny_model,
         streams_left = [1, 1, 1] if chain else [0, 0, 0]
         assert _wait_for(lambda: [s.service._streams for s in servers] == streams_left)
     assert over_sockets == over_grpc and len(over_sockets) == 8
-    assert coordinator_streams == (LocalForwardStream, LocalResults)
-    assert opened["DownstreamLink"] == []
-    assert set(opened["LocalHopLink"]) == set(addresses[1:] + (addresses[:1] if chain else []))
+    assert coordinator_streams == (UnixLink, UnixLink)
+    assert opened["GrpcLink"] == []
+    assert set(opened["UnixLink"]) == set(addresses[1:] + (addresses[:1] if chain else []))
 
 
 def test_off_keeps_every_hop_on_grpc(tiny_model, stages, monkeypatch):
@@ -143,8 +142,8 @@ def test_off_keeps_every_hop_on_grpc(tiny_model, stages, monkeypatch):
     with stages(tiny_model("llama"), 2, local_hops=False) as (addresses, servers):
         assert all(server.local_hops is None for server in servers)
         _, coordinator_streams = _generate(addresses, [5, 6, 7], 3)  # the coordinator finds no socket either
-    assert opened == {"DownstreamLink": [addresses[1]], "LocalHopLink": []}
-    assert [kind.__name__ for kind in coordinator_streams] == ["_Stream", "_Results"]
+    assert opened == {"GrpcLink": [addresses[1]], "UnixLink": []}
+    assert coordinator_streams == (GrpcLink, GrpcLink)
 
 
 @pytest.mark.parametrize("setting", ["on", "off"])
@@ -161,15 +160,15 @@ def test_both_command_lines_take_the_setting(tiny_model, stages, setting):
             running_coordinator(tiny_model("llama"), addresses, local_hops=setting == "on") as (_, server):
         server.pipeline._live_stream()
         server.pipeline._collector_id()
-        kinds = type(server.pipeline._stream).__name__, type(server.pipeline._results).__name__
-    assert kinds == (("LocalForwardStream", "LocalResults") if setting == "on" else ("_Stream", "_Results"))
+        kinds = type(server.pipeline._stream.link), type(server.pipeline._results.link)
+    assert kinds == ((UnixLink, UnixLink) if setting == "on" else (GrpcLink, GrpcLink))
 
 
 def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_model, stages):
     with stages(tiny_model("llama"), 2) as (addresses, servers):
         port = servers[1].port
         # an error for a micro-batch is answered on the same connection, in-band
-        sock = local_socket.connect(addresses[1], FORWARD)
+        sock = unix_socket.connect(addresses[1], FORWARD)
         writer = FrameWriter(sock, "test")
         writer.write(stage_pb2.ForwardRequest(session_id="nobody", micro_batch_id=4,
                                               activations=codec.encode(torch.zeros(1, 1, 64)),
@@ -183,7 +182,7 @@ def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_mod
         # garbage on the socket drops that connection only; the stage still serves
         for raw in (FORWARD + struct.pack("<I", 1 << 31), b"X", RESULTS + struct.pack("<I", 0)):
             garbage = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            garbage.connect(local_socket.socket_name(port))
+            garbage.connect(unix_socket.socket_name(port))
             garbage.sendall(raw)
             assert _closed_by_stage(garbage), raw
             garbage.close()
@@ -195,15 +194,15 @@ def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_mod
 
 def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
     with stages(tiny_model("llama"), 2, max_streams=1) as (addresses, servers):
-        first = local_socket.connect(addresses[1], FORWARD)
+        first = unix_socket.connect(addresses[1], FORWARD)
         assert _wait_for(lambda: servers[1].service._streams == 1)
         # refused: no socket, so a coordinator falls back to gRPC, which refuses with RESOURCE_EXHAUSTED
         # and says why
-        assert local_socket.connect(addresses[1], RESULTS) is None
+        assert unix_socket.connect(addresses[1], RESULTS) is None
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        raw.connect(local_socket.socket_name(servers[1].port))
+        raw.connect(unix_socket.socket_name(servers[1].port))
         raw.settimeout(10)
-        assert raw.recv(1) == local_socket.REFUSED
+        assert raw.recv(1) == unix_socket.REFUSED
         raw.close()
         with grpc.insecure_channel(addresses[1]) as channel:
             results = stage_pb2_grpc.StageStub(channel).Results(stage_pb2.ResultsRequest(collector_id="c"))
@@ -219,7 +218,7 @@ def test_stopping_lets_a_stream_finish_what_it_has(tiny_model, stages):
     with stages(tiny_model("llama"), 1) as (addresses, servers):
         service = servers[0].service
         with stalled_forward(service) as (computing, release):
-            sock = local_socket.connect(addresses[0], FORWARD)
+            sock = unix_socket.connect(addresses[0], FORWARD)
             FrameWriter(sock, "test").write(stage_pb2.ForwardRequest(
                 session_id="s", micro_batch_id=1, start_session=True, logits_top_k=1,
                 activations=codec.encode(torch.tensor([[5, 6, 7]])), position_ids=codec.encode(torch.arange(3)[None])))
@@ -232,7 +231,7 @@ def test_stopping_lets_a_stream_finish_what_it_has(tiny_model, stages):
 
 
 def test_a_context_that_has_ended_runs_a_late_callback_at_once():
-    context = local_hops._ConnectionContext()
+    context = unix_listener._ConnectionContext()
     ran = []
     assert context.add_callback(lambda: ran.append("early"))
     context.ended()
@@ -243,9 +242,9 @@ def test_a_context_that_has_ended_runs_a_late_callback_at_once():
 
 def test_a_stopped_stage_closes_its_socket(tiny_model, stages):
     with stages(tiny_model("llama"), 1) as (addresses, servers):
-        assert local_socket.connect(addresses[0], FORWARD) is not None
+        assert unix_socket.connect(addresses[0], FORWARD) is not None
         servers[0].stop()
-        assert local_socket.connect(addresses[0], FORWARD) is None
+        assert unix_socket.connect(addresses[0], FORWARD) is None
 
 
 def _closed_by_stage(sock: socket.socket) -> bool:
@@ -258,7 +257,7 @@ def _closed_by_stage(sock: socket.socket) -> bool:
             received += chunk
     except ConnectionResetError:
         pass
-    return received in (b"", local_socket.ACCEPTED)
+    return received in (b"", unix_socket.ACCEPTED)
 
 
 def _wait_for(condition, timeout_s: float = 10.0) -> bool:
@@ -277,7 +276,7 @@ def _no_answers(request_or_requests, context):
 def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collector(tiny_model, stages):
     with stages(tiny_model("llama"), 2) as (addresses, servers):
         last = servers[1].service
-        sock = local_socket.connect(addresses[1], RESULTS)
+        sock = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="c9"))
         assert _wait_for(lambda: "c9" in last._collectors)
         last._collector("c9").put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=3))
@@ -287,7 +286,7 @@ def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collect
         assert _wait_for(lambda: "c9" not in last._collectors and last._streams == 0)
         sock.close()
         # an empty collector id is refused, as over gRPC
-        refused = local_socket.connect(addresses[1], RESULTS)
+        refused = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(refused, "test").write(stage_pb2.ResultsRequest())
         assert _closed_by_stage(refused)
         refused.close()
@@ -311,9 +310,9 @@ def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_
     model_dir = tiny_model("llama")
     with stages(model_dir, 2) as (addresses, servers):
         tokens, kinds = _generate(addresses, [5, 6, 7], 6)
-        assert kinds[1] is LocalResults
+        assert kinds[1] is UnixLink
         last = servers[1].service
-        sock = local_socket.connect(addresses[1], RESULTS)
+        sock = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="gone"))
         assert _wait_for(lambda: "gone" in last._collectors)
         collector = last._collector("gone")
@@ -326,15 +325,15 @@ def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_
 
 
 def test_two_stages_cannot_share_a_socket_name():
-    name = local_socket.socket_name(1)  # port 1: no stage of these tests listens there
+    name = unix_socket.socket_name(1)  # port 1: no stage of these tests listens there
     holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     holder.bind(name)
     try:
         with pytest.raises(OSError):
-            local_hops.LocalHopListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
+            unix_listener.UnixListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
     finally:
         holder.close()
-    listener = local_hops.LocalHopListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
+    listener = unix_listener.UnixListener(1, _no_answers, _no_answers, lambda: True, lambda: None)
     listener.close()
     again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     again.bind(name)  # a closed listener leaves the name free
