@@ -121,12 +121,10 @@ class GreedyChain:
             link.forget(session_id, micro_batch_id)
 
     def _answer(self, response: stage_pb2.ForwardResponse) -> None:
-        """What the chain relays back for a chained step: an error (or a receipt from a stage that
-        still sends them), for the coordinator that owns the chain."""
+        """What the chain relays back for a chained step: an error, for the coordinator that owns
+        the chain."""
         with self._lock:
             sent = self._reply_to.pop((response.session_id, response.micro_batch_id), None)
-        if sent is not None and response.answered_directly:
-            return  # already answered; a receipt tells the coordinator nothing
         collector = self._collector(sent[0]) if sent is not None else None
         if collector is None:
             log.debug("no collector for chained step %s of session %s any more", response.micro_batch_id,

@@ -246,8 +246,6 @@ class StageService(stage_pb2_grpc.StageServicer):
                 if answer is _END:
                     return
                 settle((answer.session_id, answer.micro_batch_id))
-                if answer.answered_directly:
-                    continue  # a receipt from a stage of an older layerline: nobody needs it
                 yield answer
         finally:  # the upstream left early: what it will never receive is no longer in flight
             with producers_lock:
