@@ -22,7 +22,7 @@ from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_options import server_options
 from protos.reflection import enable_reflection
 from stage_server import local_hops
-from stage_server.compute_threads import ComputeThreads
+from stage_server.thread_counts import ThreadCounts
 from stage_server.local_hops import LocalHopListener
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
@@ -56,7 +56,7 @@ class StageServerConfig:
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
-    # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
+    # stage_server/thread_counts.py): a count, 0 = `threads`, or "auto" = timed at start
     head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
@@ -112,7 +112,7 @@ class StageServer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         # All torch work (load, calibration, steps) runs on the service's compute thread (compute_thread.py).
-        threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
+        threads = ThreadCounts(cfg.threads, cfg.small_step_threads)
         try:
             loaded = self.service.compute.run(lambda: load_slice(
                 cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype, device=cfg.device,

@@ -29,7 +29,7 @@ from protos import codec, stage_pb2, stage_pb2_grpc
 from stage_server import local_hops
 from stage_server.cache_edits import PlannedEdit
 from stage_server.compute_thread import ComputeThread
-from stage_server.compute_threads import ComputeThreads
+from stage_server.thread_counts import ThreadCounts
 from stage_server.downstream import ChannelPool, unreachable
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
@@ -108,7 +108,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.sessions: SessionStore | None = None
         self.draining = False
         self.compute = ComputeThread()  # every step runs on it, one at a time (compute_thread.py)
-        self.threads: ComputeThreads | None = None  # None: leave torch's thread count alone
+        self.threads: ThreadCounts | None = None  # None: leave torch's thread count alone
         self.split_head: SplitHead | None = None  # the last stage's head, when split (split_head.py)
         self.trace: StepTrace | None = None  # per-micro-batch timestamps (--trace-steps; step_trace.py)
         self._channels = ChannelPool()

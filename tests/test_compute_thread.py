@@ -1,10 +1,10 @@
 """Every torch call of a stage runs on its one compute thread (stage_server/compute_thread.py).
 
 GNU OpenMP gives each thread that starts parallel work a team of its own, and a process with more
-OpenMP threads than CPUs stops spinning between parallel regions: a stage computing on whichever
-gRPC thread read the request ran its steps 20-25 % slower. So the slice must load, calibrate
-and compute on one thread, whichever stream a step arrives on (the coordinator's, or the greedy
-chain's from the last stage), and the stage process must set its OpenMP spin before torch loads.
+OpenMP threads than CPUs stops spinning between parallel regions, which slows every step. So the
+slice must load, calibrate and compute on one thread, whichever stream a step arrives on (the
+coordinator's, or the greedy chain's from the last stage), and the stage process must set its
+OpenMP spin before torch loads.
 """
 
 from __future__ import annotations
