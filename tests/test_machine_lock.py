@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stage_server import cli, machine_lock
-from stage_server.thread_counts import ThreadCounts
 from stage_server.machine_lock import MachineLock
+from stage_server.thread_counts import ThreadCounts
 
 pytestmark = pytest.mark.skipif(machine_lock.fcntl is None, reason="no flock on this platform")
 
