@@ -65,7 +65,7 @@ def test_no_receipts_come_back_and_the_answer_carries_its_hop_sizes(tiny_model, 
             results: queue.Queue = queue.Queue()
             subscription = stage_pb2_grpc.StageStub(last).Results(stage_pb2.ResultsRequest(collector_id="c1"))
             _collect(subscription, results)
-            assert eventually(lambda: "c1" in servers[-1].service._collectors, True)
+            assert eventually(lambda: "c1" in servers[-1].service.collectors, True)
             outbox: queue.Queue = queue.Queue()
             back: queue.Queue = queue.Queue()
             stream = stage_pb2_grpc.StageStub(first).Forward(iter(outbox.get, None))
@@ -106,7 +106,7 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
                 results: queue.Queue = queue.Queue()
                 _collect(stage_pb2_grpc.StageStub(channel).Results(stage_pb2.ResultsRequest(collector_id="c1")),
                          results)
-                assert eventually(lambda: "c1" in last._collectors, True)
+                assert eventually(lambda: "c1" in last.collectors, True)
                 outbox: queue.Queue = queue.Queue()
                 back: queue.Queue = queue.Queue()
                 _collect(stage_pb2_grpc.StageStub(first).Forward(iter(outbox.get, None)), back)
