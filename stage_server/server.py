@@ -131,8 +131,8 @@ class StageServer:
             self.grpc_server.stop(0)
             raise
         finally:
-            # Held through the row-chunk probe too: its products on every core made a neighbour
-            # stage timing itself meanwhile read 147 ms a step on two threads (30 on one) and keep one.
+            # Held through the row-chunk probe too: its products on every core would make a neighbour
+            # stage timing itself meanwhile find a second thread slower and keep one.
             self.startup_lock.release()
         model = StageModel(loaded)
         on_cpu = loaded.device.type == "cpu"
