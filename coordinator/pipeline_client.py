@@ -126,10 +126,7 @@ class PipelineClient:
         self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
     def _take_answer(self, response: stage_pb2.ForwardResponse) -> None:
-        """An answer from either stream: count its hop sizes and hand it to its future. A receipt
-        of a direct answer (answered_directly) adds nothing: the answer itself carried both."""
-        if response.answered_directly:
-            return
+        """An answer from either stream: count its hop sizes and hand it to its future."""
         if response.hop_bytes:
             with self._lock:
                 self.hop_bytes += sum(response.hop_bytes)

@@ -133,7 +133,7 @@ class CacheEdit(_message.Message):
     def __init__(self, keep_rows: _Optional[_Iterable[int]] = ..., keep_positions: _Optional[int] = ..., append_sessions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids", "answered_directly", "chained")
+    __slots__ = ("session_id", "micro_batch_id", "logits", "status_code", "error_message", "failed_stage", "hop_bytes", "top_token_ids", "chained")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -142,7 +142,6 @@ class ForwardResponse(_message.Message):
     FAILED_STAGE_FIELD_NUMBER: _ClassVar[int]
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    ANSWERED_DIRECTLY_FIELD_NUMBER: _ClassVar[int]
     CHAINED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
@@ -152,9 +151,8 @@ class ForwardResponse(_message.Message):
     failed_stage: str
     hop_bytes: _containers.RepeatedScalarFieldContainer[int]
     top_token_ids: Tensor
-    answered_directly: bool
     chained: bool
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., answered_directly: _Optional[bool] = ..., chained: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., logits: _Optional[_Union[Tensor, _Mapping]] = ..., status_code: _Optional[int] = ..., error_message: _Optional[str] = ..., failed_stage: _Optional[str] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., top_token_ids: _Optional[_Union[Tensor, _Mapping]] = ..., chained: _Optional[bool] = ...) -> None: ...
 
 class StopChainRequest(_message.Message):
     __slots__ = ("session_id",)

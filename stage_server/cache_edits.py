@@ -6,9 +6,12 @@ of other caches left-padded to a common length — for full-attention and
 sliding-window layers alike (a sliding layer keeps at most `window - 1` positions
 and counts every position it has seen in `cumulative_length`).
 
+Also owns checking a `CacheEdit` against its session before any tensor changes
+(`PlannedEdit`).
+
 Does not own: deciding which rows go where (the coordinator decides and sends a
-`CacheEdit`), session bookkeeping (sessions), or validation of the request (the
-servicer checks indices and lengths before calling in here).
+`CacheEdit`), session bookkeeping (sessions), or checking the step itself against the
+edited session (stage_model.check_step, which step_runner calls with the planned shape).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """`stage-server`: serve layers A:B of a model over gRPC.
 
-Owns: argument parsing, logging setup and turning errors into exit messages that say
-what to do next. Everything else lives in server.py.
+Owns: argument parsing, logging setup, what must happen before torch loads (the machine
+lock, the OpenMP spin, heap reuse) and turning errors into exit messages that say what to
+do next. Does not own: the stage itself (server.py starts, serves and stops it).
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
 """The one thread a stage runs its torch work on, and how long its OpenMP workers spin.
 
 Owns: a single long-lived thread that loads the slice, calibrates thread counts and runs every
-forward step, whichever gRPC thread the step came in on; and the stage's default for
-GOMP_SPINCOUNT. Does not own: how many threads a step uses (compute_threads) or the order of
-steps (the servicer submits them; this thread runs them one at a time, in the order submitted).
+forward step, whichever stream the step came in on; and the stage's default for GOMP_SPINCOUNT.
+Does not own: how many threads a step uses (thread_counts), nor which steps run or in what order
+(forward_stream submits them; this thread runs them one at a time, in the order submitted).
 
 Why one thread: torch's CPU kernels use GNU OpenMP, which gives every thread that starts
-parallel work a team of worker threads of its own, kept for that thread's life. A stage used to
-compute on whichever thread read the request (the coordinator's stream for prefills, the greedy
-chain's stream for decode steps) and load on the main thread: three teams. Once a process holds
-more OpenMP threads than it has CPUs, libgomp stops spinning between parallel regions (a few
-hundred rounds instead of GOMP_SPINCOUNT), so the workers sleep in the kernel between the
-hundreds of regions of a step and each region waits for them to wake. Traced on SmolLM2 bf16,
-2 stages of two threads each on this 2-core VM: the stage forwards took 40.8 + 29.9 ms a token,
-the same slices back to back in one process 34.5 + 24.9; with one compute thread per stage and
-the spin below, 34.2 + 25.4 ms.
+parallel work a team of worker threads of its own, kept for that thread's life. Computing on
+whichever thread read the request (the coordinator's stream for prefills, the greedy chain's
+stream for decode steps) and loading on the main thread would make three teams. Once a process
+holds more OpenMP threads than it has CPUs, libgomp stops spinning between parallel regions (a
+few hundred rounds instead of GOMP_SPINCOUNT), so the workers sleep in the kernel between the
+hundreds of regions of a step and each region waits for them to wake (20-25 % slower steps).
 
 Why a shorter spin: libgomp's default (300000 rounds when OMP_WAIT_POLICY is unset) keeps a
 stage's workers spinning for milliseconds after its step ends, on the cores the next stage now
-needs. Two bare processes passing one bf16 decode back and forth on two threads each, against
-one process: 0.73 with the default, 0.98 with 100000, 0.73 with 3000 (workers asleep inside a
-step again). Through the pipeline 30000 and 100000 read alike and 10000 was slower; 30000 is
-the shorter of the two, which matters when both stages compute at once (batched decode with
-groups in flight) and each one's spinning workers take a core from the other.
+needs; a spin of a few thousand rounds lets them fall asleep inside a step again. Through a
+pipeline 30000 rounds serve as well as 100000 (10000 is slower), and the shorter spin matters
+when both stages compute at once (batched decode with groups in flight) and each one's spinning
+workers take a core from the other.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Request errors a stage raises, each tagged with the gRPC status code it maps to.
 
-Owns: the error vocabulary of the stage (code names only). The servicer is the one
-place that turns them into gRPC statuses; nothing here imports grpc.
+Owns: the error vocabulary of the stage (code names only). Does not own: turning them into
+gRPC statuses (the step runner answers them in-band through answers.error_response); nothing
+here imports grpc.
 """
 
 from __future__ import annotations

@@ -8,15 +8,15 @@ stage, and handing what comes back on them (errors of a chained step) to the
 coordinator's collector. The first stage sends no receipts back, so a chained step is
 done for its link once it is back here, computed (`arrived`).
 
-Why: with one request decoding, every token used to travel last stage → coordinator
-→ first stage, two hops and the coordinator's Python on the critical path (3.4 ms of
-the 4.8 ms a token spent outside the forwards through 2 local stages, against 1.3 ms
-for a plain hop between stages). A chained step takes one hop instead; the
-coordinator still gets every answer at once, samples nothing new (greedy), and
-takes control back by StopChain when a row finishes or a request waits to join.
+Why: with one request decoding, a token the coordinator sends on travels last stage →
+coordinator → first stage, two hops with the coordinator's Python on the critical path
+(about 3.4 of the 4.8 ms a token spends outside the forwards through 2 local stages). A
+chained step takes one hop instead; the coordinator still gets every answer at once,
+samples nothing new (greedy), and takes control back by StopChain when a row finishes or
+a request waits to join.
 
-Does not own: validating requests (servicer), computing (stage_model), or when to
-chain (the coordinator decides chain_steps and stop ids).
+Does not own: validating requests or running steps (step_runner), computing
+(stage_model), or when to chain (the coordinator decides chain_steps and stop ids).
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ class GreedyChain:
     """The last stage's side of chaining: stop requests, and links to first stages."""
 
     def __init__(self, open_link: Callable[..., object], collector: Callable[[str], object | None]) -> None:
-        self._open_link = open_link  # (address, deliver, on_closed) -> a link (the servicer's open_link)
-        self._collector = collector  # collector id -> queue of answers for a coordinator, or None
+        self._open_link = open_link  # (address, deliver, on_closed) -> a link (StageService.open_link)
+        self._collector = collector  # collector id -> its collector (Collectors.get), or None
         self._lock = threading.Lock()
         self._links: dict[str, object] = {}  # first stage's address -> link (gRPC or same-machine)
         # chained step -> (its coordinator's collector, the first stage it went to)
@@ -121,15 +121,13 @@ class GreedyChain:
             link.forget(session_id, micro_batch_id)
 
     def _answer(self, response: stage_pb2.ForwardResponse) -> None:
-        """What the chain relays back for a chained step: an error (or a receipt from a stage that
-        still sends them), for the coordinator that owns the chain."""
+        """What the chain relays back for a chained step: an error, for the coordinator that owns
+        the chain."""
         with self._lock:
             sent = self._reply_to.pop((response.session_id, response.micro_batch_id), None)
-        if sent is not None and response.answered_directly:
-            return  # already answered; a receipt tells the coordinator nothing
         collector = self._collector(sent[0]) if sent is not None else None
         if collector is None:
-            log.debug("no collector for chained step %s of session %s any more", response.micro_batch_id,
+            log.debug("the collector of chained step %s of session %s is gone", response.micro_batch_id,
                       response.session_id)
             return
         collector.put(response)

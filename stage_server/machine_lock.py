@@ -2,10 +2,10 @@
 
 Owns: one lock file in the temp directory, taken shared or exclusive with a bounded wait. Stages
 hold it shared from start-up until their weights are loaded, and exclusive while they time
-themselves (compute_threads.calibrate), so a stage is timed only when no other stage on the
+themselves (thread_counts.calibrate), so a stage is timed only when no other stage on the
 machine is importing, loading or being timed: a busy neighbour makes a second thread look useless.
 
-Does not own: what is timed or decided under it (compute_threads), nor anything across machines.
+Does not own: what is timed or decided under it (thread_counts), nor anything across machines.
 Imports nothing heavy, so the stage CLI can take it before importing torch.
 """
 

@@ -1,8 +1,11 @@
 """Process lifecycle of a stage server: bind, load, report health, drain, stop.
 
-Owns: the gRPC server object, the health service (NOT_SERVING until the weights are
-loaded, and again while draining), reflection, the idle-session reaper and SIGTERM
-handling. Does not own: request handling (servicer) or argument parsing (cli).
+Owns: the gRPC server object, the health service (NOT_SERVING while the weights load, and
+again while draining), reflection, the same-machine listener, the compute thread and what
+loads on it (the slice, its split head and row chunks, the thread-count calibration), the
+session store, the step trace file, the idle-session reaper and SIGTERM handling; it builds
+the stage's service once the port is bound and hands it the slice once loaded.
+Does not own: request handling (servicer and the modules it builds) or argument parsing (cli).
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.channel_options import server_options
 from protos.reflection import enable_reflection
-from stage_server.compute_threads import ComputeThreads
+from stage_server.compute_thread import ComputeThread
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
-from stage_server.split_head import install_split_head, parts_for
+from stage_server.split_head import SplitHead, install_split_head, parts_for
 from stage_server.stage_model import StageModel
+from stage_server.step_runner import ServedSlice
 from stage_server.step_trace import StepTrace
+from stage_server.thread_counts import ThreadCounts
 from stage_server.unix_listener import UnixListener
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ class StageServerConfig:
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     small_step_threads: int | str = "auto"  # threads for steps of <= SMALL_STEP_TOKENS new tokens (see
-    # stage_server/compute_threads.py): a count, 0 = `threads`, or "auto" = timed at start
+    # stage_server/thread_counts.py): a count, 0 = `threads`, or "auto" = timed at start
     head_threads: int | str = "auto"  # threads sharing the last stage's LM head on small steps
     # (stage_server/split_head.py): a count >= 1 (1 = not split) or "auto" = usable cores, up to 4
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
@@ -79,15 +84,15 @@ class StageServer:
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=server_options(),
                                        maximum_concurrent_rpcs=workers)
         self.health = health.HealthServicer()
-        self.service = StageService(name=f"layers {config.layer_start}:{config.layer_end}",
-                                    max_streams=config.max_streams)
-        stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [STAGE_SERVICE, health.SERVICE_NAME])
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.compute = ComputeThread()  # all torch work runs on it: load, calibration, steps
+        self.service: StageService | None = None  # built in start, once the port (part of its name) is bound
         self.port = 0
         self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
-        self.split_head = None  # the last stage's SplitHead, when its head is split
+        self.split_head: SplitHead | None = None  # the last stage's LM head, when split
+        self._trace: StepTrace | None = None
         self._stopped = threading.Event()
 
     def _set_health(self, status) -> None:
@@ -100,9 +105,12 @@ class StageServer:
         port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
         if port == 0:
             raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: is the port in use?")
-        self.service.name = f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}"
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
-            self.service.trace = StepTrace(cfg.trace_steps)
+            self._trace = StepTrace(cfg.trace_steps)
+        self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
+                                    max_streams=cfg.max_streams, trace=self._trace,
+                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED)
+        stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
@@ -110,10 +118,9 @@ class StageServer:
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        # All torch work (load, calibration, steps) runs on the service's compute thread (compute_thread.py).
-        threads = ComputeThreads(cfg.threads, cfg.small_step_threads)
+        threads = ThreadCounts(cfg.threads, cfg.small_step_threads)
         try:
-            loaded = self.service.compute.run(lambda: load_slice(
+            loaded = self.compute.run(lambda: load_slice(
                 cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype, device=cfg.device,
                 attention=cfg.attention, progress=cfg.progress))
             self._install_step_helpers(loaded)
@@ -123,18 +130,20 @@ class StageServer:
             self.grpc_server.stop(0)
             raise
         finally:
-            # Held through the row-chunk probe too: its products on every core made a neighbour
-            # stage timing itself meanwhile read 147 ms a step on two threads (30 on one) and keep one.
+            # Held through the row-chunk probe too: its products on every core would make a neighbour
+            # stage timing itself meanwhile find a second thread slower and keep one.
             self.startup_lock.release()
         model = StageModel(loaded)
-        if loaded.device.type == "cpu":
-            self.service.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
-            self.service.threads = threads
+        on_cpu = loaded.device.type == "cpu"
+        if on_cpu:
+            self.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
                                 idle_timeout_s=cfg.session_timeout_s)
-        self.service.attach(model, sessions)
-        threading.Thread(target=self._reap_idle_sessions, name="session-reaper", daemon=True).start()
+        self.service.serve(ServedSlice(model, sessions, threads=threads if on_cpu else None,
+                                       split_head=self.split_head))
+        threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
+                         daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, %s, fingerprint %s", self.service.name,
                  loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
@@ -144,12 +153,11 @@ class StageServer:
     def _listen_for_local_hops(self, port: int) -> None:
         """Take same-machine upstreams on a Unix socket too (unix_listener.py), unless turned off; this
         stage's own next hops use theirs likewise."""
-        self.service.local_hops = self.config.local_hops and unix_socket.SUPPORTED
-        if not self.service.local_hops:
+        if not (self.config.local_hops and unix_socket.SUPPORTED):
             return
         try:
             self.local_hops = UnixListener(port, self.service.forward_stream, self.service.results_stream,
-                                           self.service.take_stream_slot, self.service.free_stream_slot)
+                                           self.service.reserve_stream_slot, self.service.release_stream_slot)
         except OSError as err:  # the name is taken: hops to this stage stay on gRPC
             log.warning("no same-machine hops into this stage (%s); upstream stages use gRPC", err)
 
@@ -160,18 +168,16 @@ class StageServer:
             parts = parts_for(self.config.head_threads)
             self.split_head = install_split_head(loaded.architecture.model, head_name, parts)
             if self.split_head is not None:
-                self.service.split_head = self.split_head
                 log.info("LM head split over %d threads for steps of up to 4 rows", len(self.split_head.cuts))
         if loaded.attention == "per-sequence":  # a sequence's tokens must not depend on its batch
-            chunked = self.service.compute.run(lambda: install_row_chunks(loaded.architecture.model))
+            chunked = self.compute.run(lambda: install_row_chunks(loaded.architecture.model))
             if chunked:
                 log.info("decode steps of more rows run their linear layers in chunks that keep each row's "
                          "bits: %s", ", ".join(f"{i}->{o}: {rows} rows" for (i, o), rows in sorted(chunked.items())))
 
-    def _reap_idle_sessions(self) -> None:
+    def _reap_idle_sessions(self, sessions: SessionStore) -> None:
         while not self._stopped.wait(min(10.0, self.config.session_timeout_s / 2)):
-            sessions = self.service.sessions
-            if sessions is not None and sessions.expire_idle():
+            if sessions.expire_idle():
                 log.info("expired idle sessions")
 
     def stop(self) -> None:
@@ -179,16 +185,19 @@ class StageServer:
         if self._stopped.is_set():
             return
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.service.draining = True
-        if not self.service.wait_idle(self.config.drain_timeout_s):
-            log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
+        if self.service is not None:
+            self.service.draining = True
+            if not self.service.wait_idle(self.config.drain_timeout_s):
+                log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
         self._stopped.set()
         if self.local_hops is not None:
             self.local_hops.close()
         self.grpc_server.stop(grace=1.0).wait()
-        self.service.close()
-        if self.service.trace is not None:
-            self.service.trace.close()
+        if self.service is not None:
+            self.service.close()
+        self.compute.close()
+        if self._trace is not None:
+            self._trace.close()
         if self.split_head is not None:
             self.split_head.close()
 

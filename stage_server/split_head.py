@@ -19,12 +19,12 @@ with those of the whole matrix. Tests compare the joined logits bit for bit with
 
 When it stands aside: steps with more rows (a batched product, which torch threads itself),
 steps that torch already runs on as many threads as there are parts (bfloat16, whose products
-torch's own threads split; compute_threads decides that count), and steps of groups that share
+torch's own threads split; thread_counts decides that count), and steps of groups that share
 the stages with others (`alone` False: the servicer sets it per step from the chaining fields,
 which the coordinator sends only to a group that has the stages to itself). There the other
 cores are busy with the other groups, and a second thread only preempts them (4 concurrent
 clients, 2 alternated pairs: 19.5 and 20.6 tok/s split against 21.6 and 20.2 whole). Does not own: the thread count of
-other steps (compute_threads) or which module is the head (the family's layout in architectures).
+other steps (thread_counts) or which module is the head (the family's layout in architectures).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ into this stage's output (hidden states, or last-position logits on the last
 stage), validating shapes and lengths against the session's cache first.
 
 Does not own: decoding bytes (protos.codec), the session table (sessions), the
-network or the route (servicer).
+network or the route (step_runner).
 """
 
 from __future__ import annotations

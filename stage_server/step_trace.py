@@ -10,7 +10,7 @@ clock for all processes of a machine, so stamps of different stages compare dire
 stages on different machines do not.
 
 Does not own: reading the records back into a per-token breakdown (bench/step_timeline.py), nor
-deciding when to stamp (the servicer).
+deciding when to stamp (step_runner, with the `received` stamp from forward_stream).
 """
 
 from __future__ import annotations

@@ -85,8 +85,8 @@ class _StoppedContext:
 @pytest.mark.parametrize("remaining, code", [(-0.001, grpc.StatusCode.DEADLINE_EXCEEDED),
                                              (None, grpc.StatusCode.CANCELLED)])
 def test_a_stopped_stream_ends_with_its_reason_not_ok(remaining, code, monkeypatch):
-    """A stream whose work stopped must not end with OK: a client whose own timer had not fired yet
-    took that for a finished answer with no tokens (the Go client with a 1 ms deadline)."""
+    """A stream whose work stopped must not end with OK: a client whose own timer has not fired yet
+    takes that for a finished answer with no tokens (as a Go client with a 1 ms deadline does)."""
     from types import SimpleNamespace
 
     from coordinator import service as service_module

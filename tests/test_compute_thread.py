@@ -1,10 +1,10 @@
 """Every torch call of a stage runs on its one compute thread (stage_server/compute_thread.py).
 
 GNU OpenMP gives each thread that starts parallel work a team of its own, and a process with more
-OpenMP threads than CPUs stops spinning between parallel regions: a stage computing on whichever
-gRPC thread read the request ran its steps 20-25 % slower. So the slice must load, calibrate
-and compute on one thread, whichever stream a step arrives on (the coordinator's, or the greedy
-chain's from the last stage), and the stage process must set its OpenMP spin before torch loads.
+OpenMP threads than CPUs stops spinning between parallel regions, which slows every step. So the
+slice must load, calibrate and compute on one thread, whichever stream a step arrives on (the
+coordinator's, or the greedy chain's from the last stage), and the stage process must set its
+OpenMP spin before torch loads.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def test_a_stage_loads_and_computes_every_step_on_its_compute_thread(tiny_model,
         ran_on: list[set[str]] = [set() for _ in servers]
         for index, server in enumerate(servers):
             model, service = server.service.model, server.service
-            forward, step = model.forward, service._step
+            forward, step = model.forward, service.steps.run
 
             def recording_forward(*args, _forward=forward, _seen=ran_on[index], **kwargs):
                 _seen.add(threading.current_thread().name)
@@ -80,7 +80,7 @@ def test_a_stage_loads_and_computes_every_step_on_its_compute_thread(tiny_model,
                 return _step(*args, **kwargs)
 
             monkeypatch.setattr(model, "forward", recording_forward)
-            monkeypatch.setattr(service, "_step", recording_step)
+            monkeypatch.setattr(service.steps, "run", recording_step)
         client = PipelineClient(addresses)
         try:
             chained = Engine(client, chain=True).generate([SequenceRequest(prompts[0], new_tokens)])[0]
@@ -104,7 +104,7 @@ def test_the_reader_queues_steps_without_waiting_and_a_closed_stream_still_answe
     import torch
 
     from protos import codec, stage_pb2, stage_pb2_grpc
-    from stage_server.servicer import QUEUED_PER_STREAM
+    from stage_server.forward_stream import QUEUED_PER_STREAM
 
     model_dir = tiny_model("llama")
     with stages(model_dir, 1) as (addresses, servers):

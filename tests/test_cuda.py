@@ -65,13 +65,13 @@ def test_cuda_lone_request_chains_on_each_stage_compute_thread(stage_count, tiny
     with stages(model_dir, stage_count, device="cuda") as (addresses, servers):
         ran_on: list[set[str]] = [set() for _ in servers]
         for seen, server in zip(ran_on, servers):
-            step = server.service._step
+            step = server.service.steps.run
 
             def recording_step(*args, _step=step, _seen=seen, **kwargs):
                 _seen.add(threading.current_thread().name)
                 return _step(*args, **kwargs)
 
-            monkeypatch.setattr(server.service, "_step", recording_step)
+            monkeypatch.setattr(server.service.steps, "run", recording_step)
         client = PipelineClient(addresses)
         try:
             got = Engine(client, chain=True).generate([SequenceRequest(prompt, new_tokens)])[0].token_ids

@@ -271,7 +271,7 @@ def test_an_answer_that_overtakes_the_one_announcing_it_is_kept():
 def test_a_greedy_answer_holds_each_rows_first_maximum_and_its_logit():
     """The last stage picks greedy tokens in numpy: the same ids as torch's argmax on all logits
     (the first of equal maxima), with their logits, for every row."""
-    from stage_server.servicer import greedy_ids, logits_response
+    from stage_server.answers import greedy_ids, logits_response
 
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(3))
     logits[1, 7] = logits[1, 200] = logits[1].max() + 1.0  # a tie: the first one wins

@@ -46,7 +46,7 @@ def test_an_idle_stream_outlives_the_channels_pings():
 
 def test_with_grpcs_default_the_server_closes_it():
     """The failure the setting prevents: GOAWAY too_many_pings after three pings without data. The
-    channels' options alone are what servers took before: gRPC's default ping policy."""
+    channels' options alone leave the server at gRPC's default ping policy."""
     assert idle_stream_outcome(channel_options()) == grpc.StatusCode.UNAVAILABLE
 
 

@@ -1,4 +1,4 @@
-"""Co-located stages take turns timing themselves (stage_server/machine_lock.py, compute_threads)."""
+"""Co-located stages take turns timing themselves (stage_server/machine_lock.py, thread_counts)."""
 
 import time
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stage_server import cli, machine_lock
-from stage_server.compute_threads import ComputeThreads
 from stage_server.machine_lock import MachineLock
+from stage_server.thread_counts import ThreadCounts
 
 pytestmark = pytest.mark.skipif(machine_lock.fcntl is None, reason="no flock on this platform")
 
@@ -54,7 +54,7 @@ def test_calibration_runs_under_the_exclusive_lock(lock_path):
         return 1.0
     before = torch.get_num_threads()
     try:
-        ComputeThreads(full=2).calibrate(step, lock=MachineLock())
+        ThreadCounts(full=2).calibrate(step, lock=MachineLock())
     finally:
         torch.set_num_threads(before)
     assert seen and not any(seen)

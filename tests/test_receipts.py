@@ -5,7 +5,7 @@ success: each stage is done with it once it has sent it on, so a token costs the
 bookkeeping messages. The answer itself carries the size of every hop it took, so the
 coordinator's byte count stays exact, and nothing is left waiting on any stage afterwards. A
 next hop that goes away while such a micro-batch is in flight still turns into UNAVAILABLE for
-it, and the coordinator drops such reports for micro-batches it has settled already.
+it, and the coordinator drops such reports for micro-batches it has resolved already.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def test_no_receipts_come_back_and_the_answer_carries_its_hop_sizes(tiny_model, 
             results: queue.Queue = queue.Queue()
             subscription = stage_pb2_grpc.StageStub(last).Results(stage_pb2.ResultsRequest(collector_id="c1"))
             _collect(subscription, results)
-            assert eventually(lambda: "c1" in servers[-1].service._collectors, True)
+            assert eventually(lambda: "c1" in servers[-1].service.collectors, True)
             outbox: queue.Queue = queue.Queue()
             back: queue.Queue = queue.Queue()
             stream = stage_pb2_grpc.StageStub(first).Forward(iter(outbox.get, None))
@@ -74,7 +74,7 @@ def test_no_receipts_come_back_and_the_answer_carries_its_hop_sizes(tiny_model, 
                 activations=codec.encode(torch.tensor([prompt])),
                 position_ids=codec.encode(torch.arange(len(prompt)).view(1, -1)), logits_top_k=1, reply_to="c1"))
             answer = results.get(timeout=30)
-            assert answer.status_code == 0 and not answer.answered_directly
+            assert answer.status_code == 0
             assert list(answer.hop_bytes) == [len(prompt) * HIDDEN * FLOAT32] * 2
             assert eventually(lambda: [s.service._inflight for s in servers], [0, 0, 0]) == [0, 0, 0]
             assert delivered == [], "a stage sent something back for a micro-batch answered to its collector"
@@ -93,8 +93,8 @@ def test_no_receipts_come_back_and_the_answer_carries_its_hop_sizes(tiny_model, 
 
 @pytest.mark.parametrize("local_hops", [True, False], ids=["same-machine socket", "gRPC"])
 def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_model, stages, local_hops):
-    """Without receipts the first stage no longer waits for the micro-batch it sent on, yet when the
-    last stage dies computing it, the first stage still answers it UNAVAILABLE naming that stage,
+    """The first stage does not wait for a micro-batch it sent on towards a collector, yet when the
+    last stage dies computing it, the first stage answers it UNAVAILABLE naming that stage,
     whichever way the hop went."""
     model_dir = tiny_model("llama")
     with stages(model_dir, 2, local_hops=local_hops) as (addresses, servers):
@@ -105,7 +105,7 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
                 results: queue.Queue = queue.Queue()
                 _collect(stage_pb2_grpc.StageStub(channel).Results(stage_pb2.ResultsRequest(collector_id="c1")),
                          results)
-                assert eventually(lambda: "c1" in last._collectors, True)
+                assert eventually(lambda: "c1" in last.collectors, True)
                 outbox: queue.Queue = queue.Queue()
                 back: queue.Queue = queue.Queue()
                 _collect(stage_pb2_grpc.StageStub(first).Forward(iter(outbox.get, None)), back)
@@ -114,7 +114,7 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
                     activations=codec.encode(torch.tensor([[5, 6, 7]])),
                     position_ids=codec.encode(torch.arange(3).view(1, -1)), logits_top_k=1, reply_to="c1"))
                 assert computing.wait(30)
-                assert eventually(lambda: servers[0].service._inflight, 0) == 0  # settled once sent on
+                assert eventually(lambda: servers[0].service._inflight, 0) == 0  # done once sent on
                 if servers[1].local_hops is not None:  # gone at once, mid-step: both ways in are shut
                     servers[1].local_hops.close()
                 servers[1].grpc_server.stop(None)
@@ -124,7 +124,7 @@ def test_a_next_hop_that_goes_away_fails_what_was_sent_on_to_a_collector(tiny_mo
     assert addresses[1] in failure.error_message
 
 
-def test_a_late_failure_report_of_a_settled_micro_batch_is_dropped():
+def test_a_late_failure_report_of_a_resolved_micro_batch_is_dropped():
     """A failing link reports recent micro-batches answered or not: one the coordinator has its
     answer for must not wait in the early answers (where it could push out a real one)."""
     pending = _Pending()

@@ -278,12 +278,12 @@ def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collect
         last = servers[1].service
         sock = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="c9"))
-        assert _wait_for(lambda: "c9" in last._collectors)
-        last._collector("c9").put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=3))
+        assert _wait_for(lambda: "c9" in last.collectors)
+        last.collectors.get("c9").put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=3))
         answers = read_frames(sock, stage_pb2.ForwardResponse.FromString)
         assert next(answers).micro_batch_id == 3
         sock.shutdown(socket.SHUT_WR)  # the coordinator goes away: the subscription ends, its slot is free
-        assert _wait_for(lambda: "c9" not in last._collectors and last._streams == 0)
+        assert _wait_for(lambda: "c9" not in last.collectors and last._streams == 0)
         sock.close()
         # an empty collector id is refused, as over gRPC
         refused = unix_socket.connect(addresses[1], RESULTS)
@@ -297,16 +297,16 @@ def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_
                                                                                        monkeypatch):
     """Answers for a coordinator subscribed over the socket leave from the thread that made them (no
     hand-off to the connection's thread); a subscription whose socket fails ends and frees its slot."""
-    from stage_server import servicer
+    from stage_server import collectors
 
     sent_from: list[str] = []
-    put = servicer._SendingCollector.put
+    put = collectors.SendingCollector.put
 
     def recording_put(self, answer):
         sent_from.append(threading.current_thread().name)
         return put(self, answer)
 
-    monkeypatch.setattr(servicer._SendingCollector, "put", recording_put)
+    monkeypatch.setattr(collectors.SendingCollector, "put", recording_put)
     model_dir = tiny_model("llama")
     with stages(model_dir, 2) as (addresses, servers):
         tokens, kinds = _generate(addresses, [5, 6, 7], 6)
@@ -314,11 +314,11 @@ def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_
         last = servers[1].service
         sock = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(sock, "test").write(stage_pb2.ResultsRequest(collector_id="gone"))
-        assert _wait_for(lambda: "gone" in last._collectors)
-        collector = last._collector("gone")
+        assert _wait_for(lambda: "gone" in last.collectors)
+        collector = last.collectors.get("gone")
         sock.close()  # the coordinator vanishes; the next answer's send fails and ends the subscription
         collector.put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=1))
-        assert _wait_for(lambda: "gone" not in last._collectors and last._streams == 0)
+        assert _wait_for(lambda: "gone" not in last.collectors and last._streams == 0)
     assert tokens == reference_greedy(model_dir, [[5, 6, 7]], 6)[0]
     decode_answers = sent_from[:-1]  # the last put was the test's own
     assert len(decode_answers) >= 6 and all(name.startswith("compute") for name in decode_answers), sent_from

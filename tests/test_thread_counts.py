@@ -1,17 +1,17 @@
-"""Small steps run on the thread count that suits them; big ones on all (stage_server/compute_threads.py)."""
+"""Small steps run on the thread count that suits them; big ones on all (stage_server/thread_counts.py)."""
 
 import grpc
 import pytest
 import torch
 
 from stage_server.cli import build_parser
-from stage_server.compute_threads import (
+from stage_server.thread_counts import (
     AUTO_MIN_GAIN,
     PROBE_EVERY,
     PROBE_EVERY_MAX,
     PROBE_WINDOW,
     SMALL_STEP_TOKENS,
-    ComputeThreads,
+    ThreadCounts,
 )
 
 
@@ -23,7 +23,7 @@ def restore_threads():
 
 
 def test_small_steps_get_the_small_count():
-    threads = ComputeThreads(full=2, small_step=1)
+    threads = ThreadCounts(full=2, small_step=1)
     assert threads.threads_for(1) == threads.threads_for(SMALL_STEP_TOKENS) == 1
     assert threads.threads_for(SMALL_STEP_TOKENS + 1) == threads.threads_for(512) == 2
     assert threads.for_step(1) == 1 and torch.get_num_threads() == 1
@@ -32,12 +32,12 @@ def test_small_steps_get_the_small_count():
 
 def test_defaults_and_bounds():
     torch.set_num_threads(2)
-    assert ComputeThreads().full == 2  # 0 = what torch uses now
-    assert ComputeThreads(full=3, small_step=0).threads_for(1) == 3  # 0 = as many as full
-    assert ComputeThreads(full=1, small_step=4).threads_for(1) == 1  # never more than full
+    assert ThreadCounts().full == 2  # 0 = what torch uses now
+    assert ThreadCounts(full=3, small_step=0).threads_for(1) == 3  # 0 = as many as full
+    assert ThreadCounts(full=1, small_step=4).threads_for(1) == 1  # never more than full
     for bad in ({"full": -1}, {"small_step": -2}, {"small_step": "fast"}):
         with pytest.raises(ValueError):
-            ComputeThreads(**bad)
+            ThreadCounts(**bad)
 
 
 def fake_step(seconds_by_threads: dict[int, float]):
@@ -55,7 +55,7 @@ def fake_step(seconds_by_threads: dict[int, float]):
     (1.0, 1.0 / AUTO_MIN_GAIN + 0.01, 1),  # not clearly faster: one thread
 ])
 def test_auto_times_both_and_keeps_one_thread_unless_all_clearly_pay(one, two, chosen):
-    threads = ComputeThreads(full=2)
+    threads = ThreadCounts(full=2)
     assert threads.threads_for(1) == 1  # before calibration
     step, calls = fake_step({1: one, 2: two})
     threads.calibrate(step)
@@ -66,7 +66,7 @@ def test_auto_times_both_and_keeps_one_thread_unless_all_clearly_pay(one, two, c
 
 def test_fixed_counts_are_not_calibrated():
     step, calls = fake_step({1: 1.0, 2: 0.1})
-    threads = ComputeThreads(full=2, small_step=1)
+    threads = ThreadCounts(full=2, small_step=1)
     threads.calibrate(step)
     assert threads.threads_for(1) == 1 and not calls
 
@@ -89,17 +89,17 @@ def test_info_reports_the_thread_counts_in_use(tiny_model, stages):
 
 
 def test_auto_probes_the_other_count_on_every_nth_single_token_step():
-    threads = ComputeThreads(full=2)  # auto, one thread until told otherwise
+    threads = ThreadCounts(full=2)  # auto, one thread until told otherwise
     used = [threads.for_step(1) for _ in range(2 * PROBE_EVERY)]
     assert [i for i, count in enumerate(used) if count == 2] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1]
     assert {threads.for_step(2) for _ in range(3 * PROBE_EVERY)} == {1}  # only single-token steps probe
     assert {threads.for_step(64) for _ in range(3)} == {2}
-    fixed = ComputeThreads(full=2, small_step=1)
+    fixed = ThreadCounts(full=2, small_step=1)
     assert {fixed.for_step(1) for _ in range(3 * PROBE_EVERY)} == {1}
 
 
-def serve(threads: ComputeThreads, seconds, steps: int) -> list[int]:
-    """Run `steps` single-token steps as the servicer does; seconds(count, index) is each one's time.
+def serve(threads: ThreadCounts, seconds, steps: int) -> list[int]:
+    """Run `steps` single-token steps as the step runner does; seconds(count, index) is each one's time.
     Returns the small-step count after each step."""
     chosen = []
     for index in range(steps):
@@ -110,7 +110,7 @@ def serve(threads: ComputeThreads, seconds, steps: int) -> list[int]:
 
 
 def test_auto_follows_the_faster_count_while_serving():
-    threads = ComputeThreads(full=2)
+    threads = ThreadCounts(full=2)
     clearly_faster = {1: 1.0, 2: 0.5}
     assert set(serve(threads, lambda count, _: clearly_faster[count], 2 * PROBE_EVERY)) == {1}  # 2 probes: too few
     serve(threads, lambda count, _: clearly_faster[count], PROBE_EVERY)
@@ -130,7 +130,7 @@ def test_auto_follows_the_faster_count_while_serving():
 def test_only_probes_and_the_steps_just_before_them_are_compared():
     """The machine's speed drifts, so each probe is compared with the step right before it: here
     the other steps on one thread are slow, and only the timed pairs show all threads no faster."""
-    threads = ComputeThreads(full=2)
+    threads = ThreadCounts(full=2)
 
     def seconds(count: int, index: int) -> float:
         if count == 2:
@@ -141,14 +141,14 @@ def test_only_probes_and_the_steps_just_before_them_are_compared():
 
 
 def test_gains_near_the_threshold_do_not_flip_the_count_at_every_step():
-    """Live timings that hover around the 15 % gain (a bfloat16 pipeline did) settle on one count."""
-    threads = ComputeThreads(full=2)
+    """Live timings that hover around the 15 % gain keep one count instead of flipping at every probe."""
+    threads = ThreadCounts(full=2)
     chosen = serve(threads, lambda count, index: 1.0 / AUTO_MIN_GAIN if count == 2 else 1.0 + 0.02 * (-1) ** index,
                    40 * PROBE_EVERY)
     assert sum(a != b for a, b in zip(chosen, chosen[1:], strict=False)) <= 1
 
 
-def probe_steps(threads: ComputeThreads, seconds, steps: int) -> list[int]:
+def probe_steps(threads: ThreadCounts, seconds, steps: int) -> list[int]:
     """The indexes of the probes (steps on the count not chosen) among `steps` served single-token steps."""
     probes = []
     for index in range(steps):
@@ -164,7 +164,7 @@ def test_probes_that_confirm_the_choice_come_ever_further_apart():
     """Every stage probes the same token, so a probe is a slow token for the whole pipeline: once the
     window can decide, each probe that keeps the choice doubles the distance to the next, up to
     PROBE_EVERY_MAX."""
-    threads = ComputeThreads(full=2)
+    threads = ThreadCounts(full=2)
     probes = probe_steps(threads, lambda count, _: {1: 1.0, 2: 1.0}[count], 12 * PROBE_EVERY_MAX)
     gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     assert probes[0] == PROBE_EVERY - 1
@@ -175,8 +175,8 @@ def test_probes_that_confirm_the_choice_come_ever_further_apart():
 
 
 def test_a_change_of_count_brings_the_probes_close_again():
-    threads = ComputeThreads(full=2)
-    probe_steps(threads, lambda count, _: 1.0, 8 * PROBE_EVERY_MAX)  # probes far apart now
+    threads = ThreadCounts(full=2)
+    probe_steps(threads, lambda count, _: 1.0, 8 * PROBE_EVERY_MAX)  # the probes are far apart
     assert threads.probe_every == PROBE_EVERY_MAX
     steps = 0
     while threads.threads_for(1) == 1:  # all threads are now clearly faster: the probes switch to them
@@ -188,5 +188,5 @@ def test_a_change_of_count_brings_the_probes_close_again():
 
 
 def test_fixed_counts_ignore_timings():
-    threads = ComputeThreads(full=2, small_step=2)
+    threads = ThreadCounts(full=2, small_step=2)
     assert set(serve(threads, lambda count, _: {1: 0.1, 2: 9.0}[count], 4 * PROBE_EVERY)) == {2}

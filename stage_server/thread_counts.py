@@ -1,28 +1,21 @@
 """How many CPU threads each forward step of a stage runs on.
 
 Owns: the choice, per step, between the stage's full thread count and a smaller one for small
-steps, measuring which is faster for this slice on this machine, and applying it to torch. Does
-not own: running the step (stage_model) or where it runs (every step of a stage runs on its one
-compute thread, stage_server/compute_thread.py, which sets the count before each step).
+steps, measuring which is faster for this slice on this machine, and applying it to torch.
+Does not own: running the step (stage_model), nor the thread it runs on (compute_thread; the
+step runner sets the count there before each step).
 
 Why small steps may get fewer threads: a step of a few tokens (one sequence decoding) does little
-arithmetic per weight it reads. In float32 it is bound by memory bandwidth: on SmolLM2-135M a
-second thread gains nothing alone, and when stages share cores their thread teams fight over them
-as the token passes from stage to stage (4 stages on 2 cores, interleaved runs: 0.82 -> 0.91 of
-the unsplit model's decode tokens/s with one thread). In bfloat16 on a CPU without bf16 units the
-same step is bound by arithmetic, and one thread made 2-stage decode 25 % slower. So by default
-("auto") a stage times one small step of its own slice both ways when it starts and keeps one
-thread only if all threads are not clearly faster. Prefill and batched decode always get all
-threads (1.3x at 16-64 rows, 1.9x for a 512-token prompt on two cores).
+arithmetic per weight it reads. In float32 it is bound by memory bandwidth: a second thread gains
+nothing alone, and when stages share cores their thread teams fight over them as the token passes
+from stage to stage. In bfloat16 on a CPU without bf16 units the same step is bound by arithmetic
+and all threads pay. So by default ("auto") a stage times one small step of its own slice both
+ways when it starts (the best of 6 rounds each way, as one round is noisy) and keeps one thread
+only if all threads are not clearly faster. Prefill and batched decode always get all threads.
 
 Stages that share a machine calibrate one at a time and never while another imports or loads
-(stage_server/machine_lock.py): a stage timing itself while another stage works finds the other
-core busy, sees no gain from a second thread, and settles on one. That cost bfloat16 decode
-through 2 local stages a quarter of its speed (0.70 -> 0.91 of the unsplit model's with the
-lock: one or both stages had chosen one thread although two are 1.3-1.5x faster alone). Even
-alone, a 3-round calibration sometimes read a bfloat16 slice's gain as under 15 % on this
-noisy VM (a traced run had stage 1 on one thread, 37 ms a step instead of ~19); it now takes
-the best of 6 rounds each way.
+(machine_lock): a stage timing itself while another stage works finds the other core busy, sees
+no gain from a second thread, and chooses one where two are 1.3-1.5x faster alone.
 
 A start-up calibration can still land wrong: the machine may be in a slow phase, or the stage's
 neighbours may work differently under load than at start. So in "auto" mode a stage keeps
@@ -30,21 +23,20 @@ checking while it serves: every PROBE_EVERY-th single-token step runs on the oth
 is timed together with the step just before it (so that both counts are timed at the same moment
 of a machine whose speed drifts), keeping the last few such pairs. One thread switches to all
 once their median is clearly (AUTO_MIN_GAIN) faster; all switch back to one only once one is no
-slower at all. Between the two the choice stays: a single rule flipped the count at nearly every
-step of a bfloat16 pipeline whose gain hovered near 15 %. Only single-token steps are compared
-(one sequence decoding, all alike in cost).
+slower at all. Between the two the choice stays, so that a gain near AUTO_MIN_GAIN does not flip
+the count at every probe. Only single-token steps are compared (one sequence decoding, all alike
+in cost).
 
 A probe on the slower count is a slow step, and every stage of a pipeline counts the same steps,
-so all of them probe the same token: with a probe every 32 steps, a 4-stage float32 decode (two
-threads each) took 61-71 ms for every 32nd token against ~41, 0.6-0.9 ms a token on average
-(2 % of its speed; traced per token). So each probe that leaves the choice as it was doubles the
-distance to the next one, up to PROBE_EVERY_MAX steps (a probe then costs ~0.1 % of the speed);
-a change of choice starts again at PROBE_EVERY, so that a count that just changed is checked soon.
+so all of them probe the same token. So each probe that leaves the choice as it was doubles the
+distance to the next one, up to PROBE_EVERY_MAX steps (a probe every 32 steps costs ~2 % of a
+4-stage decode's speed, one every 512 ~0.1 %); a change of choice starts again at PROBE_EVERY, so
+that a count that just changed is checked soon.
 
 Thread counts must not change results, or greedy answers would drift from the unsplit model's:
-torch's CPU kernels here give bit-identical logits for 1 and 2 threads (SmolLM2, float32 and
-bfloat16, decode and prefill shapes), and the equivalence tests run stages under this policy
-against the unsplit model at full threads.
+torch's CPU kernels give bit-identical logits for 1 and 2 threads (float32 and bfloat16, decode
+and prefill shapes), and the equivalence tests run stages under this policy against the unsplit
+model at full threads.
 """
 
 from __future__ import annotations
@@ -73,7 +65,7 @@ PROBE_EVERY_MAX = 512
 PROBE_WINDOW = 5
 
 
-class ComputeThreads:
+class ThreadCounts:
     """`for_step(tokens)` sets torch's intra-op threads for a step of `tokens` new tokens.
 
     `small_step` is a thread count (0 = as many as `full`) or "auto": one thread until
