@@ -17,29 +17,21 @@ Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
   hidden vector), of length N. Per row, the K largest-magnitude values (`outliers_per_row`) are sent
   on the side (column index + value) and zeroed; what is left is quantized to whole numbers of a
   step. Decoding multiplies back and scatters the outliers in, so every non-outlier is off by at most
-  half a step. Two layouts (`Tensor.int8_layout`):
+  half a step. The step of a row is ``INT8_STEP_FRACTION`` (1/128) of the row's RMS after its
+  outliers are out; the integers are zigzag mapped and Rice coded with one parameter per row
+  (protos/rice_coding.py, `Tensor.int8_layout` = INT8_LAYOUT_RICE), so a value costs about log2 of
+  its size in bits and the step is the same over the whole row. K = N //
+  INT8_ROW_ELEMENTS_PER_OUTLIER (4 at N = 576). Measured on SmolLM2-135M's hidden states at the
+  3-stage cuts: 1.16 bytes per element, and teacher-forced logits off by 0.012 (standard deviation)
+  from the exact pipeline's, against 0.016 for bf16 (2 B/elem) and 0.026 for a fixed-rate int8 code
+  with one scale per block of 32 columns (1.17 B/elem); see bench/codec_study.py.
 
-  - RICE (the default): one step per row, ``INT8_STEP_FRACTION`` (1/128) of the row's RMS after
-    its outliers are out; the integers are zigzag mapped and Rice coded with one parameter per row
-    (protos/rice_coding.py), so a value costs about log2 of its size in bits and the step is the same
-    over the whole row. K = N // RICE_ROW_ELEMENTS_PER_OUTLIER (4 at N = 576). Measured on
-    SmolLM2-135M's hidden states at the 3-stage cuts: 1.16 bytes per element, and teacher-forced
-    logits off by 0.012 (standard deviation) from the exact pipeline's, against 0.016 for bf16
-    (2 B/elem) and 0.026 for the blocks layout (1.17 B/elem); see bench/wire_codecs.py.
-  - BLOCKS: fixed rate, one int8 per element, ``q = round(x / s)`` clamped to [-127, 127] with one
-    scale ``s = absmax / 127`` per block of `block_size` columns (the last block of a row may be
-    shorter; 0 = one scale per row). K = N // INT8_ROW_ELEMENTS_PER_OUTLIER (16 at N = 576) and
-    blocks of INT8_BLOCK_SIZE (32): 1 + 2/32 + 4*16/576 = 1.17 B/elem. Simpler and faster to code,
-    but the absmax of a block sets the step of all its values.
+  Fields, all little-endian, for R rows:
 
-  Layouts, all little-endian:
-
-  - ``scales``: float16 when every scale fits it (BLOCKS rounds them up, so no value is clipped;
-    values are quantized with the scale the decoder sees), else float32; `scale_dtype` says which.
-    BLOCKS: R*G block scales, G = ceil(N / block_size) (1 when block_size is 0). RICE: R row steps.
-    All finite and >= 0 (0 for an all-zero row or block);
-  - ``data``: BLOCKS: R*N int8, R = number of rows. RICE: the unary stream (see stage.proto), with
-    ``rice_parameters`` (R bytes) and ``low_bits``;
+  - ``scales``: the R row steps, float16 when every one fits it (values are quantized with the
+    step the decoder sees), else float32; `scale_dtype` says which. All finite and >= 0 (0 for an
+    all-zero row);
+  - ``data``: the unary stream (see stage.proto), with ``rice_parameters`` (R bytes) and ``low_bits``;
   - ``outlier_indices``: R*K column indices, int16 when N <= 32768 else int32, distinct within a row;
   - ``outlier_values``: R*K values, float16 when they all fit it, else float32; the decoder tells
     which from the byte length (2*R*K or 4*R*K).
@@ -48,11 +40,10 @@ Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
   Why these choices (bench/codec_study.py, bench/wire_codecs.py): SmolLM2's hidden states reach
   ~25,000 in the first token's row and ~100 in ordinary rows against a median of ~4, so a single
   int8 scale per row makes steps far coarser than the typical value (1/20 greedy continuations kept).
-  Taking the largest values out and scaling the rest per block of 32 kept 18/20; as blocks are
-  close to Gaussian once the outliers are out (absmax ~2.5 RMS), a fixed-rate code cannot do much
-  better in 1.2 B/elem. An entropy code can: it spends bits where the values are large, so the same
-  bytes buy a step 2-3x finer, and fewer outliers are needed since a large value merely costs more
-  bits.
+  Once the largest values are out the rest are close to Gaussian (absmax ~2.5 RMS), so a fixed-rate
+  code cannot do much better in 1.2 B/elem. An entropy code can: it spends bits where the values are
+  large, so the same bytes buy a step 2-3x finer, and few outliers are needed since a large value
+  merely costs more bits.
   Empty tensors, and tensors whose non-outlier values are not all finite, are sent raw (NONE).
 
 The decoded tensor always has the message's logical dtype (`Tensor.dtype`): a float32 tensor sent as
@@ -71,11 +62,8 @@ from protos import rice_coding, stage_pb2
 
 __all__ = [
     "CODEC_NAMES",
-    "INT8_BLOCK_SIZE",
-    "INT8_DEFAULT_LAYOUT",
-    "INT8_STEP_FRACTION",
-    "RICE_ROW_ELEMENTS_PER_OUTLIER",
     "INT8_ROW_ELEMENTS_PER_OUTLIER",
+    "INT8_STEP_FRACTION",
     "MAX_NDIM",
     "WireFormatError",
     "codec_from_name",
@@ -97,17 +85,11 @@ CODEC_NAMES: dict[str, int] = {
     "int8": stage_pb2.CODEC_INT8,
 }
 
-# int8 defaults. Blocks layout: one outlier per this many elements of a row (576 -> 16): with an
-# int16 index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
-INT8_ROW_ELEMENTS_PER_OUTLIER = 36
-# Blocks layout: one (float16) scale per this many columns of a row: 2 / 32 = 0.06 B/elem.
-INT8_BLOCK_SIZE = 32
-# Rice layout: one outlier per this many elements of a row (576 -> 4, 0.03 B/elem).
-RICE_ROW_ELEMENTS_PER_OUTLIER = 144
-# The layout `encode` uses for CODEC_INT8 unless told otherwise.
-INT8_DEFAULT_LAYOUT = stage_pb2.INT8_LAYOUT_RICE
-# Rice layout: the quantization step of a row is this fraction of the row's root mean square (after
-# its outliers are taken out), so every value is off by at most 1/256 of the row's RMS.
+# int8: one outlier per this many elements of a row (576 -> 4; an int16 index and a float16 value,
+# 0.03 B/elem).
+INT8_ROW_ELEMENTS_PER_OUTLIER = 144
+# int8: the quantization step of a row is this fraction of the row's root mean square (after its
+# outliers are taken out), so every value is off by at most 1/256 of the row's RMS.
 INT8_STEP_FRACTION = 1 / 128
 # Rows this long or shorter index their outliers with int16.
 _INT16_INDEX_MAX_ROW = 32768
@@ -139,10 +121,9 @@ def codec_from_name(name: str) -> int:
     return CODEC_NAMES[key]
 
 
-def default_outliers_per_row(row_length: int, layout: int = INT8_DEFAULT_LAYOUT) -> int:
+def default_outliers_per_row(row_length: int) -> int:
     """How many exact outliers the int8 codec keeps per row of `row_length` elements by default."""
-    per = RICE_ROW_ELEMENTS_PER_OUTLIER if layout == stage_pb2.INT8_LAYOUT_RICE else INT8_ROW_ELEMENTS_PER_OUTLIER
-    return max(0, int(row_length)) // per
+    return max(0, int(row_length)) // INT8_ROW_ELEMENTS_PER_OUTLIER
 
 
 def payload_bytes(message: stage_pb2.Tensor) -> int:
@@ -204,18 +185,14 @@ def encode(
     codec: int = stage_pb2.CODEC_NONE,
     *,
     outliers_per_row: int | None = None,
-    block_size: int | None = None,
-    int8_layout: int | None = None,
     step_fraction: float | None = None,
 ) -> stage_pb2.Tensor:
     """Encode `tensor` with `codec` (a `stage_pb2.Codec` value).
 
     Lossy codecs apply to floating tensors only; other tensors, empty ones, and the cases described
     in the module docstring go out raw and the message records `CODEC_NONE`. The keywords override
-    the int8 defaults and are ignored by the other codecs: `int8_layout` (None =
-    `INT8_DEFAULT_LAYOUT`), `outliers_per_row` (None = `default_outliers_per_row(N)`), `block_size`
-    for the blocks layout (None = `INT8_BLOCK_SIZE`, 0 = one scale per row) and `step_fraction` for
-    the Rice layout (None = `INT8_STEP_FRACTION`).
+    the int8 defaults and are ignored by the other codecs: `outliers_per_row` (None =
+    `default_outliers_per_row(N)`) and `step_fraction` (None = `INT8_STEP_FRACTION`).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(tensor).__name__}")
@@ -237,7 +214,7 @@ def encode(
     if codec == stage_pb2.CODEC_BF16:
         return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec,
                                 data=_raw_bytes(t.to(torch.bfloat16)))
-    message = _encode_int8(t, wire_dtype, outliers_per_row, block_size, int8_layout, step_fraction)
+    message = _encode_int8(t, wire_dtype, outliers_per_row, step_fraction)
     return message if message is not None else _raw_message(t, wire_dtype)
 
 
@@ -263,13 +240,10 @@ def _attach_outliers(message: stage_pb2.Tensor, idx: torch.Tensor | None, values
         message.outlier_values = _le_bytes(half, np.dtype("<f2"))
 
 
-def _half_scales(scales: torch.Tensor, round_up: bool) -> torch.Tensor | None:
-    """`scales` as float16 (rounded up if asked), or None when one of them does not fit: overflows,
-    or a positive scale that would become 0."""
+def _half_scales(scales: torch.Tensor) -> torch.Tensor | None:
+    """`scales` as float16, or None when one of them does not fit: overflows, or a positive scale
+    that would become 0."""
     half = scales.to(torch.float16)
-    if round_up:
-        rounded_down = half.to(torch.float32) < scales
-        half = torch.where(rounded_down, torch.nextafter(half, torch.full_like(half, math.inf)), half)
     if not bool(half.isfinite().all()) or bool(((half == 0) & (scales > 0)).any()):
         return None
     return half
@@ -281,23 +255,15 @@ def _scale_fields(scales: torch.Tensor, half: torch.Tensor | None) -> dict:
     return {"scales": _le_bytes(scales.reshape(-1), np.dtype("<f4")), "scale_dtype": stage_pb2.DTYPE_FLOAT32}
 
 
-def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None, block_size: int | None,
-                 layout: int | None, step_fraction: float | None) -> stage_pb2.Tensor | None:
+def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
+                 step_fraction: float | None) -> stage_pb2.Tensor | None:
     n = t.shape[-1] if t.dim() > 0 else 1
     x = t.reshape(-1, n).to(torch.float32)  # a copy unless t already is float32
-    layout = INT8_DEFAULT_LAYOUT if layout is None else layout
-    if layout not in (stage_pb2.INT8_LAYOUT_BLOCKS, stage_pb2.INT8_LAYOUT_RICE):
-        raise ValueError(f"unknown int8 layout {layout!r}")
-    k = default_outliers_per_row(n, layout) if outliers_per_row is None else int(outliers_per_row)
+    k = default_outliers_per_row(n) if outliers_per_row is None else int(outliers_per_row)
     if k < 0:
         raise ValueError(f"outliers_per_row must be >= 0, got {k}")
     idx, values, residual = _split_outliers(x, min(k, n))
-    if layout == stage_pb2.INT8_LAYOUT_RICE:
-        if block_size:
-            raise ValueError("the Rice layout has one step per row; block_size applies to INT8_LAYOUT_BLOCKS")
-        message = _rice_message(residual, INT8_STEP_FRACTION if step_fraction is None else float(step_fraction))
-    else:
-        message = _blocks_message(residual, INT8_BLOCK_SIZE if block_size is None else int(block_size))
+    message = _rice_message(residual, INT8_STEP_FRACTION if step_fraction is None else float(step_fraction))
     if message is None:
         return None
     message.shape[:] = t.shape
@@ -307,31 +273,6 @@ def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None,
     return message
 
 
-def _blocks_message(residual: torch.Tensor, block: int) -> stage_pb2.Tensor | None:
-    rows, n = residual.shape
-    if block < 0:
-        raise ValueError(f"block_size must be >= 0, got {block}")
-    if block >= n:
-        block = 0  # one block covering the row is the same as one scale per row
-    groups = 1 if block == 0 else -(-n // block)
-    width = n if block == 0 else block
-    padded = residual
-    if groups * width != n:
-        padded = torch.nn.functional.pad(residual, (0, groups * width - n))
-    blocks = padded.view(rows, groups, width)
-    scales = blocks.abs().amax(dim=2, keepdim=True) / 127.0
-    if not bool(scales.isfinite().all()):
-        return None  # inf/nan beyond the outliers: int8 cannot carry it, the caller sends it raw
-    # Scales travel as float16, rounded *up* so that |x| / scale never exceeds 127 (error <= scale/2).
-    half = _half_scales(scales, round_up=True)
-    if half is not None:
-        scales = half.to(torch.float32)  # quantize with exactly the scale the decoder will see
-    q = blocks / torch.where(scales > 0, scales, 1.0)  # all-zero blocks stay 0
-    q = q.round_().clamp_(-127, 127).to(torch.int8).view(rows, groups * width)[:, :n]
-    return stage_pb2.Tensor(codec=stage_pb2.CODEC_INT8, int8_layout=stage_pb2.INT8_LAYOUT_BLOCKS,
-                            data=_le_bytes(q, np.dtype("i1")), block_size=block, **_scale_fields(scales, half))
-
-
 def _rice_message(residual: torch.Tensor, step_fraction: float) -> stage_pb2.Tensor | None:
     if not (math.isfinite(step_fraction) and step_fraction > 0):
         raise ValueError(f"step_fraction must be a positive number, got {step_fraction}")
@@ -339,7 +280,7 @@ def _rice_message(residual: torch.Tensor, step_fraction: float) -> stage_pb2.Ten
     steps = rms * step_fraction
     if not bool(steps.isfinite().all()):
         return None  # inf/nan beyond the outliers: the caller sends the tensor raw
-    half = _half_scales(steps, round_up=False)
+    half = _half_scales(steps)
     if half is not None:
         steps = half.to(torch.float32)  # quantize with exactly the step the decoder will see
     q = (residual / torch.where(steps > 0, steps, 1.0)).round_().to(torch.int64)  # all-zero rows stay 0
@@ -375,10 +316,9 @@ def _expect_empty(message: stage_pb2.Tensor, codec: int) -> None:
                      if getattr(message, f))
         raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} carries no {field}, "
                               f"got {len(getattr(message, field))} bytes")
-    if message.outliers_per_row or message.block_size or message.int8_layout:
-        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} takes no outliers_per_row/block_size/"
-                              f"int8_layout, got {message.outliers_per_row}/{message.block_size}/"
-                              f"{message.int8_layout}")
+    if message.outliers_per_row or message.int8_layout:
+        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} takes no outliers_per_row/int8_layout, "
+                              f"got {message.outliers_per_row}/{message.int8_layout}")
 
 
 def _checked(message: stage_pb2.Tensor, max_elements: int) -> tuple[int, tuple[int, ...], int]:
@@ -457,17 +397,10 @@ def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) 
     if message.scale_dtype not in scale_types:
         raise WireFormatError(f"int8 scale_dtype must be float16 or float32, got {message.scale_dtype}")
     scale_type = np.dtype(scale_types[message.scale_dtype])
-    if message.int8_layout == stage_pb2.INT8_LAYOUT_BLOCKS:
-        if message.rice_parameters or message.low_bits:
-            raise WireFormatError("the int8 blocks layout carries no rice_parameters or low_bits")
-        x = _decode_blocks(message, rows, n, numel, scale_type)
-    elif message.int8_layout == stage_pb2.INT8_LAYOUT_RICE:
-        if message.block_size:
-            raise WireFormatError(f"the int8 Rice layout has no blocks, got block_size {message.block_size}")
-        x = _decode_rice(message, rows, n, scale_type)
-    else:
+    if message.int8_layout != stage_pb2.INT8_LAYOUT_RICE:
         raise WireFormatError(f"unknown int8 layout {message.int8_layout}; expected "
-                              f"{stage_pb2.INT8_LAYOUT_BLOCKS} (blocks) or {stage_pb2.INT8_LAYOUT_RICE} (rice)")
+                              f"{stage_pb2.INT8_LAYOUT_RICE} (rice)")
+    x = _decode_rice(message, rows, n, scale_type)
     if numel == 0:
         if message.outlier_indices or message.outlier_values:
             raise WireFormatError("an empty tensor carries no outliers")
@@ -481,26 +414,6 @@ def _read_scales(buf: bytes, scale_type: np.dtype, count: int, what: str) -> np.
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise WireFormatError(f"{what} must be finite and >= 0")
     return scales
-
-
-def _decode_blocks(message: stage_pb2.Tensor, rows: int, n: int, numel: int, scale_type: np.dtype) -> torch.Tensor:
-    block = int(message.block_size)
-    groups = (1 if block == 0 else -(-n // block)) if n else 0
-    width = block if block else n
-    q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
-    scales = _read_scales(message.scales, scale_type, rows * groups, "scales")
-    if numel == 0:
-        return torch.empty(0)
-    x = torch.from_numpy(q).view(rows, n)
-    s = torch.from_numpy(scales).view(rows, groups, 1)
-    if groups == 1:
-        x.mul_(s.view(rows, 1))
-    elif groups * width == n:
-        x.view(rows, groups, width).mul_(s)
-    else:
-        x = (torch.nn.functional.pad(x, (0, groups * width - n)).view(rows, groups, width) * s)
-        x = x.view(rows, groups * width)[:, :n].contiguous()
-    return x
 
 
 def _decode_rice(message: stage_pb2.Tensor, rows: int, n: int, scale_type: np.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ from protos.codec import WireFormatError, decode, encode, payload_bytes
 
 NONE, FP16, BF16, INT8 = (stage_pb2.CODEC_NONE, stage_pb2.CODEC_FP16, stage_pb2.CODEC_BF16,
                           stage_pb2.CODEC_INT8)
-BLOCKS, RICE = stage_pb2.INT8_LAYOUT_BLOCKS, stage_pb2.INT8_LAYOUT_RICE
+RICE = stage_pb2.INT8_LAYOUT_RICE
 ALL_CODECS = [stage_pb2.CODEC_UNSPECIFIED, NONE, FP16, BF16, INT8]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(7,), (5, 40), (2, 3, 96), ()]
@@ -55,9 +55,8 @@ def hidden_with_outliers(rows: int = 64, width: int = 576, seed: int = 0) -> tor
 def int8_error_bounds(message: stage_pb2.Tensor, original: torch.Tensor) -> torch.Tensor:
     """Per-element error bound of the int8 scheme, derived from the message's own side data.
 
-    Non-outliers: half a quantization step. Blocks layout: s / 2 with s = block absmax / 127 (the
-    outliers excluded). Rice layout: the row's step / 2, the step being INT8_STEP_FRACTION (or what
-    the test asked for) of the row's RMS. Outliers: float16 rounding (2**-11 relative) or exact when
+    Non-outliers: half a quantization step, the row's step being INT8_STEP_FRACTION (or what the
+    test asked for) of the row's RMS. Outliers: float16 rounding (2**-11 relative) or exact when
     sent as float32.
     """
     n = original.shape[-1] if original.dim() else 1
@@ -68,21 +67,9 @@ def int8_error_bounds(message: stage_pb2.Tensor, original: torch.Tensor) -> torc
         idx_dtype = "<i2" if n <= 32768 else "<i4"
         idx = torch.from_numpy(np.frombuffer(message.outlier_indices, idx_dtype).astype(np.int64))
         outlier.scatter_(1, idx.view(rows, k), True)
-    residual = x.masked_fill(outlier, 0.0)
     scale_type = "<f2" if message.scale_dtype == stage_pb2.DTYPE_FLOAT16 else "<f4"
     sent = torch.from_numpy(np.frombuffer(message.scales, scale_type).astype(np.float32))
-    bound = torch.empty_like(x)
-    if message.int8_layout == RICE:
-        bound[:] = sent.view(rows, 1) / 2 * (1 + 1e-5) + 1e-30
-    else:
-        block = message.block_size or n
-        groups = -(-n // block)
-        sent = sent.view(rows, groups)
-        for g, start in enumerate(range(0, n, block)):
-            step = residual[:, start:start + block].abs().amax(dim=1, keepdim=True) / 127
-            # The scale sent may be rounded up (float16), never down: no value is clipped.
-            assert bool((sent[:, g:g + 1] >= step * (1 - 1e-6)).all()), "a scale below the block's step clips values"
-            bound[:, start:start + block] = torch.maximum(sent[:, g:g + 1], step) / 2 * (1 + 1e-5) + 1e-30
+    bound = (sent.view(rows, 1) / 2 * (1 + 1e-5) + 1e-30).expand_as(x)
     fp16_outliers = len(message.outlier_values) == 2 * rows * k
     outlier_bound = x.abs() * (2.0 ** -11) if fp16_outliers else torch.zeros_like(x)
     return torch.where(outlier, outlier_bound, bound).reshape(original.shape)
@@ -223,11 +210,7 @@ def test_bf16_keeps_large_values():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(7,), (5, 40), (2, 3, 96), (3, 576), ()])
-@pytest.mark.parametrize("params", [{}, {"int8_layout": BLOCKS},
-                                    {"int8_layout": BLOCKS, "outliers_per_row": 0, "block_size": 0},
-                                    {"int8_layout": BLOCKS, "outliers_per_row": 3, "block_size": 32},
-                                    {"int8_layout": BLOCKS, "outliers_per_row": 5, "block_size": 0},
-                                    {"outliers_per_row": 0}, {"outliers_per_row": 5, "step_fraction": 0.3}])
+@pytest.mark.parametrize("params", [{}, {"outliers_per_row": 0}, {"outliers_per_row": 5, "step_fraction": 0.3}])
 def test_int8_error_within_scheme_bound(dtype, shape, params):
     x = sample(dtype, shape, seed=3)
     message, y = roundtrip(x, INT8, **params)
@@ -242,11 +225,13 @@ def test_int8_error_within_scheme_bound(dtype, shape, params):
 def test_int8_defaults_are_in_the_message():
     x = hidden_with_outliers(rows=4, width=576)
     message = encode(x, INT8)
-    assert message.int8_layout == codec.INT8_DEFAULT_LAYOUT == RICE
+    assert message.int8_layout == RICE
     assert message.outliers_per_row == codec.default_outliers_per_row(576) == 576 // 144
-    assert message.block_size == 0
     assert len(message.rice_parameters) == 4
     assert message.scale_dtype == stage_pb2.DTYPE_FLOAT16 and len(message.scales) == 2 * 4  # a step per row
+    k = message.outliers_per_row
+    assert len(message.outlier_indices) == 2 * 4 * k  # int16: rows shorter than 32768
+    assert len(message.outlier_values) == 2 * 4 * k  # float16: every outlier fits
     # the step is INT8_STEP_FRACTION of the row's RMS once its outliers are out
     steps = np.frombuffer(message.scales, "<f2").astype(np.float32)
     outlier = torch.zeros_like(x, dtype=torch.bool)
@@ -256,40 +241,12 @@ def test_int8_defaults_are_in_the_message():
     assert np.allclose(steps, rms * codec.INT8_STEP_FRACTION, rtol=2.0 ** -10)
 
 
-def test_int8_blocks_layout_fields():
-    x = hidden_with_outliers(rows=4, width=576)
-    message = encode(x, INT8, int8_layout=BLOCKS)
-    assert message.block_size == codec.INT8_BLOCK_SIZE
-    assert message.outliers_per_row == codec.default_outliers_per_row(576, BLOCKS) == 576 // 36
-    assert not message.rice_parameters and not message.low_bits
-    rows, k, groups = 4, message.outliers_per_row, math.ceil(576 / codec.INT8_BLOCK_SIZE)
-    assert len(message.data) == rows * 576
-    assert message.scale_dtype == stage_pb2.DTYPE_FLOAT16
-    assert len(message.scales) == 2 * rows * groups
-    assert len(message.outlier_indices) == 2 * rows * k  # int16: rows shorter than 32768
-    assert len(message.outlier_values) == 2 * rows * k  # float16: every outlier fits
-
-
-@pytest.mark.parametrize("layout", [BLOCKS, RICE])
-def test_int8_bytes_per_element_budget(layout):
+def test_int8_bytes_per_element_budget():
     x = hidden_with_outliers(rows=32, width=576)
-    message = encode(x, INT8, int8_layout=layout)
+    message = encode(x, INT8)
     assert payload_bytes(message) / x.numel() <= 1.2
     assert payload_bytes(message) == sum(len(getattr(message, f)) for f in (
         "data", "scales", "outlier_indices", "outlier_values", "rice_parameters", "low_bits"))
-
-
-def test_rice_layout_is_finer_than_blocks_for_the_same_bytes():
-    """What the Rice layout is for: on heavy-tailed rows, a uniform step per row plus an entropy code
-    spends the bytes where the values are, so it errs less than absmax blocks in no more bytes."""
-    g = torch.Generator().manual_seed(4)
-    x = hidden_with_outliers(rows=64, width=576) * torch.exp(torch.randn(64, 576, generator=g))
-    errors, sizes = {}, {}
-    for layout in (BLOCKS, RICE):
-        message, y = roundtrip(x, INT8, int8_layout=layout)
-        errors[layout], sizes[layout] = float((y - x).pow(2).mean()), payload_bytes(message)
-    assert sizes[RICE] <= sizes[BLOCKS]
-    assert errors[RICE] < errors[BLOCKS] / 2
 
 
 def outlier_rows_error(params: dict) -> float:
@@ -302,23 +259,17 @@ def outlier_rows_error(params: dict) -> float:
     return float((y - x)[:, normal].abs().max() / typical)
 
 
-@pytest.mark.parametrize("layout", [BLOCKS, RICE])
-def test_int8_survives_huge_outliers(layout):
-    # Half a step of a scale fit to the ordinary values: 1/254 of their range (blocks), 1/160 of
-    # their RMS (Rice).
-    assert outlier_rows_error({"int8_layout": layout}) <= 1 / 200
+def test_int8_survives_huge_outliers():
+    # Half a step fit to the ordinary values: 1/160 of their RMS.
+    assert outlier_rows_error({}) <= 1 / 200
     x = hidden_with_outliers()
-    _, y = roundtrip(x, INT8, int8_layout=layout)
+    _, y = roundtrip(x, INT8)
     outliers = x[:, [17, 230, 401, 555]]
     assert bool(((y[:, [17, 230, 401, 555]] - outliers).abs() <= outliers.abs() * 2.0 ** -11).all())
 
 
-def test_naive_per_row_int8_would_fail_the_outlier_test():
-    # One scale per row stretched over a 22k outlier: steps of ~180: most ordinary values round to 0.
-    assert outlier_rows_error({"int8_layout": BLOCKS, "outliers_per_row": 0, "block_size": 0}) > 0.5
-    # Blocks alone still put ordinary values in the outliers' blocks.
-    assert outlier_rows_error({"int8_layout": BLOCKS, "outliers_per_row": 0, "block_size": 32}) > 1 / 200
-    # A step per row fit to the RMS of a row with huge values in it is far too coarse as well.
+def test_int8_without_outliers_would_fail_the_outlier_test():
+    # A step per row fit to the RMS of a row with huge values in it is far too coarse.
     assert outlier_rows_error({"outliers_per_row": 0}) > 0.1
 
 
@@ -326,61 +277,46 @@ def test_int8_rows_of_zeros_and_constant_rows():
     x = torch.zeros(3, 50)
     x[1] = 2.5
     x[2, 7] = -1e4
-    message, y = roundtrip(x, INT8, int8_layout=BLOCKS, outliers_per_row=1, block_size=16)
+    message, y = roundtrip(x, INT8, outliers_per_row=1)
     assert torch.equal(y[0], torch.zeros(50))
-    assert torch.allclose(y[1], x[1], rtol=0, atol=2.5 / 254 * (1 + 2.0 ** -10))  # float16 scale, rounded up
     assert torch.equal(y[2], x[2])  # the outlier is exact in fp16 (-10000) and the rest are zeros
-    scales = np.frombuffer(message.scales, "<f2")
-    assert scales.min() == 0.0
-    message, y = roundtrip(x, INT8, outliers_per_row=1)  # Rice layout
-    assert torch.equal(y[0], torch.zeros(50)) and torch.equal(y[2], x[2])
     assert torch.allclose(y[1], x[1], rtol=0, atol=2.5 * codec.INT8_STEP_FRACTION / 2 * (1 + 2.0 ** -10))
     assert np.frombuffer(message.scales, "<f2")[[0, 2]].tolist() == [0.0, 0.0]
-
-
-def test_int8_partial_last_block():
-    x = sample(torch.float32, (4, 100), seed=5)
-    message, y = roundtrip(x, INT8, int8_layout=BLOCKS, outliers_per_row=2, block_size=32)
-    assert len(message.scales) == 2 * 4 * 4  # ceil(100 / 32) = 4 float16 scales per row
-    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
 
 
 def test_int8_outliers_beyond_fp16_are_sent_as_float32():
     x = sample(torch.float32, (3, 64))
     x[1, 9] = 1e6
-    message, y = roundtrip(x, INT8, int8_layout=BLOCKS, outliers_per_row=2, block_size=0)
+    message, y = roundtrip(x, INT8, outliers_per_row=2)
     assert len(message.outlier_values) == 4 * 3 * 2
     assert y[1, 9] == 1e6
     assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
 
 
-@pytest.mark.parametrize("layout", [BLOCKS, RICE])
-def test_int8_long_rows_use_int32_indices(layout):
+def test_int8_long_rows_use_int32_indices():
     x = sample(torch.float32, (2, 40000))
     x[0, 39999] = 5000.0
-    message, y = roundtrip(x, INT8, int8_layout=layout, outliers_per_row=3)
+    message, y = roundtrip(x, INT8, outliers_per_row=3)
     assert len(message.outlier_indices) == 4 * 2 * 3
     assert y[0, 39999] == 5000.0
     assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
 
 
-@pytest.mark.parametrize("layout", [BLOCKS, RICE])
-def test_int8_non_finite_values(layout):
+def test_int8_non_finite_values():
     x = sample(torch.float32, (3, 64))
     x[0, 3] = float("nan")
     x[1, 4] = float("inf")
-    message, y = roundtrip(x, INT8, int8_layout=layout, outliers_per_row=1)  # one per row: kept as outliers
+    message, y = roundtrip(x, INT8, outliers_per_row=1)  # one per row: kept as outliers
     assert message.codec == INT8
     assert math.isnan(y[0, 3]) and y[1, 4] == float("inf")
     x[2, 5:7] = float("inf")  # two in a row with room for one: int8 cannot carry it, so raw
-    message, y = roundtrip(x, INT8, int8_layout=layout, outliers_per_row=1)
+    message, y = roundtrip(x, INT8, outliers_per_row=1)
     assert message.codec == NONE
     assert torch.equal(y.nan_to_num(), x.nan_to_num())
 
 
 def test_int8_rejects_bad_parameters():
-    for kwargs in ({"outliers_per_row": -1}, {"int8_layout": BLOCKS, "block_size": -1}, {"int8_layout": 7},
-                   {"block_size": 16}, {"step_fraction": 0.0}, {"step_fraction": float("nan")}):
+    for kwargs in ({"outliers_per_row": -1}, {"step_fraction": 0.0}, {"step_fraction": float("nan")}):
         with pytest.raises(ValueError):
             encode(torch.ones(2, 8), INT8, **kwargs)
 
@@ -389,12 +325,7 @@ def test_int8_rejects_bad_parameters():
 # malformed messages
 
 
-def int8_message(rows: int = 3, width: int = 64, k: int = 2, block: int = 16) -> stage_pb2.Tensor:
-    return wire(encode(sample(torch.float32, (rows, width)), INT8, int8_layout=BLOCKS, outliers_per_row=k,
-                       block_size=block))
-
-
-def rice_message(rows: int = 3, width: int = 64, k: int = 2) -> stage_pb2.Tensor:
+def int8_message(rows: int = 3, width: int = 64, k: int = 2) -> stage_pb2.Tensor:
     return wire(encode(sample(torch.float32, (rows, width)), INT8, outliers_per_row=k))
 
 
@@ -481,11 +412,8 @@ def test_invalid_bool_bytes():
 
 def test_bad_scales_size():
     message = int8_message()
-    message.scales = message.scales[:-4]
-    rejects(message, "scales holds")
-    message = int8_message()
-    message.block_size = 32  # now 2 scales per row are expected, 4 were sent
-    rejects(message, "scales holds")
+    message.scales = message.scales[:-2]
+    rejects(message, "scales\\) holds")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
@@ -494,15 +422,7 @@ def test_bad_scale_values(bad):
     scales = np.frombuffer(message.scales, "<f2").copy()
     scales[2] = bad
     message.scales = scales.astype("<f2").tobytes()
-    rejects(message, "scales must be finite")
-
-
-def test_scales_too_large_for_float16_travel_as_float32():
-    x = torch.full((2, 64), 1e7)
-    x[1] = -3e7
-    message, y = roundtrip(x, INT8, int8_layout=BLOCKS, outliers_per_row=0, block_size=16)
-    assert message.scale_dtype == stage_pb2.DTYPE_FLOAT32 and len(message.scales) == 4 * 2 * 4
-    assert bool(((y - x).abs() <= int8_error_bounds(message, x)).all())
+    rejects(message, "scales\\) must be finite")
 
 
 def test_unknown_scale_dtype():
@@ -560,39 +480,34 @@ def test_rice_steps_too_large_or_small_for_float16_travel_as_float32():
 
 
 def test_rice_malformed_streams():
-    message = rice_message()
+    message = int8_message()
     message.data = message.data[:-1]
     rejects(message, "unary stream")
-    message = rice_message()
+    message = int8_message()
     message.data = message.data + b"\xff"
     rejects(message, "after its last value")
-    message = rice_message()
+    message = int8_message()
     message.data = message.data + b"\x00"
     rejects(message, "unary stream ends")
-    message = rice_message()
+    message = int8_message()
     message.data = b"\xff" * 200 + message.data  # a unary part far longer than the encoder writes
     rejects(message, "unary")
-    message = rice_message()
+    message = int8_message()
     message.rice_parameters = message.rice_parameters[:-1]
     rejects(message, "rice_parameters holds")
-    message = rice_message()
+    message = int8_message()
     message.rice_parameters = bytes([41]) + message.rice_parameters[1:]
     rejects(message, "Rice parameter 41")
-    message = rice_message()
+    message = int8_message()
     message.low_bits = message.low_bits[:-1]
     rejects(message, "low_bits holds")
-    message = rice_message()
+    message = int8_message()
     message.scales = message.scales[:-2]
     rejects(message, "steps")
-    message = rice_message()
-    message.block_size = 16
-    rejects(message, "no blocks")
-    message = rice_message()
-    message.int8_layout = 5
-    rejects(message, "unknown int8 layout")
-    message = int8_message()
-    message.low_bits = b"\0"
-    rejects(message, "blocks layout carries no")
+    for layout in (stage_pb2.INT8_LAYOUT_UNSPECIFIED, 5):
+        message = int8_message()
+        message.int8_layout = layout
+        rejects(message, "unknown int8 layout")
     for codec_value in (NONE, FP16, BF16):
         message = wire(encode(torch.zeros(2, 4), codec_value))
         message.rice_parameters = b"\0\0"
