@@ -128,7 +128,7 @@ def stream_decode_tokens_per_s(address: str, prompt: list[int], new_tokens: int)
 
 def pipeline_first_token_s(client: CoordinatorClient, prompt: list[int]) -> float:
     """One request's time to its first (and only) token, on a connected client: a serving client
-    keeps its channel, and a new one per request added ~2 ms of connection set-up to each figure."""
+    keeps its channel, and a new one per request would add ~2 ms of connection set-up to each figure."""
     started = time.perf_counter()
     client.generate(token_ids=prompt, max_new_tokens=1)
     return time.perf_counter() - started

@@ -6,8 +6,8 @@ model runs in this process while they sit idle. Each figure is printed as a rati
 its baseline measured in the same run; decode, ttft and pinned alternate pipeline and
 unsplit runs over several rounds (in reverse order every other round) and report the median
 of the per-round ratios with its quartiles, because this machine's speed drifts by 10-20 %
-within minutes (one round's decode ratio strays by ±10 %: 5 rounds left the median ~5 %
-uncertain, so decode and ttft now take 9):
+within minutes; decode and ttft take 9 rounds, since one round's decode ratio strays by ±10 %
+and 5 rounds leave the median ~5 % uncertain:
 
   1. decode      single-request decode tokens/s through 2 and 4 stages ÷ unsplit `generate`
   2. ttft        time to first token of a 512-token prompt through 2 stages ÷ unsplit

@@ -35,7 +35,7 @@ from coordinator.client import CoordinatorClient  # noqa: E402
 from stage_server.per_sequence_attention import mode_for  # noqa: E402
 
 # (result key, stages, --chain): each setup runs alone beside the unsplit model, as it would be
-# deployed (an idle second pipeline on the same two cores slowed traced stage forwards by ~10 %).
+# deployed (an idle second pipeline on the same two cores slows traced stage forwards by ~10 %).
 # The default ("auto") does not chain stages that all share this machine; the chained run shows
 # what chaining costs or gains in the same conditions.
 DECODE_SETUPS = (("stages_2", 2, "auto"), ("stages_4", 4, "auto"), ("stages_2_chain_on", 2, "on"))
