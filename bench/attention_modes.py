@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pipeline_vs_unsplit import QUESTIONS, concurrent_clients, log, pipeline  # noqa: E402
+from local_pipeline import concurrent_clients, log, pipeline  # noqa: E402
+from pipeline_vs_unsplit import QUESTIONS  # noqa: E402
 
 from coordinator.text import Tokenization  # noqa: E402
 from protos.model_files.fetch import ensure_model  # noqa: E402

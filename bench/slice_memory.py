@@ -1,6 +1,6 @@
 """How much memory does a stage need to load its slice? `python bench/slice_memory.py [--work-dir DIR] [--keep]`.
 
-Target (from the issue): a stage that loads a quarter of the layers of a ~1 GiB fp32 checkpoint into
+Target: a stage that loads a quarter of the layers of a ~1 GiB fp32 checkpoint into
 bf16 peaks at no more than 1.3 x (its slice's parameter bytes + an idle stage process's RSS).
 
 Builds a random Llama-architecture checkpoint of ~1 GiB fp32 (hidden 1024, 16 layers, intermediate

@@ -124,28 +124,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.stages < 2 or args.tokens < 8 or args.rounds < 1:
         parser.error("need --stages >= 2, --tokens >= 8 and --rounds >= 1")
 
-    import pipeline_vs_unsplit as suite
     import torch
+    from local_pipeline import pipeline, stream_decode_tokens_per_s
+    from pipeline_vs_unsplit import Context
+
+    from protos.model_files.fetch import ensure_model
 
     torch.set_num_threads(2)
-    model_dir = suite.ensure_model(args.model)
+    model_dir = ensure_model(args.model)
 
     class Options:
         new_tokens, decode_tokens, device = 32, args.tokens, "cpu"
 
-    context = suite.Context(Options, model_dir, args.dtype)
+    context = Context(Options, model_dir, args.dtype)
     prompt = context.prompts[0]
     unsplit_tokens_per_s = []
     with tempfile.TemporaryDirectory() as scratch:
         trace = Path(scratch) / "steps.jsonl"
-        with suite.pipeline(model_dir, args.stages, args.dtype, chain=args.chain,
+        with pipeline(model_dir, args.stages, args.dtype, chain=args.chain,
                             stage_args=("--trace-steps", str(trace))) as address:
-            suite.stream_decode_tokens_per_s(address, prompt, 8)  # warm up (its session has fewer steps)
+            stream_decode_tokens_per_s(address, prompt, 8)  # warm up (its session has fewer steps)
             context.unsplit.decode_tokens_per_s(prompt, 8)
             results = []
             for _ in range(args.rounds):
                 trace.write_bytes(b"")  # each round's request alone in the file
-                suite.stream_decode_tokens_per_s(address, prompt, args.tokens)
+                stream_decode_tokens_per_s(address, prompt, args.tokens)
                 unsplit_tokens_per_s.append(context.unsplit.decode_tokens_per_s(prompt, args.tokens))
                 results.append(token_breakdown(read_records(trace)))
     # The round whose period is the median one, so that its parts add up to a period that happened.

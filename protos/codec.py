@@ -1,10 +1,12 @@
-"""Tensor <-> `stage_pb2.Tensor` wire codec.
+"""Tensor <-> `stage_pb2.Tensor` wire codec: the public face of protos/ for tensors on the wire.
 
 Owns: turning a CPU/GPU `torch.Tensor` into a self-describing `stage_pb2.Tensor` message and back,
-the byte layouts of every `Codec`, the validation of untrusted messages (`WireFormatError`), and the
-int8 scheme's fixed defaults. Does not own: which codec a hop uses (the coordinator asks for one per
-request), moving tensors to a device after decoding (`decode` returns CPU tensors), compression of
-whole messages (gRPC does that), or anything about models and sessions.
+the codec names, the FP16 / BF16 codecs, the checks every received message passes (dtype, codec,
+shape, size, side fields), and the short raw paths for the small numpy tensors of a decode step.
+Does not own: the byte level (protos/tensor_bytes.py), the int8 scheme (protos/int8_codec.py),
+which codec a hop uses (the coordinator asks for one per request), moving tensors to a device after
+decoding (`decode` returns CPU tensors), compression of whole messages (gRPC does that), or anything
+about models and sessions.
 
 Never uses pickle or `torch.save`: every payload is raw little-endian bytes, row-major.
 
@@ -13,50 +15,13 @@ Codecs (`Tensor.codec`; `CODEC_UNSPECIFIED` reads as `CODEC_NONE`):
 * NONE: the tensor's own dtype, bit exact. Used for every non-floating tensor whatever was asked.
 * FP16 / BF16: floating tensors cast to half / bfloat16 (2 B/elem). FP16 overflows above 65504, so
   a tensor holding a finite value fp16 cannot hold is sent raw (NONE) instead of turning it into inf.
-* INT8: the ~1 byte per element tier, for floating tensors. A *row* is the last dimension (a token's
-  hidden vector), of length N. Per row, the K largest-magnitude values (`outliers_per_row`) are sent
-  on the side (column index + value) and zeroed; what is left is quantized to whole numbers of a
-  step. Decoding multiplies back and scatters the outliers in, so every non-outlier is off by at most
-  half a step. Two layouts (`Tensor.int8_layout`):
+* INT8: the ~1 byte per element tier for floating tensors: exact outliers plus Rice-coded whole
+  numbers of a per-row step (protos/int8_codec.py says how and why). A tensor whose non-outlier
+  values are not all finite is sent raw (NONE).
 
-  - RICE (the default): one step per row, ``INT8_STEP_FRACTION`` (1/128) of the row's RMS after
-    its outliers are out; the integers are zigzag mapped and Rice coded with one parameter per row
-    (protos/rice_coding.py), so a value costs about log2 of its size in bits and the step is the same
-    over the whole row. K = N // RICE_ROW_ELEMENTS_PER_OUTLIER (4 at N = 576). Measured on
-    SmolLM2-135M's hidden states at the 3-stage cuts: 1.16 bytes per element, and teacher-forced
-    logits off by 0.012 (standard deviation) from the exact pipeline's, against 0.016 for bf16
-    (2 B/elem) and 0.026 for the blocks layout (1.17 B/elem); see bench/wire_codecs.py.
-  - BLOCKS: fixed rate, one int8 per element, ``q = round(x / s)`` clamped to [-127, 127] with one
-    scale ``s = absmax / 127`` per block of `block_size` columns (the last block of a row may be
-    shorter; 0 = one scale per row). K = N // INT8_ROW_ELEMENTS_PER_OUTLIER (16 at N = 576) and
-    blocks of INT8_BLOCK_SIZE (32): 1 + 2/32 + 4*16/576 = 1.17 B/elem. Simpler and faster to code,
-    but the absmax of a block sets the step of all its values.
-
-  Layouts, all little-endian:
-
-  - ``scales``: float16 when every scale fits it (BLOCKS rounds them up, so no value is clipped;
-    values are quantized with the scale the decoder sees), else float32; `scale_dtype` says which.
-    BLOCKS: R*G block scales, G = ceil(N / block_size) (1 when block_size is 0). RICE: R row steps.
-    All finite and >= 0 (0 for an all-zero row or block);
-  - ``data``: BLOCKS: R*N int8, R = number of rows. RICE: the unary stream (see stage.proto), with
-    ``rice_parameters`` (R bytes) and ``low_bits``;
-  - ``outlier_indices``: R*K column indices, int16 when N <= 32768 else int32, distinct within a row;
-  - ``outlier_values``: R*K values, float16 when they all fit it, else float32; the decoder tells
-    which from the byte length (2*R*K or 4*R*K).
-
-  Every parameter is written into the message, so the decoder needs no out-of-band knowledge.
-  Why these choices (bench/codec_study.py, bench/wire_codecs.py): SmolLM2's hidden states reach
-  ~25,000 in the first token's row and ~100 in ordinary rows against a median of ~4, so a single
-  int8 scale per row makes steps far coarser than the typical value (1/20 greedy continuations kept).
-  Taking the largest values out and scaling the rest per block of 32 kept 18/20; as blocks are
-  close to Gaussian once the outliers are out (absmax ~2.5 RMS), a fixed-rate code cannot do much
-  better in 1.2 B/elem. An entropy code can: it spends bits where the values are large, so the same
-  bytes buy a step 2-3x finer, and fewer outliers are needed since a large value merely costs more
-  bits.
-  Empty tensors, and tensors whose non-outlier values are not all finite, are sent raw (NONE).
-
-The decoded tensor always has the message's logical dtype (`Tensor.dtype`): a float32 tensor sent as
-FP16 or INT8 comes back float32, a bfloat16 one comes back bfloat16.
+Empty tensors are sent raw (NONE) whatever was asked. The decoded tensor always has the message's
+logical dtype (`Tensor.dtype`): a float32 tensor sent as FP16 or INT8 comes back float32, a bfloat16
+one comes back bfloat16.
 """
 
 from __future__ import annotations
@@ -67,28 +32,40 @@ import struct
 import numpy as np
 import torch
 
-from protos import rice_coding, stage_pb2
+from protos import stage_pb2
+from protos.int8_codec import (
+    INT8_ROW_ELEMENTS_PER_OUTLIER,
+    INT8_STEP_FRACTION,
+    decode_int8,
+    default_outliers_per_row,
+    encode_int8,
+)
+from protos.tensor_bytes import (
+    FLOAT_DTYPES,
+    TORCH_TO_WIRE,
+    WIRE_DTYPES,
+    WireFormatError,
+    expect_length,
+    overflows_float16,
+    raw_bytes,
+    read,
+)
 
 __all__ = [
     "CODEC_NAMES",
-    "INT8_BLOCK_SIZE",
-    "INT8_DEFAULT_LAYOUT",
-    "INT8_STEP_FRACTION",
-    "RICE_ROW_ELEMENTS_PER_OUTLIER",
     "INT8_ROW_ELEMENTS_PER_OUTLIER",
+    "INT8_STEP_FRACTION",
     "MAX_NDIM",
     "WireFormatError",
     "codec_from_name",
     "decode",
     "default_outliers_per_row",
     "encode",
+    "encode_float32",
+    "encode_int64",
+    "int64_values",
     "payload_bytes",
 ]
-
-
-class WireFormatError(ValueError):
-    """A `stage_pb2.Tensor` that is malformed or inconsistent; the message says what is wrong."""
-
 
 CODEC_NAMES: dict[str, int] = {
     "none": stage_pb2.CODEC_NONE,
@@ -97,36 +74,9 @@ CODEC_NAMES: dict[str, int] = {
     "int8": stage_pb2.CODEC_INT8,
 }
 
-# int8 defaults. Blocks layout: one outlier per this many elements of a row (576 -> 16): with an
-# int16 index and a float16 value that is 4 bytes per 36 elements, ~0.11 B/elem.
-INT8_ROW_ELEMENTS_PER_OUTLIER = 36
-# Blocks layout: one (float16) scale per this many columns of a row: 2 / 32 = 0.06 B/elem.
-INT8_BLOCK_SIZE = 32
-# Rice layout: one outlier per this many elements of a row (576 -> 4, 0.03 B/elem).
-RICE_ROW_ELEMENTS_PER_OUTLIER = 144
-# The layout `encode` uses for CODEC_INT8 unless told otherwise.
-INT8_DEFAULT_LAYOUT = stage_pb2.INT8_LAYOUT_RICE
-# Rice layout: the quantization step of a row is this fraction of the row's root mean square (after
-# its outliers are taken out), so every value is off by at most 1/256 of the row's RMS.
-INT8_STEP_FRACTION = 1 / 128
-# Rows this long or shorter index their outliers with int16.
-_INT16_INDEX_MAX_ROW = 32768
 # Deepest tensor shape accepted on decode (a sanity bound, far above anything layerline sends).
 MAX_NDIM = 16
 
-# DType -> (torch dtype, little-endian numpy dtype of the raw bytes). bfloat16 travels as int16 bits.
-_WIRE_DTYPES: dict[int, tuple[torch.dtype, np.dtype]] = {
-    stage_pb2.DTYPE_FLOAT32: (torch.float32, np.dtype("<f4")),
-    stage_pb2.DTYPE_FLOAT16: (torch.float16, np.dtype("<f2")),
-    stage_pb2.DTYPE_BFLOAT16: (torch.bfloat16, np.dtype("<i2")),
-    stage_pb2.DTYPE_INT64: (torch.int64, np.dtype("<i8")),
-    stage_pb2.DTYPE_INT32: (torch.int32, np.dtype("<i4")),
-    stage_pb2.DTYPE_INT8: (torch.int8, np.dtype("i1")),
-    stage_pb2.DTYPE_UINT8: (torch.uint8, np.dtype("u1")),
-    stage_pb2.DTYPE_BOOL: (torch.bool, np.dtype("u1")),
-}
-_TORCH_TO_WIRE: dict[torch.dtype, int] = {t: d for d, (t, _) in _WIRE_DTYPES.items()}
-_FLOAT_DTYPES = (stage_pb2.DTYPE_FLOAT32, stage_pb2.DTYPE_FLOAT16, stage_pb2.DTYPE_BFLOAT16)
 _LOSSY_CODECS = (stage_pb2.CODEC_FP16, stage_pb2.CODEC_BF16, stage_pb2.CODEC_INT8)
 _KNOWN_CODECS = (stage_pb2.CODEC_UNSPECIFIED, stage_pb2.CODEC_NONE, *_LOSSY_CODECS)
 
@@ -137,12 +87,6 @@ def codec_from_name(name: str) -> int:
     if key not in CODEC_NAMES:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
     return CODEC_NAMES[key]
-
-
-def default_outliers_per_row(row_length: int, layout: int = INT8_DEFAULT_LAYOUT) -> int:
-    """How many exact outliers the int8 codec keeps per row of `row_length` elements by default."""
-    per = RICE_ROW_ELEMENTS_PER_OUTLIER if layout == stage_pb2.INT8_LAYOUT_RICE else INT8_ROW_ELEMENTS_PER_OUTLIER
-    return max(0, int(row_length)) // per
 
 
 def payload_bytes(message: stage_pb2.Tensor) -> int:
@@ -159,28 +103,8 @@ def payload_bytes(message: stage_pb2.Tensor) -> int:
 # encode
 
 
-def _le_bytes(t: torch.Tensor, le: np.dtype) -> bytes:
-    """Row-major bytes of tensor `t` (any device, numpy-compatible dtype) as little-endian `le`."""
-    return t.detach().contiguous().cpu().numpy().astype(le, copy=False).tobytes()
-
-
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    """Little-endian bytes of a tensor of a supported dtype."""
-    if t.dtype == torch.bfloat16:
-        return _le_bytes(t.view(torch.int16), np.dtype("<i2"))
-    if t.dtype == torch.bool:
-        return _le_bytes(t.view(torch.uint8), np.dtype("u1"))
-    return _le_bytes(t, _WIRE_DTYPES[_TORCH_TO_WIRE[t.dtype]][1])
-
-
-def _overflowed(source: torch.Tensor, half: torch.Tensor) -> bool:
-    """Whether casting `source` to float16 (giving `half`) turned a finite value into an infinity."""
-    infinite = half.isinf()
-    return bool(infinite.any()) and bool((infinite & source.isfinite()).any())
-
-
 def _raw_message(t: torch.Tensor, wire_dtype: int) -> stage_pb2.Tensor:
-    return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=_raw_bytes(t))
+    return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=stage_pb2.CODEC_NONE, data=raw_bytes(t))
 
 
 def _array_message(values: np.ndarray, little_endian: str, wire_dtype: int) -> stage_pb2.Tensor:
@@ -204,168 +128,41 @@ def encode(
     codec: int = stage_pb2.CODEC_NONE,
     *,
     outliers_per_row: int | None = None,
-    block_size: int | None = None,
-    int8_layout: int | None = None,
     step_fraction: float | None = None,
 ) -> stage_pb2.Tensor:
     """Encode `tensor` with `codec` (a `stage_pb2.Codec` value).
 
     Lossy codecs apply to floating tensors only; other tensors, empty ones, and the cases described
     in the module docstring go out raw and the message records `CODEC_NONE`. The keywords override
-    the int8 defaults and are ignored by the other codecs: `int8_layout` (None =
-    `INT8_DEFAULT_LAYOUT`), `outliers_per_row` (None = `default_outliers_per_row(N)`), `block_size`
-    for the blocks layout (None = `INT8_BLOCK_SIZE`, 0 = one scale per row) and `step_fraction` for
-    the Rice layout (None = `INT8_STEP_FRACTION`).
+    the int8 defaults and are ignored by the other codecs: `outliers_per_row` (None =
+    `default_outliers_per_row(N)`) and `step_fraction` (None = `INT8_STEP_FRACTION`).
     """
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"encode expects a torch.Tensor, got {type(tensor).__name__}")
     if codec not in _KNOWN_CODECS:
         raise ValueError(f"unknown codec {codec!r}; known: {sorted(_KNOWN_CODECS)}")
-    wire_dtype = _TORCH_TO_WIRE.get(tensor.dtype)
+    wire_dtype = TORCH_TO_WIRE.get(tensor.dtype)
     if wire_dtype is None:
-        supported = ", ".join(str(t).removeprefix("torch.") for t in _TORCH_TO_WIRE)
+        supported = ", ".join(str(t).removeprefix("torch.") for t in TORCH_TO_WIRE)
         raise ValueError(f"cannot encode a {tensor.dtype} tensor; supported dtypes: {supported}")
     t = tensor.detach().contiguous()  # the lossy codecs compute on t's device; only bytes come back
 
-    if codec not in _LOSSY_CODECS or wire_dtype not in _FLOAT_DTYPES or t.numel() == 0:
+    if codec not in _LOSSY_CODECS or wire_dtype not in FLOAT_DTYPES or t.numel() == 0:
         return _raw_message(t, wire_dtype)
     if codec == stage_pb2.CODEC_FP16:
         half = t.to(torch.float16)
-        if t.dtype != torch.float16 and _overflowed(t, half):
+        if t.dtype != torch.float16 and overflows_float16(t, half):
             return _raw_message(t, wire_dtype)  # would overflow fp16: send it exactly instead
-        return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec, data=_raw_bytes(half))
+        return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec, data=raw_bytes(half))
     if codec == stage_pb2.CODEC_BF16:
         return stage_pb2.Tensor(shape=t.shape, dtype=wire_dtype, codec=codec,
-                                data=_raw_bytes(t.to(torch.bfloat16)))
-    message = _encode_int8(t, wire_dtype, outliers_per_row, block_size, int8_layout, step_fraction)
+                                data=raw_bytes(t.to(torch.bfloat16)))
+    message = encode_int8(t, wire_dtype, outliers_per_row, step_fraction)
     return message if message is not None else _raw_message(t, wire_dtype)
-
-
-def _split_outliers(x: torch.Tensor, k: int):
-    """The k largest-magnitude columns of every row (ascending), their values, and x with them zeroed."""
-    if not k:
-        return None, None, x  # x is only read by the callers
-    idx = x.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values  # deterministic order
-    return idx, x.gather(1, idx), x.scatter(1, idx, 0.0)
-
-
-def _attach_outliers(message: stage_pb2.Tensor, idx: torch.Tensor | None, values: torch.Tensor | None,
-                     n: int) -> None:
-    if idx is None:
-        return
-    narrow = n <= _INT16_INDEX_MAX_ROW
-    message.outlier_indices = _le_bytes(idx.to(torch.int16 if narrow else torch.int32),
-                                        np.dtype("<i2" if narrow else "<i4"))
-    half = values.to(torch.float16)
-    if _overflowed(values, half):
-        message.outlier_values = _le_bytes(values, np.dtype("<f4"))
-    else:
-        message.outlier_values = _le_bytes(half, np.dtype("<f2"))
-
-
-def _half_scales(scales: torch.Tensor, round_up: bool) -> torch.Tensor | None:
-    """`scales` as float16 (rounded up if asked), or None when one of them does not fit: overflows,
-    or a positive scale that would become 0."""
-    half = scales.to(torch.float16)
-    if round_up:
-        rounded_down = half.to(torch.float32) < scales
-        half = torch.where(rounded_down, torch.nextafter(half, torch.full_like(half, math.inf)), half)
-    if not bool(half.isfinite().all()) or bool(((half == 0) & (scales > 0)).any()):
-        return None
-    return half
-
-
-def _scale_fields(scales: torch.Tensor, half: torch.Tensor | None) -> dict:
-    if half is not None:
-        return {"scales": _le_bytes(half.reshape(-1), np.dtype("<f2")), "scale_dtype": stage_pb2.DTYPE_FLOAT16}
-    return {"scales": _le_bytes(scales.reshape(-1), np.dtype("<f4")), "scale_dtype": stage_pb2.DTYPE_FLOAT32}
-
-
-def _encode_int8(t: torch.Tensor, wire_dtype: int, outliers_per_row: int | None, block_size: int | None,
-                 layout: int | None, step_fraction: float | None) -> stage_pb2.Tensor | None:
-    n = t.shape[-1] if t.dim() > 0 else 1
-    x = t.reshape(-1, n).to(torch.float32)  # a copy unless t already is float32
-    layout = INT8_DEFAULT_LAYOUT if layout is None else layout
-    if layout not in (stage_pb2.INT8_LAYOUT_BLOCKS, stage_pb2.INT8_LAYOUT_RICE):
-        raise ValueError(f"unknown int8 layout {layout!r}")
-    k = default_outliers_per_row(n, layout) if outliers_per_row is None else int(outliers_per_row)
-    if k < 0:
-        raise ValueError(f"outliers_per_row must be >= 0, got {k}")
-    idx, values, residual = _split_outliers(x, min(k, n))
-    if layout == stage_pb2.INT8_LAYOUT_RICE:
-        if block_size:
-            raise ValueError("the Rice layout has one step per row; block_size applies to INT8_LAYOUT_BLOCKS")
-        message = _rice_message(residual, INT8_STEP_FRACTION if step_fraction is None else float(step_fraction))
-    else:
-        message = _blocks_message(residual, INT8_BLOCK_SIZE if block_size is None else int(block_size))
-    if message is None:
-        return None
-    message.shape[:] = t.shape
-    message.dtype = wire_dtype
-    message.outliers_per_row = min(k, n)
-    _attach_outliers(message, idx, values, n)
-    return message
-
-
-def _blocks_message(residual: torch.Tensor, block: int) -> stage_pb2.Tensor | None:
-    rows, n = residual.shape
-    if block < 0:
-        raise ValueError(f"block_size must be >= 0, got {block}")
-    if block >= n:
-        block = 0  # one block covering the row is the same as one scale per row
-    groups = 1 if block == 0 else -(-n // block)
-    width = n if block == 0 else block
-    padded = residual
-    if groups * width != n:
-        padded = torch.nn.functional.pad(residual, (0, groups * width - n))
-    blocks = padded.view(rows, groups, width)
-    scales = blocks.abs().amax(dim=2, keepdim=True) / 127.0
-    if not bool(scales.isfinite().all()):
-        return None  # inf/nan beyond the outliers: int8 cannot carry it, the caller sends it raw
-    # Scales travel as float16, rounded *up* so that |x| / scale never exceeds 127 (error <= scale/2).
-    half = _half_scales(scales, round_up=True)
-    if half is not None:
-        scales = half.to(torch.float32)  # quantize with exactly the scale the decoder will see
-    q = blocks / torch.where(scales > 0, scales, 1.0)  # all-zero blocks stay 0
-    q = q.round_().clamp_(-127, 127).to(torch.int8).view(rows, groups * width)[:, :n]
-    return stage_pb2.Tensor(codec=stage_pb2.CODEC_INT8, int8_layout=stage_pb2.INT8_LAYOUT_BLOCKS,
-                            data=_le_bytes(q, np.dtype("i1")), block_size=block, **_scale_fields(scales, half))
-
-
-def _rice_message(residual: torch.Tensor, step_fraction: float) -> stage_pb2.Tensor | None:
-    if not (math.isfinite(step_fraction) and step_fraction > 0):
-        raise ValueError(f"step_fraction must be a positive number, got {step_fraction}")
-    rms = residual.pow(2).mean(dim=1, keepdim=True).sqrt_()
-    steps = rms * step_fraction
-    if not bool(steps.isfinite().all()):
-        return None  # inf/nan beyond the outliers: the caller sends the tensor raw
-    half = _half_scales(steps, round_up=False)
-    if half is not None:
-        steps = half.to(torch.float32)  # quantize with exactly the step the decoder will see
-    q = (residual / torch.where(steps > 0, steps, 1.0)).round_().to(torch.int64)  # all-zero rows stay 0
-    zigzag = torch.where(q >= 0, 2 * q, -2 * q - 1)
-    parameters, unary, low = rice_coding.encode_rows(zigzag.cpu().numpy())
-    return stage_pb2.Tensor(codec=stage_pb2.CODEC_INT8, int8_layout=stage_pb2.INT8_LAYOUT_RICE, data=unary,
-                            rice_parameters=parameters, low_bits=low, **_scale_fields(steps, half))
 
 
 # --------------------------------------------------------------------------------------------------
 # decode
-
-
-def _expect_length(buf: bytes, le: np.dtype, count: int, what: str) -> None:
-    expected = count * le.itemsize
-    if len(buf) != expected:
-        raise WireFormatError(f"{what} holds {len(buf)} bytes; expected {expected} "
-                              f"({count} x {le.itemsize}-byte {le.name})")
-
-
-def _read(buf: bytes, le: np.dtype, count: int, what: str, as_type: np.dtype | None = None) -> np.ndarray:
-    """`count` little-endian items of `le` from `buf`, as a writable native-order array (a copy,
-    converted to `as_type` if given): torch must not wrap the read-only protobuf buffer."""
-    _expect_length(buf, le, count, what)
-    native = le.newbyteorder("=") if as_type is None else as_type
-    return np.frombuffer(buf, dtype=le).astype(native, copy=True)
 
 
 def _expect_empty(message: stage_pb2.Tensor, codec: int) -> None:
@@ -375,10 +172,9 @@ def _expect_empty(message: stage_pb2.Tensor, codec: int) -> None:
                      if getattr(message, f))
         raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} carries no {field}, "
                               f"got {len(getattr(message, field))} bytes")
-    if message.outliers_per_row or message.block_size or message.int8_layout:
-        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} takes no outliers_per_row/block_size/"
-                              f"int8_layout, got {message.outliers_per_row}/{message.block_size}/"
-                              f"{message.int8_layout}")
+    if message.outliers_per_row or message.int8_layout:
+        raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} takes no outliers_per_row/int8_layout, "
+                              f"got {message.outliers_per_row}/{message.int8_layout}")
 
 
 def _checked(message: stage_pb2.Tensor, max_elements: int) -> tuple[int, tuple[int, ...], int]:
@@ -386,9 +182,9 @@ def _checked(message: stage_pb2.Tensor, max_elements: int) -> tuple[int, tuple[i
     raises WireFormatError for anything malformed."""
     if not isinstance(message, stage_pb2.Tensor):
         raise TypeError(f"decode expects a stage_pb2.Tensor, got {type(message).__name__}")
-    if message.dtype not in _WIRE_DTYPES:
+    if message.dtype not in WIRE_DTYPES:
         raise WireFormatError(f"unknown or unspecified dtype {message.dtype}; expected one of "
-                              f"{', '.join(stage_pb2.DType.Name(d) for d in _WIRE_DTYPES)}")
+                              f"{', '.join(stage_pb2.DType.Name(d) for d in WIRE_DTYPES)}")
     codec = message.codec
     if codec not in _KNOWN_CODECS:
         raise WireFormatError(f"unknown codec {codec}; expected one of "
@@ -403,7 +199,7 @@ def _checked(message: stage_pb2.Tensor, max_elements: int) -> tuple[int, tuple[i
     numel = math.prod(shape)
     if numel > max_elements:
         raise WireFormatError(f"tensor of shape {list(shape)} has {numel} elements; limit is {max_elements}")
-    if codec in _LOSSY_CODECS and message.dtype not in _FLOAT_DTYPES:
+    if codec in _LOSSY_CODECS and message.dtype not in FLOAT_DTYPES:
         raise WireFormatError(f"codec {stage_pb2.Codec.Name(codec)} applies to floating tensors, not "
                               f"{stage_pb2.DType.Name(message.dtype)}")
     return codec, shape, numel
@@ -418,7 +214,7 @@ def int64_values(message: stage_pb2.Tensor, *, max_elements: int = 1 << 20) -> l
         raise WireFormatError(f"expected a raw int64 tensor, got {stage_pb2.DType.Name(message.dtype)} with codec "
                               f"{stage_pb2.Codec.Name(codec)}")
     _expect_empty(message, codec)
-    _expect_length(message.data, _WIRE_DTYPES[stage_pb2.DTYPE_INT64][1], numel, "data")
+    expect_length(message.data, WIRE_DTYPES[stage_pb2.DTYPE_INT64][1], numel, "data")
     return list(struct.unpack(f"<{numel}q", message.data))
 
 
@@ -428,12 +224,12 @@ def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.T
     Raises WireFormatError for anything malformed, including tensors of more than `max_elements`.
     """
     codec, shape, numel = _checked(message, max_elements)
-    torch_dtype, raw_dtype = _WIRE_DTYPES[message.dtype]
+    torch_dtype, raw_dtype = WIRE_DTYPES[message.dtype]
     if codec == stage_pb2.CODEC_INT8:
-        return _decode_int8(message, shape, numel).to(torch_dtype).reshape(shape)
+        return decode_int8(message, shape, numel).to(torch_dtype).reshape(shape)
     _expect_empty(message, codec)
     if codec == stage_pb2.CODEC_NONE:  # shaped in numpy, wrapped once: fewer torch calls on cold caches
-        array = _read(message.data, raw_dtype, numel, "data").reshape(shape)
+        array = read(message.data, raw_dtype, numel, "data").reshape(shape)
         if message.dtype == stage_pb2.DTYPE_BOOL:
             if array.size and int(array.max()) > 1:
                 raise WireFormatError("bool data holds bytes other than 0 and 1")
@@ -441,97 +237,7 @@ def decode(message: stage_pb2.Tensor, *, max_elements: int = 1 << 31) -> torch.T
         out = torch.from_numpy(array)
         return out.view(torch.bfloat16) if message.dtype == stage_pb2.DTYPE_BFLOAT16 else out
     if codec == stage_pb2.CODEC_FP16:
-        half = torch.from_numpy(_read(message.data, np.dtype("<f2"), numel, "data"))
+        half = torch.from_numpy(read(message.data, np.dtype("<f2"), numel, "data"))
     else:  # CODEC_BF16
-        half = torch.from_numpy(_read(message.data, np.dtype("<i2"), numel, "data")).view(torch.bfloat16)
+        half = torch.from_numpy(read(message.data, np.dtype("<i2"), numel, "data")).view(torch.bfloat16)
     return half.to(torch_dtype).reshape(shape)
-
-
-def _decode_int8(message: stage_pb2.Tensor, shape: tuple[int, ...], numel: int) -> torch.Tensor:
-    n = shape[-1] if shape else 1
-    rows = numel // n if n else 0
-    k = int(message.outliers_per_row)
-    if k > n:
-        raise WireFormatError(f"outliers_per_row {k} exceeds the row length {n}")
-    scale_types = {stage_pb2.DTYPE_UNSPECIFIED: "<f4", stage_pb2.DTYPE_FLOAT32: "<f4", stage_pb2.DTYPE_FLOAT16: "<f2"}
-    if message.scale_dtype not in scale_types:
-        raise WireFormatError(f"int8 scale_dtype must be float16 or float32, got {message.scale_dtype}")
-    scale_type = np.dtype(scale_types[message.scale_dtype])
-    if message.int8_layout == stage_pb2.INT8_LAYOUT_BLOCKS:
-        if message.rice_parameters or message.low_bits:
-            raise WireFormatError("the int8 blocks layout carries no rice_parameters or low_bits")
-        x = _decode_blocks(message, rows, n, numel, scale_type)
-    elif message.int8_layout == stage_pb2.INT8_LAYOUT_RICE:
-        if message.block_size:
-            raise WireFormatError(f"the int8 Rice layout has no blocks, got block_size {message.block_size}")
-        x = _decode_rice(message, rows, n, scale_type)
-    else:
-        raise WireFormatError(f"unknown int8 layout {message.int8_layout}; expected "
-                              f"{stage_pb2.INT8_LAYOUT_BLOCKS} (blocks) or {stage_pb2.INT8_LAYOUT_RICE} (rice)")
-    if numel == 0:
-        if message.outlier_indices or message.outlier_values:
-            raise WireFormatError("an empty tensor carries no outliers")
-        return torch.empty(shape, dtype=torch.float32)
-    _scatter_outliers(x, message, rows, n, k)
-    return x
-
-
-def _read_scales(buf: bytes, scale_type: np.dtype, count: int, what: str) -> np.ndarray:
-    scales = _read(buf, scale_type, count, what, as_type=np.dtype(np.float32))
-    if not np.isfinite(scales).all() or (scales < 0).any():
-        raise WireFormatError(f"{what} must be finite and >= 0")
-    return scales
-
-
-def _decode_blocks(message: stage_pb2.Tensor, rows: int, n: int, numel: int, scale_type: np.dtype) -> torch.Tensor:
-    block = int(message.block_size)
-    groups = (1 if block == 0 else -(-n // block)) if n else 0
-    width = block if block else n
-    q = _read(message.data, np.dtype("i1"), numel, "int8 data", as_type=np.dtype(np.float32))
-    scales = _read_scales(message.scales, scale_type, rows * groups, "scales")
-    if numel == 0:
-        return torch.empty(0)
-    x = torch.from_numpy(q).view(rows, n)
-    s = torch.from_numpy(scales).view(rows, groups, 1)
-    if groups == 1:
-        x.mul_(s.view(rows, 1))
-    elif groups * width == n:
-        x.view(rows, groups, width).mul_(s)
-    else:
-        x = (torch.nn.functional.pad(x, (0, groups * width - n)).view(rows, groups, width) * s)
-        x = x.view(rows, groups * width)[:, :n].contiguous()
-    return x
-
-
-def _decode_rice(message: stage_pb2.Tensor, rows: int, n: int, scale_type: np.dtype) -> torch.Tensor:
-    steps = _read_scales(message.scales, scale_type, rows, "steps (scales)")
-    try:
-        zigzag = rice_coding.decode_rows(message.rice_parameters, message.data, message.low_bits, rows, n)
-    except rice_coding.RiceFormatError as err:
-        raise WireFormatError(str(err)) from None
-    q = np.where(zigzag & 1, -((zigzag + 1) >> 1), zigzag >> 1)
-    return torch.from_numpy(q.astype(np.float32) * steps.reshape(rows, 1))
-
-
-def _scatter_outliers(x: torch.Tensor, message: stage_pb2.Tensor, rows: int, n: int, k: int) -> None:
-    count = rows * k
-    if count == 0:
-        if message.outlier_indices or message.outlier_values:
-            raise WireFormatError("outliers_per_row is 0 but outlier fields are not empty")
-        return
-    index_dtype = np.dtype("<i2") if n <= _INT16_INDEX_MAX_ROW else np.dtype("<i4")
-    idx = _read(message.outlier_indices, index_dtype, count, "outlier_indices").reshape(rows, k)
-    if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise WireFormatError(f"outlier index out of range [0, {n}): "
-                              f"min {int(idx.min())}, max {int(idx.max())}")
-    if k > 1 and (np.diff(np.sort(idx, axis=1), axis=1) == 0).any():
-        raise WireFormatError("duplicate outlier index within a row")
-    nbytes = len(message.outlier_values)
-    if nbytes == 2 * count:
-        values = torch.from_numpy(_read(message.outlier_values, np.dtype("<f2"), count, "outlier_values"))
-    elif nbytes == 4 * count:
-        values = torch.from_numpy(_read(message.outlier_values, np.dtype("<f4"), count, "outlier_values"))
-    else:
-        raise WireFormatError(f"outlier_values holds {nbytes} bytes; expected {2 * count} (float16) or "
-                              f"{4 * count} (float32) for {count} outliers")
-    x.scatter_(1, torch.from_numpy(idx).to(torch.int64), values.view(rows, k).to(torch.float32))

@@ -2,7 +2,7 @@
 
 Owns: the bit layout of `Int8Layout.INT8_LAYOUT_RICE` (see stage.proto) for a matrix of
 non-negative integers, one Rice parameter per row, and the validation of untrusted streams. Does not
-own: quantization, zigzag mapping of signed values or scales (protos/codec.py does that), or protobuf.
+own: quantization, zigzag mapping of signed values or scales (protos/int8_codec.py does that), or protobuf.
 
 A value u with parameter k is split into ``u >> k`` (written in unary: that many 1 bits, then a 0)
 and its k low bits. The unary parts of all values go, in row-major order, into one bit stream; the

@@ -17,7 +17,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class Int8Layout(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    INT8_LAYOUT_BLOCKS: _ClassVar[Int8Layout]
+    INT8_LAYOUT_UNSPECIFIED: _ClassVar[Int8Layout]
     INT8_LAYOUT_RICE: _ClassVar[Int8Layout]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
@@ -36,7 +36,7 @@ CODEC_NONE: Codec
 CODEC_FP16: Codec
 CODEC_BF16: Codec
 CODEC_INT8: Codec
-INT8_LAYOUT_BLOCKS: Int8Layout
+INT8_LAYOUT_UNSPECIFIED: Int8Layout
 INT8_LAYOUT_RICE: Int8Layout
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
@@ -49,7 +49,7 @@ DTYPE_UINT8: DType
 DTYPE_BOOL: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("shape", "dtype", "codec", "data", "scales", "outlier_indices", "outlier_values", "outliers_per_row", "block_size", "scale_dtype", "int8_layout", "rice_parameters", "low_bits")
+    __slots__ = ("shape", "dtype", "codec", "data", "scales", "outlier_indices", "outlier_values", "outliers_per_row", "scale_dtype", "int8_layout", "rice_parameters", "low_bits")
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
@@ -58,7 +58,6 @@ class Tensor(_message.Message):
     OUTLIER_INDICES_FIELD_NUMBER: _ClassVar[int]
     OUTLIER_VALUES_FIELD_NUMBER: _ClassVar[int]
     OUTLIERS_PER_ROW_FIELD_NUMBER: _ClassVar[int]
-    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCALE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     INT8_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RICE_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
@@ -71,12 +70,11 @@ class Tensor(_message.Message):
     outlier_indices: bytes
     outlier_values: bytes
     outliers_per_row: int
-    block_size: int
     scale_dtype: DType
     int8_layout: Int8Layout
     rice_parameters: bytes
     low_bits: bytes
-    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., block_size: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., int8_layout: _Optional[_Union[Int8Layout, str]] = ..., rice_parameters: _Optional[bytes] = ..., low_bits: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., int8_layout: _Optional[_Union[Int8Layout, str]] = ..., rice_parameters: _Optional[bytes] = ..., low_bits: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to", "chain_steps", "chain_route", "chain_stop_ids", "hop_bytes")

@@ -6,10 +6,9 @@ any tensor or cache; on a C library without `mallopt` (musl, macOS, Windows) it 
 Why: with glibc's defaults, a block of more than a few MiB is mapped fresh from the kernel each time
 and unmapped when freed, and memory freed at the top of the heap is handed back soon. A stage frees
 and asks again for the same large blocks every step (a 512-token prefill's activations, oneDNN's
-scratch buffers), so each step paid thousands of page faults to zero pages it had just returned.
-Measured on SmolLM2 bfloat16, 2 stages, a 512-token prompt: 600-2100 and 1100 minor faults a
-request in stages 0 and 1 with the defaults, 470-490 and 130-230 with these settings; time to first
-token 1.17x and 1.25x the unsplit model's with the defaults against 1.13x and 1.11x (README).
+scratch buffers), so with the defaults each step pays thousands of page faults to zero pages it
+has just returned. With these settings a 512-token prompt through 2 SmolLM2 bfloat16 stages takes
+1.13x and 1.11x the unsplit model's time to first token, against 1.17x and 1.25x with the defaults.
 The price: up to `keep_mb` of freed memory stays with the process after a large step.
 """
 

@@ -8,11 +8,11 @@ own: attention (per_sequence_attention.py does the same for it) or whether a sta
 tokens do not depend on its batch).
 
 Why: CPU kernels may pick their blocking by the number of rows. On an Intel Xeon with AMX,
-oneDNN's bfloat16 products gave bit-identical rows for 1 to 32 rows and different ones from 48
-rows on (SmolLM2's MLP, 576 -> 1536), so a sequence decoding beside 47 others got other logits
-than alone, and a few greedy answers drifted (16 clients: 8/16 identical to alone; prefills of
-several prompts together, 8 x 30 rows, differed too: the coordinator prefills such stages one
-prompt at a time). On an AMD EPYC without bf16 units every row count we tried matched.
+oneDNN's bfloat16 products give bit-identical rows for 1 to 32 rows and different ones from 48
+rows on (SmolLM2's MLP, 576 -> 1536), so unchunked, a sequence decoding beside 47 others gets other
+logits than alone and greedy answers drift (8/16 identical to alone at 16 clients). Prefills of
+several prompts together (8 x 30 rows) differ too, so the coordinator prefills such stages one
+prompt at a time. On an AMD EPYC without bf16 units every row count tried matches.
 
 Only decode-shaped inputs are cut ([B, 1, D] or [B, D] rows): a prompt of L tokens is one product
 of L rows both alone and in a batch (it is prefilled alone), and cutting it would change its bits

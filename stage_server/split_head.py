@@ -6,11 +6,11 @@ itself in place of a loaded slice's head module.
 
 Why: a decode step's head is a matrix-vector product over the whole vocabulary (SmolLM2-135M:
 49152 x 576, 113 MiB in float32, ~11 ms of a ~90 ms token on a 2-core AMD EPYC VM), and there
-MKL runs a float32 product with so few rows on one core whatever torch's thread count (measured:
-11.8 ms on 1 thread, 11.6 on 2). In a pipeline the other stages wait for this one during decode,
-so their cores are idle: two halves on two threads took 6.5-7.7 ms, each thread reading its own
-rows. On an Intel Xeon VM MKL threads that product itself (5.3 ms on 1 thread, 2.4 on 2), the
-stage's calibration picks all threads for small steps, and the split stands aside (below).
+MKL runs a float32 product with so few rows on one core whatever torch's thread count. In a
+pipeline the other stages wait for this one during decode, so their cores are idle: two halves on
+two threads, each reading its own rows, take 6.5-7.7 ms against 11.8 whole. On an Intel Xeon VM
+MKL threads that product itself, the stage's calibration picks all threads for small steps, and
+the split stands aside (below).
 
 Exact: each logit is still one row of the weight times the hidden state, computed by the same
 kernel; the vocabulary is cut at multiples of CUT_ALIGN rows, so every part's row blocks line up
@@ -22,9 +22,9 @@ steps that torch already runs on as many threads as there are parts (bfloat16, w
 torch's own threads split; thread_counts decides that count), and steps of groups that share
 the stages with others (`alone` False: the servicer sets it per step from the chaining fields,
 which the coordinator sends only to a group that has the stages to itself). There the other
-cores are busy with the other groups, and a second thread only preempts them (4 concurrent
-clients, 2 alternated pairs: 19.5 and 20.6 tok/s split against 21.6 and 20.2 whole). Does not own: the thread count of
-other steps (thread_counts) or which module is the head (the family's layout in architectures).
+cores are busy with the other groups, and a second thread only preempts them (with 4 concurrent
+clients the split is ~4 % slower than the whole product). Does not own: the thread count of other
+steps (thread_counts) or which module is the head (the family's layout in architectures).
 """
 
 from __future__ import annotations
@@ -117,12 +117,12 @@ class SplitHead(nn.Module):
 
 
 def _one_torch_thread() -> None:
-    """Each part's thread computes on one torch thread. Left at torch's default (all cores), its
-    first product gave it a GNU OpenMP team of its own beside the compute thread's: more OpenMP
-    threads than cores, so libgomp stopped spinning and every later all-thread step of the stage
-    slept between parallel regions (SmolLM2 fp32, last stage on an Intel Xeon VM: 28 ms a step on
-    2 threads once the head had run in parts, 17 ms before; compute_thread.py tells the story).
-    torch's thread count is per thread: the compute thread keeps its own."""
+    """Each part's thread computes on one torch thread. Left at torch's default (all cores), a part's
+    thread gets a GNU OpenMP team of its own on its first product, beside the compute thread's: more
+    OpenMP threads than cores, so libgomp stops spinning and every later all-thread step of the
+    stage sleeps between parallel regions (28 ms a step instead of 17, SmolLM2 float32 on a 2-thread
+    Intel Xeon VM; compute_thread.py explains). torch's thread count is per thread: the compute
+    thread keeps its own."""
     torch.set_num_threads(1)
 
 

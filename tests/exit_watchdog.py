@@ -2,9 +2,8 @@
 
 Python's exit joins every thread that is not a daemon: the worker pools of the in-process gRPC
 servers and each stage's compute thread among them; then it tears the interpreter down, native
-libraries included. Something there kept a run whose tests had all passed alive until CI gave up
-on it (stop 20: 757 passed in 185 s, then nothing for 90 minutes), with no word about what. So,
-once the session ends:
+libraries included. A thread stuck there keeps a run whose tests have all passed alive, silently,
+until CI gives up on it. So, once the session ends:
 
 - `busy_threads_report()` names the non-daemon threads still busy (an idle pool worker waiting for
   work is not busy: the exit's join ends it at once) with their stacks, for the terminal summary;

@@ -40,7 +40,7 @@ def test_a_stuck_thread_is_named_and_the_process_still_exits_with_the_runs_statu
     assert "ThreadPoolExecutor" not in report  # the idle worker is not reported
     assert "exit watchdog: the tests finished" in done.stderr
     assert "is 'stuck-for-good'" in done.stderr
-    assert "in _shutdown" in done.stderr  # the main thread was held in the exit's join, as in CI
+    assert "in _shutdown" in done.stderr  # the main thread is held in the exit's join
 
 
 HANGS_IN_TEARDOWN = """

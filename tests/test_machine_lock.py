@@ -69,7 +69,7 @@ def test_the_cli_lets_go_of_the_startup_lock_on_an_early_error(lock_path, tmp_pa
 
 def test_the_row_chunk_probe_runs_before_the_startup_lock_is_let_go(lock_path, tiny_model, monkeypatch):
     """The probe works every core for a moment; a neighbour stage timing itself meanwhile would read a
-    second thread as useless (seen: 147 ms a step on two threads against 30 on one, so it kept one)."""
+    second thread as useless (147 ms a step on two threads against 30 on one) and keep one."""
     import stage_server.server as server_module
     from stage_server.server import StageServer, StageServerConfig
 
