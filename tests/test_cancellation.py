@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import grpc
@@ -52,16 +53,40 @@ def test_cancelled_stream_frees_sessions(tiny_api):
     assert_work_stopped(stage_addresses, before, budget=100)
 
 
-def test_expired_deadline_frees_sessions(tiny_api):
-    address, stage_addresses, _ = tiny_api
-    before = served(stage_addresses)
-    with CoordinatorClient(address, timeout_s=0.3) as client:
-        with pytest.raises(grpc.RpcError) as err:
-            client.generate(token_ids=[5] * 20, max_new_tokens=230)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert_work_stopped(stage_addresses, before, budget=200)
-    with CoordinatorClient(address, timeout_s=30) as client:
-        assert len(client.generate(prompt="after", max_new_tokens=3).token_ids) == 3
+@contextlib.contextmanager
+def slowed_forward(server, delay_s: float):
+    """Each forward of `server`'s stage takes at least `delay_s` longer, so a request's length in
+    time does not depend on how fast this machine runs the tiny model."""
+    model = server.service.model
+    forward = model.forward
+
+    def slowed(*args, **kwargs):
+        time.sleep(delay_s)
+        return forward(*args, **kwargs)
+
+    model.forward = slowed
+    try:
+        yield
+    finally:
+        model.forward = forward
+
+
+def test_expired_deadline_frees_sessions(tiny_api, stages):
+    """230 tokens at 5 ms or more a step on each of two stages take over 2 s: a 0.3 s deadline
+    expires mid-generation."""
+    from conftest import running_coordinator
+
+    _, _, model_dir = tiny_api
+    with stages(model_dir, 2) as (stage_addresses, servers), slowed_forward(servers[0], 0.005), \
+            slowed_forward(servers[1], 0.005), running_coordinator(model_dir, stage_addresses) as (address, _):
+        before = served(stage_addresses)
+        with CoordinatorClient(address, timeout_s=0.3) as client:
+            with pytest.raises(grpc.RpcError) as err:
+                client.generate(token_ids=[5] * 20, max_new_tokens=230)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert_work_stopped(stage_addresses, before, budget=200)
+        with CoordinatorClient(address, timeout_s=30) as client:
+            assert len(client.generate(prompt="after", max_new_tokens=3).token_ids) == 3
 
 
 class _Aborted(Exception):
