@@ -16,8 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.chain_policy import chain_greedy_steps
-from coordinator.engine import BatchLimits, Engine, per_sequence_stages
+from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
+from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits

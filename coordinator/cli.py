@@ -22,9 +22,9 @@ import grpc
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
-from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
+from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
 from stage_server.model_store import KNOWN_MODELS, ModelNotFoundError, ensure_model, fetch_model, resolve_model

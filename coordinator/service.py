@@ -16,8 +16,9 @@ import threading
 
 import grpc
 
-from coordinator.engine import CapacityError, Engine, GenerationCancelled, SequenceRequest, SequenceResult
+from coordinator.engine import CapacityError, Engine, GenerationCancelled
 from coordinator.pipeline_client import StageCallError
+from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.text import TextStream, Tokenization
 from coordinator.validation import ApiError, Limits, PreparedRequest, prepare
 from protos import coordinator_pb2, coordinator_pb2_grpc

@@ -50,4 +50,4 @@ def test_the_coordinator_applies_it(tiny_model, stages, setting, chained):
     model_dir = tiny_model("llama")
     with stages(model_dir, 2) as (addresses, _), \
             running_coordinator(model_dir, addresses, chain=setting) as (_, server):
-        assert server.engine.scheduler.chain is chained
+        assert server.engine.chain is chained
