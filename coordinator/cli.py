@@ -67,7 +67,6 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on: the last stage sends greedy groups' next decode steps to the first stage itself; "
                              "off: every step goes through the coordinator; auto (default): on unless every stage "
                              "is on this machine, where the coordinator's work would share the stages' cores")
-    parser.add_argument("--no-chain", dest="chain", action="store_const", const="off", help="same as --chain off")
     parser.add_argument("--local-hops", choices=["on", "off"], default="on",
                         help="on (default, Linux): send micro-batches to a first stage on this machine and take the "
                              "last stage's answers over their Unix sockets instead of gRPC streams "

@@ -42,7 +42,7 @@ def test_the_cli_options():
     base = ["serve", "--stages", "a:1", "--model", "m"]
     assert build_parser().parse_args(base).chain == "auto"
     assert build_parser().parse_args([*base, "--chain", "on"]).chain == "on"
-    assert build_parser().parse_args([*base, "--no-chain"]).chain == "off"
+    assert build_parser().parse_args([*base, "--chain", "off"]).chain == "off"
 
 
 @pytest.mark.parametrize(("setting", "chained"), [("auto", False), ("on", True), ("off", False)])
