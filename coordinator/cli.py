@@ -2,6 +2,9 @@
 
 Owns: argument parsing and the user-facing flow of each subcommand, including
 clean shutdown on Ctrl-C / SIGTERM and error messages that say what to do next.
+
+Does not own: assembling a coordinator (app), starting stage processes (launcher), the
+split (planner) or the --chain policy (chain_policy).
 """
 
 from __future__ import annotations
