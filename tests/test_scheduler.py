@@ -62,7 +62,7 @@ def test_a_request_that_does_not_fit_holds_back_the_ones_behind_it():
     assert admission.admitted == [small]
 
 
-def test_running_rows_count_against_the_bounds_until_they_finish():
+def test_live_rows_count_against_the_bounds_and_finished_ones_do_not():
     done, live = sequence(3), sequence(3)
     group = running(done, live)
     done.finish = FINISH_EOS
@@ -116,7 +116,7 @@ def test_stages_in_per_sequence_mode_get_one_prompt_per_prefill():
 
 # ---- decode steps and greedy chaining ----------------------------------------------------
 
-def test_a_lone_greedy_group_chains_until_its_first_row_reaches_its_length():
+def test_a_lone_greedy_group_chains_the_steps_its_shortest_row_has_left():
     group = running(sequence(3, 5), sequence(4, 8))  # 4 and 7 tokens to go
     assert scheduler.chain_steps(state(group), group, chain=True) == 3
     assert scheduler.chain_steps(state(group), group, chain=False) == 0
