@@ -1,8 +1,9 @@
 """Assembling a coordinator process: connect to the stages, check them, serve the public API.
 
 Owns: the coordinator's one frozen config, checking that the given stages form one
-complete chain of one model (contiguous layers, same fingerprint), and the gRPC
-server with health and reflection. Does not own: request handling (service).
+complete route through one model (contiguous layers, same fingerprint), and the gRPC
+server with health and reflection. Does not own: request handling (service), generation
+(engine), or what --chain auto resolves to (chain_policy).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.chain_policy import chain_greedy_steps
-from coordinator.engine import BatchLimits, Engine, per_sequence_stages
+from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
+from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
@@ -72,7 +74,7 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float) -> list[stage_
         client.close()
 
 
-def check_chain(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:
+def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:
     """The stages must cover layers 0..N exactly once, in order, all of one model."""
     expected = 0
     for address, info in zip(addresses, infos):
@@ -81,7 +83,7 @@ def check_chain(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse])
                                      f"first stage {infos[0].model_fingerprint})")
         if info.layer_start != expected:
             raise PipelineSetupError(f"stage {address} holds layers {info.layer_start}:{info.layer_end} but the "
-                                     f"chain needs one starting at layer {expected}; list stages in layer order")
+                                     f"route needs one starting at layer {expected}; list stages in layer order")
         expected = info.layer_end
     if expected != infos[-1].num_layers:
         raise PipelineSetupError(f"the stages stop at layer {expected} of {infos[-1].num_layers}: a stage is missing")
@@ -117,7 +119,7 @@ class CoordinatorServer:
         self.config = config
         wire = codec.codec_from_name(config.compression)
         infos = wait_for_stages(config.stages, config.stage_wait_s)
-        check_chain(config.stages, infos)
+        check_route(config.stages, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
                                        model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops)

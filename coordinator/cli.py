@@ -2,6 +2,9 @@
 
 Owns: argument parsing and the user-facing flow of each subcommand, including
 clean shutdown on Ctrl-C / SIGTERM and error messages that say what to do next.
+
+Does not own: assembling a coordinator (app), starting stage processes (launcher), the
+split (planner) or the --chain policy (chain_policy).
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ import grpc
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
-from coordinator.engine import BatchLimits
 from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
+from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
@@ -69,7 +72,6 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on: the last stage sends greedy groups' next decode steps to the first stage itself; "
                              "off: every step goes through the coordinator; auto (default): on unless every stage "
                              "is on this machine, where the coordinator's work would share the stages' cores")
-    parser.add_argument("--no-chain", dest="chain", action="store_const", const="off", help="same as --chain off")
     parser.add_argument("--local-hops", choices=["on", "off"], default="on",
                         help="on (default, Linux): send micro-batches to a first stage on this machine and take the "
                              "last stage's answers over their Unix sockets instead of gRPC streams "

@@ -2,6 +2,8 @@
 
 Owns: building GenerateRequests from keyword arguments and calling the Coordinator
 service. Errors surface as grpc.RpcError with the server's status code and message.
+
+Does not own: the server side (service) or the terminal flow around it (cli).
 """
 
 from __future__ import annotations

@@ -1,85 +1,25 @@
 """The coordinator's mirror of what each stage session holds: rows, padding, positions.
 
-Owns: one `LiveSequence` per request being generated (its sampler, tokens, next
-position), how admitted sequences are cut into prefills (`prefill_batches`), a
-`Prefill` (a new session holding freshly admitted sequences, a long prompt sent in
-chunks), and a `Group` (a running session that sequences join and leave between
-decode steps). A group computes the `CacheEdit` that the stages apply before its
-next step, and applies the same edit to its own attention mask, so the mask it
-sends always matches the caches.
+Owns: how admitted sequences are cut into prefills (`prefill_batches`), a `Prefill` (a
+new session holding freshly admitted sequences, a long prompt sent in chunks), and a
+`Group` (a running session that sequences join and leave between decode steps). A group
+computes the `CacheEdit` that the stages apply before its next step, and applies the same
+edit to its own attention mask, so the mask it sends always matches the caches.
 
-Does not own: when to admit, which group to join, or sending (scheduler).
+Does not own: a sequence's tokens and outcome (sequence), when to admit, which group to
+join, or whether a group chains (scheduler), nor sending or answers (engine).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from coordinator.pipeline_client import StepLogits
-from coordinator.sampling import Sampler
+from coordinator.sequence import LiveSequence
 from protos import stage_pb2
-
-FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED = "length", "eos", "stop", "cancelled"
-
-
-@dataclass
-class SequenceResult:
-    token_ids: list[int]
-    finish_reason: str
-
-
-@dataclass
-class LiveSequence:
-    """One request being generated, wherever it currently sits."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int
-    eos_token_ids: frozenset[int]
-    sampler: Sampler
-    on_token: Callable[[int], bool] | None
-    keep_going: Callable[[], bool]
-    result: Future
-    output: list[int] = field(default_factory=list)
-    finish: str | None = None
-    last_position: int = 0  # position of the newest token (the input of the next decode step)
-
-    @property
-    def cache_positions(self) -> int:
-        """Positions this sequence may come to occupy in every stage's cache."""
-        return len(self.prompt_ids) + self.max_new_tokens
-
-    @property
-    def greedy(self) -> bool:
-        return self.sampler.params.greedy
-
-    def take(self, logits: StepLogits, row: int) -> None:
-        """Pick this sequence's next token from its row of the step's logits; record whether it
-        ends here by EOS or length. The caller hears of the token from `notify`, after."""
-        if self.greedy:
-            token = logits.best(row)
-        else:
-            token = self.sampler(logits.row(row), torch.tensor(self.prompt_ids + self.output))
-        self.output.append(token)
-        self.last_position += 1
-        if token in self.eos_token_ids:
-            self.finish = FINISH_EOS
-        elif len(self.output) >= self.max_new_tokens:
-            self.finish = FINISH_LENGTH
-
-    def notify(self) -> None:
-        """Hand the newest token to `on_token`; if it answers True (a stop string), the sequence ends."""
-        if self.on_token is not None and self.on_token(self.output[-1]):
-            self.finish = FINISH_STOP
-
-    @property
-    def last_token(self) -> int:
-        return self.output[-1]
 
 
 def left_padded(rows: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,7 +51,7 @@ def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int, *,
 
     `alone`: one prompt per prefill, for stages in per-sequence mode. Their linear layers' products
     may change a row's bits with the number of rows (bfloat16 on AMX: 8 prompts of 30 tokens
-    together, 240 rows, differed from 30 alone; stage_server/row_chunks.py).
+    together, 240 rows, differ from 30 alone; stage_server/row_chunks.py).
     """
     if alone:
         return [[sequence] for sequence in sorted(sequences, key=lambda s: len(s.prompt_ids))]
@@ -132,7 +72,7 @@ def prefill_batches(sequences: list[LiveSequence], chunk_tokens: int, *,
 class Prefill:
     """Newly admitted sequences, prefilled together as their own session (in chunks when long)."""
 
-    def __init__(self, sequences: list[LiveSequence], pad_token_id: int, chunk_tokens: int) -> None:
+    def __init__(self, sequences: list[LiveSequence], pad_token_id: int, chunk_tokens: int, target: Group) -> None:
         self.session_id = uuid.uuid4().hex
         self.sequences = sequences
         self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
@@ -144,7 +84,7 @@ class Prefill:
         step = max(1, chunk_tokens // rows) if chunk_tokens > 0 else length
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
-        self.target: Group | None = None  # the group these sequences join once prefilled
+        self.target = target  # the group these sequences join once prefilled
         # Every row wants one token: the last chunk frees the session on the stages as it passes,
         # instead of an EndSession round trip between the answer and the caller (~2.4 ms).
         self.ends_with_last_chunk = all(sequence.max_new_tokens <= 1 for sequence in sequences)
@@ -168,7 +108,7 @@ class Group:
         # Whether any row has left padding. Steps of a group without are sent with no mask: the stages
         # then attend causally over every cached position, which an all-ones mask says at the cost of
         # decoding, checking and expanding it on every stage each step (4 float32 stages, one request
-        # decoding, alternated with the unsplit model: 0.899 -> 0.917 of its tokens/s).
+        # decoding: 0.917 of the unsplit model's tokens/s without the mask, 0.899 with).
         self.padded = False
         self._ones_to_append = 0  # mask columns of 1s owed by steps sent (made when needed, see step_inputs)
         self.joining: list[Prefill] = []  # prefilled, merged at the next step
@@ -183,7 +123,7 @@ class Group:
 
     @property
     def load(self) -> int:
-        """Rows it holds or is about to take on."""
+        """Rows it holds or is about to receive."""
         return len(self.rows) + sum(len(p.sequences) for p in self.joining)
 
     def adopt(self, prefill: Prefill) -> None:
@@ -204,7 +144,7 @@ class Group:
         keep = [i for i, sequence in enumerate(self.rows) if sequence.finish is None]
         if len(keep) == len(self.rows) and not self.joining:
             return None  # nothing changes: an unpadded group's owed mask columns stay owed
-        self._settle_mask()
+        self._append_owed_ones()
         edit = stage_pb2.CacheEdit()
         if len(keep) < len(self.rows):
             edit.keep_rows.extend(keep)
@@ -237,24 +177,17 @@ class Group:
         positions = [s.last_position if s.finish is None else 0 for s in self.rows]
         self._ones_to_append += 1
         if self.padded:
-            self._settle_mask()
+            self._append_owed_ones()
         return (np.array(tokens, dtype=np.int64).reshape(-1, 1),
                 np.array(positions, dtype=np.int64).reshape(-1, 1), self.mask if self.padded else None)
 
-    def _settle_mask(self) -> None:
+    def _append_owed_ones(self) -> None:
         """Append the columns of 1s owed by the steps so far (a padded group's at once, an unpadded
         one's when an edit needs the mask)."""
         if self._ones_to_append:
             ones = torch.ones(len(self.rows), self._ones_to_append, dtype=torch.long)
             self.mask = torch.cat([self.mask, ones], dim=1)
             self._ones_to_append = 0
-
-    def chain_credit(self) -> int:
-        """How many steps the last stage may chain after the step about to be sent: until the
-        first row reaches max_new_tokens (0 unless every row decodes greedily)."""
-        if not self.rows or any(not s.greedy or s.finish is not None for s in self.rows):
-            return 0
-        return max(0, min(s.max_new_tokens - len(s.output) for s in self.rows) - 1)
 
     def reset(self) -> None:
         self.session_id = None

@@ -16,7 +16,8 @@ import threading
 
 import grpc
 
-from coordinator.engine import CapacityError, Engine, GenerationCancelled, SequenceRequest, SequenceResult
+from coordinator.engine import CapacityError, Engine, GenerationCancelled
+from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.stage_errors import StageCallError
 from coordinator.text import TextStream, Tokenization
 from coordinator.validation import ApiError, Limits, PreparedRequest, prepare
@@ -70,8 +71,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     @staticmethod
     def _abort_stopped(context) -> None:
         """The work stopped because the caller's deadline passed or it cancelled: end with that status.
-        A stream that just returned would end with OK, and a client whose own timer had not fired
-        yet took that for a finished answer with no tokens (seen with the Go client, 1 ms deadline)."""
+        A stream that just returned would end with OK, which a client whose own timer has not fired
+        yet takes for a finished answer with no tokens."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed; the work stopped")

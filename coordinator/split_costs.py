@@ -33,8 +33,8 @@ def head_cost_in_layers(config, workload: tuple[int, int] | None = None) -> floa
 
     Layers run for every prompt position and every generated token but the last; the head runs
     once per generated token (the prefill's last position, then each decode step). With long
-    prompts the head's share shrinks: 256 SmolLM2 requests of ~40 + 32 tokens, split for decode
-    alone (head = 8 layers, 19:11), kept the first stage 93 % busy and the last 82 %.
+    prompts the head's share shrinks: 256 SmolLM2 requests of ~40 + 32 tokens on a split for decode
+    alone (head = 8 layers, 19:11) keep the first stage 93 % busy and the last 82 %.
     """
     per_token = config.vocab_size * config.hidden_size / layer_parameters(config)
     if workload is None:

@@ -25,8 +25,8 @@ class Tokenization:
         self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else (min(self.eos_token_ids) if self.eos_token_ids else 0)
-        # Counted once: len() of a Hugging Face tokenizer rebuilds its vocabulary (~0.5 µs a call here, and the
-        # prompt check once asked it for every prompt token: 0.25 ms of a 512-token request).
+        # Counted once: len() of a Hugging Face tokenizer rebuilds its vocabulary (~0.5 µs a call), and
+        # checking token ids against it per prompt token would cost 0.25 ms of a 512-token request.
         self.vocab_size = len(tokenizer)
 
     @classmethod
@@ -92,7 +92,7 @@ class TextStream:
         return self.stopped
 
     def release(self, final: bool = False) -> str:
-        """Text not yet released that can no longer change."""
+        """Text not yet released that cannot change any more."""
         end = len(self.text)
         if not final and not self.stopped:
             while end > self._released and self.text[end - 1] == REPLACEMENT_CHAR:

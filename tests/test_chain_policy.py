@@ -42,7 +42,7 @@ def test_the_cli_options():
     base = ["serve", "--stages", "a:1", "--model", "m"]
     assert build_parser().parse_args(base).chain == "auto"
     assert build_parser().parse_args([*base, "--chain", "on"]).chain == "on"
-    assert build_parser().parse_args([*base, "--no-chain"]).chain == "off"
+    assert build_parser().parse_args([*base, "--chain", "off"]).chain == "off"
 
 
 @pytest.mark.parametrize(("setting", "chained"), [("auto", False), ("on", True), ("off", False)])
@@ -50,4 +50,4 @@ def test_the_coordinator_applies_it(tiny_model, stages, setting, chained):
     model_dir = tiny_model("llama")
     with stages(model_dir, 2) as (addresses, _), \
             running_coordinator(model_dir, addresses, chain=setting) as (_, server):
-        assert server.engine.scheduler.chain is chained
+        assert server.engine.chain is chained

@@ -1,0 +1,131 @@
+"""One request's life in the coordinator, from what the caller asks to the result it gets.
+
+Owns: `SequenceRequest` (what a caller asks: prompt ids, new tokens, sampling, end tokens, a
+per-token callback), `SequenceResult` and the finish reasons (what it gets back), and
+`LiveSequence`, the engine's record of one request while it generates: its sampler, its tokens
+and next position, picking its next token from a step's logits, telling its caller, and resolving
+the caller's future once. A failing sampler or callback ends only its own sequence.
+
+Does not own: where a sequence sits in the batch (running_batch), when it is admitted
+(scheduler), or the loop that moves it (engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from coordinator.pipeline_client import StepLogits
+from coordinator.sampling import Sampler, SamplingParams
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP, FINISH_CANCELLED = "length", "eos", "stop", "cancelled"
+
+
+@dataclass
+class SequenceRequest:
+    """One sequence to continue."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: frozenset[int] = frozenset()
+    #: Called with each new token; returning True stops the sequence (e.g. a stop string appeared).
+    on_token: Callable[[int], bool] | None = None
+
+
+@dataclass
+class SequenceResult:
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
+class LiveSequence:
+    """One request being generated, wherever it currently sits."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_token_ids: frozenset[int]
+    sampler: Sampler
+    on_token: Callable[[int], bool] | None
+    keep_going: Callable[[], bool]
+    result: Future
+    output: list[int] = field(default_factory=list)
+    finish: str | None = None
+    last_position: int = 0  # position of the newest token (the input of the next decode step)
+
+    @classmethod
+    def from_request(cls, request: SequenceRequest, keep_going: Callable[[], bool], result: Future) -> LiveSequence:
+        return cls(prompt_ids=list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
+                   eos_token_ids=request.eos_token_ids, sampler=Sampler(request.sampling),
+                   on_token=request.on_token, keep_going=keep_going, result=result)
+
+    @property
+    def cache_positions(self) -> int:
+        """Positions this sequence may come to occupy in every stage's cache."""
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.sampler.params.greedy
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1]
+
+    def sample(self, logits: StepLogits, row: int) -> bool:
+        """Pick this sequence's next token from its row of the step's logits and record whether it
+        ends here by EOS or length; True if it got one. The caller hears of the token from `notify`,
+        after. A finished sequence gets none; a failing sampler cancels the sequence."""
+        if self.finish is not None:
+            return False
+        try:
+            if self.greedy:
+                token = logits.best(row)
+            else:
+                token = self.sampler(logits.row(row), torch.tensor(self.prompt_ids + self.output))
+        except Exception as err:
+            self.cancel(err)
+            return False
+        self.output.append(token)
+        self.last_position += 1
+        if token in self.eos_token_ids:
+            self.finish = FINISH_EOS
+        elif len(self.output) >= self.max_new_tokens:
+            self.finish = FINISH_LENGTH
+        return True
+
+    def notify(self) -> bool:
+        """Hand the newest token to `on_token`; if it answers True (a stop string), the sequence ends.
+        True if the sequence has just finished (resolve it after); a failing callback cancels it."""
+        try:
+            if self.on_token is not None and self.on_token(self.output[-1]):
+                self.finish = FINISH_STOP
+        except Exception as err:
+            self.cancel(err)
+            return False
+        return self.finish is not None
+
+    def still_wanted(self) -> bool:
+        """Whether the caller still wants the sequence (a failing `keep_going` counts as no)."""
+        try:
+            return bool(self.keep_going())
+        except Exception:
+            return False
+
+    def cancel(self, error: Exception) -> None:
+        """End the sequence here (whatever it finished by before) and resolve it with `error`."""
+        self.finish = FINISH_CANCELLED
+        self.resolve(error)
+
+    def resolve(self, error: Exception | None = None) -> None:
+        """Resolve the caller's future once: with the tokens, or with the error that ended it."""
+        if self.result.done():
+            return
+        if error is not None:
+            self.result.set_exception(error)
+        else:
+            self.result.set_result(SequenceResult(list(self.output), self.finish))
