@@ -15,7 +15,7 @@ independent of the batch for bfloat16 on CPU (each row's dot products are summed
 way whatever the number of rows), so a sequence's whole step is.
 
 Does not own: the masks (transformers builds them), how prompts are grouped into prefills
-(the coordinator keeps a batched prompt in one piece, as it is alone: coordinator/scheduler).
+(the coordinator keeps a batched prompt in one piece, as it is alone: coordinator/running_batch.py).
 """
 
 from __future__ import annotations

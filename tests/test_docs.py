@@ -95,3 +95,15 @@ def test_every_relative_link_resolves(document):
 def test_readme_is_short():
     lines = len((ROOT / "README.md").read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; keep it at most {README_MAX_LINES}"
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/architecture.md's "Where the code lives" lists each package's modules, so a newcomer
+    finds the room for a change from it; a module added or renamed must appear there."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Where the code lives"):text.index("## Where to read next")]
+    missing = [f"{package}/{path.name}" for package in ("protos", "stage_server", "coordinator")
+               for path in sorted((ROOT / package).glob("*.py"))
+               if path.name != "__init__.py" and not path.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+               and path.name != "generate.py" and f"`{path.name}`" not in section]
+    assert missing == []
