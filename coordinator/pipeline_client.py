@@ -125,7 +125,7 @@ class PipelineClient:
         self._lock = threading.Lock()
         self._next_id = 1  # micro-batch ids; a chained step takes the ids after its own (see submit)
 
-    def _take_answer(self, response: stage_pb2.ForwardResponse) -> None:
+    def _on_answer(self, response: stage_pb2.ForwardResponse) -> None:
         """An answer from either stream: count its hop sizes and hand it to its future."""
         if response.hop_bytes:
             with self._lock:
@@ -136,7 +136,7 @@ class PipelineClient:
         with self._lock:
             if self._stream is None or not self._stream.alive:
                 self._stream = open_first_stage_stream(self.addresses[0], self._stubs[0], self._pending,
-                                                       self._take_answer, unix=self.local_hops)
+                                                       self._on_answer, unix=self.local_hops)
             return self._stream
 
     def _collector_id(self) -> str:
@@ -146,7 +146,7 @@ class PipelineClient:
         with self._lock:
             if self._results is None or not self._results.alive:
                 self._results = open_results_subscription(self.addresses[-1], self._stubs[-1], self._pending,
-                                                          self._take_answer, unix=self.local_hops)
+                                                          self._on_answer, unix=self.local_hops)
             return self._results.collector_id
 
     def submit(self, session_id: str, activations: torch.Tensor | np.ndarray, position_ids: torch.Tensor | np.ndarray,
@@ -160,7 +160,7 @@ class PipelineClient:
         `chain_steps` > 0 (greedy, logits_top_k = 1, `can_chain`) lets the last stage send up
         to that many next steps itself; see StepFuture.next_in_chain and `stop_chain`."""
         request = stage_pb2.ForwardRequest(
-            session_id=session_id, micro_batch_id=self._take_ids(1 + chain_steps), route=self.addresses[1:],
+            session_id=session_id, micro_batch_id=self._reserve_ids(1 + chain_steps), route=self.addresses[1:],
             activations=_encoded(activations), position_ids=_encoded(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
             model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id())
@@ -179,7 +179,7 @@ class PipelineClient:
         except StageCallError:  # the stream died between the check and the send: one fresh try
             return self._live_stream().send(request)
 
-    def _take_ids(self, count: int) -> int:
+    def _reserve_ids(self, count: int) -> int:
         """Reserve `count` consecutive micro-batch ids (a step and the steps it may chain); returns the first."""
         with self._lock:
             first, self._next_id = self._next_id, self._next_id + count

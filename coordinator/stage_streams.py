@@ -28,7 +28,7 @@ from protos.link import Link, LinkReader
 from protos.unix_link import UnixLink
 from protos.unix_socket import FORWARD, RESULTS
 
-TakeAnswer = Callable[[stage_pb2.ForwardResponse], None]
+OnAnswer = Callable[[stage_pb2.ForwardResponse], None]
 
 # How long `send` over gRPC waits for gRPC's sending thread to take the request (it never waits
 # longer): the caller goes on with Python work (streaming the last token out) holding the GIL
@@ -38,10 +38,10 @@ HANDOVER_WAIT_S = 0.005
 
 class FirstStageStream(LinkReader):
     """One live Forward stream to the first stage. `pending` (pipeline_client._Pending) holds the
-    futures of what was sent; `take_answer` gets every answer that comes back."""
+    futures of what was sent; `on_answer` gets every answer that comes back."""
 
-    def __init__(self, link: Link, address: str, pending, take_answer: TakeAnswer) -> None:
-        super().__init__(link, address, take_answer)
+    def __init__(self, link: Link, address: str, pending, on_answer: OnAnswer) -> None:
+        super().__init__(link, address, on_answer)
         self.pending = pending
         self._send = link.send
         self._start_reading("pipeline-reader")
@@ -74,8 +74,8 @@ class ResultsSubscription(LinkReader):
     """A Results subscription on the last stage, as collector `collector_id`: the answers of
     micro-batches sent with that reply_to."""
 
-    def __init__(self, link: Link, address: str, collector_id: str, pending, take_answer: TakeAnswer) -> None:
-        super().__init__(link, address, take_answer)
+    def __init__(self, link: Link, address: str, collector_id: str, pending, on_answer: OnAnswer) -> None:
+        super().__init__(link, address, on_answer)
         self.collector_id = collector_id
         self.pending = pending
         self._start_reading("pipeline-results")
@@ -90,17 +90,17 @@ class ResultsSubscription(LinkReader):
             self.address), direct_only=True)
 
 
-def open_first_stage_stream(address: str, stub: stage_pb2_grpc.StageStub, pending, take_answer: TakeAnswer,
+def open_first_stage_stream(address: str, stub: stage_pb2_grpc.StageStub, pending, on_answer: OnAnswer,
                             *, unix: bool) -> FirstStageStream:
     """A stream to the first stage at `address`: over its Unix socket when `unix` and it takes the
     connection, else a gRPC Forward call on `stub`."""
     link = UnixLink.connect(address, FORWARD, f"first-stage-{address}") if unix else None
     if link is None:
         link = GrpcLink(stub, handover_wait_s=HANDOVER_WAIT_S)
-    return FirstStageStream(link, address, pending, take_answer)
+    return FirstStageStream(link, address, pending, on_answer)
 
 
-def open_results_subscription(address: str, stub: stage_pb2_grpc.StageStub, pending, take_answer: TakeAnswer,
+def open_results_subscription(address: str, stub: stage_pb2_grpc.StageStub, pending, on_answer: OnAnswer,
                               *, unix: bool) -> ResultsSubscription:
     """A Results subscription on the last stage at `address` under a new collector id, over its Unix
     socket when `unix` and it takes the connection, else a gRPC Results call on `stub`."""
@@ -110,4 +110,4 @@ def open_results_subscription(address: str, stub: stage_pb2_grpc.StageStub, pend
         link.send(request)  # the connection's first frame
     else:
         link = GrpcLink(stub, results_request=request)
-    return ResultsSubscription(link, address, request.collector_id, pending, take_answer)
+    return ResultsSubscription(link, address, request.collector_id, pending, on_answer)

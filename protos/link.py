@@ -54,17 +54,17 @@ class Link(Protocol):
 
 
 class LinkReader:
-    """Reads one link's answers on a thread of its own and hands each to `take`; when the link ends,
+    """Reads one link's answers on a thread of its own and hands each to `on_answer`; when the link ends,
     `alive` turns False (under `lock`), the link is released, and `_ended` runs once.
 
     A subclass sets up what `_ended` needs, then calls `_start_reading`."""
 
-    def __init__(self, link: Link, address: str, take: Callable[[stage_pb2.ForwardResponse], None]) -> None:
+    def __init__(self, link: Link, address: str, on_answer: Callable[[stage_pb2.ForwardResponse], None]) -> None:
         self.link = link
         self.address = address
         self.alive = True
         self.lock = threading.Lock()  # held where a check of `alive` and what follows must not interleave with the end
-        self._take = take
+        self._on_answer = on_answer
 
     def _start_reading(self, thread_name: str) -> None:
         threading.Thread(target=self._read, name=thread_name, daemon=True).start()
@@ -79,10 +79,10 @@ class LinkReader:
 
     def _read(self) -> None:
         failure: Exception | None = None
-        take = self._take
+        on_answer = self._on_answer
         try:
             for answer in self.link.answers():
-                take(answer)
+                on_answer(answer)
         except self.link.read_errors as err:
             failure = err
         finally:

@@ -83,7 +83,7 @@ class KeptSends:
                 self._pending[key] = sent_bytes
         return True
 
-    def take(self, session_id: str, micro_batch_id: int) -> int:
+    def pop(self, session_id: str, micro_batch_id: int) -> int:
         """Stop keeping a micro-batch (answered, or known to be done); returns the bytes it sent (0 if unknown)."""
         key = (session_id, micro_batch_id)
         with self._lock:
@@ -98,7 +98,7 @@ class KeptSends:
     def answered(self, response: stage_pb2.ForwardResponse) -> stage_pb2.ForwardResponse:
         """An answer that came back: its micro-batch stops being kept, and the bytes this hop sent
         for it go first in its hop_bytes."""
-        hops = [self.take(response.session_id, response.micro_batch_id), *response.hop_bytes]
+        hops = [self.pop(response.session_id, response.micro_batch_id), *response.hop_bytes]
         del response.hop_bytes[:]
         response.hop_bytes.extend(hops)
         return response
@@ -134,12 +134,12 @@ class NextHop(LinkReader):
             return False
         if self._send(request):
             return True
-        self._sends.take(request.session_id, request.micro_batch_id)
+        self._sends.pop(request.session_id, request.micro_batch_id)
         return False
 
     def forget(self, session_id: str, micro_batch_id: int) -> None:
         """Stop waiting for a micro-batch's answer: it is known to be done (no answer comes this way)."""
-        self._sends.take(session_id, micro_batch_id)
+        self._sends.pop(session_id, micro_batch_id)
 
     def close(self) -> None:
         """No more requests; answers still in flight are delivered before the link ends."""

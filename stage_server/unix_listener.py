@@ -81,13 +81,13 @@ class UnixListener:
     """Accepts processes of this machine on `socket_name(port)`. A FORWARD connection is served by
     `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context, send=...)` (the
     handlers gRPC's Forward and Results calls get); what they yield goes back as frames.
-    `take_slot()` -> bool reserves one of the stage's stream slots (False: full, the connection is
-    closed) and `free_slot()` returns it."""
+    `reserve_slot()` -> bool reserves one of the stage's stream slots (False: full, the connection is
+    closed) and `release_slot()` returns it."""
 
-    def __init__(self, port: int, forward_stream, results_stream, take_slot: Callable[[], bool],
-                 free_slot: Callable[[], None]) -> None:
+    def __init__(self, port: int, forward_stream, results_stream, reserve_slot: Callable[[], bool],
+                 release_slot: Callable[[], None]) -> None:
         self._forward_stream, self._results_stream = forward_stream, results_stream
-        self._take_slot, self._free_slot = take_slot, free_slot
+        self._reserve_slot, self._release_slot = reserve_slot, release_slot
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind(socket_name(port))
@@ -111,13 +111,13 @@ class UnixListener:
                 log.warning("same-machine socket: accept failed (%s); retrying", err)  # e.g. out of descriptors
                 time.sleep(0.1)
                 continue
-            if not self._take_slot():
+            if not self._reserve_slot():
                 log.warning("refused a same-machine connection: every stream slot is taken (--max-streams)")
                 _answer_and_close(connection, REFUSED)
                 continue
             with self._lock:
                 if self._closed:
-                    self._free_slot()
+                    self._release_slot()
                     _answer_and_close(connection, REFUSED)
                     return
                 serving = threading.Thread(target=self._serve, args=(connection,), name="unix-listener-stream",
@@ -140,7 +140,7 @@ class UnixListener:
             writer.close(release=True)
             with self._lock:
                 self._connections.pop(connection, None)
-            self._free_slot()
+            self._release_slot()
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop accepting, then end every open connection: first only their reading side, so that
