@@ -24,7 +24,7 @@ from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
-from protos.channel_options import server_options
+from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ class CoordinatorServer:
         self.port = 0
 
     def start(self) -> int:
-        self.port = self.grpc_server.add_insecure_port(f"{self.config.host}:{self.config.port}")
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port}: is the port in use?")
+        self.port = bind(self.grpc_server, self.config.host, self.config.port)
         self.grpc_server.start()
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -11,6 +11,10 @@ has sent no data, as abuse, and after three such pings closes the connection (GO
 stages have no work) would lose its connection, and the next request fail with UNAVAILABLE. So
 servers accept pings every SERVER_MIN_PING_INTERVAL_MS, below the channels' rate.
 
+Also owns `bind`, the one way a layerline server takes its port: a port it cannot have is an
+OSError with one line saying so, whichever way the installed grpcio reports it (some releases
+return 0, others raise RuntimeError).
+
 Does not own: which TCP path gRPC takes (grpc_transport) or any connection.
 """
 
@@ -43,3 +47,15 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
     """Options for grpc.server(...): the channels' own, and pings accepted every `min_ping_interval_ms`."""
     return [*channel_options(max_message_bytes),
             ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms)]
+
+
+def bind(server, host: str, port: int) -> int:
+    """Bind `server` (a grpc.Server) to host:port without TLS; returns the port (chosen when 0)."""
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpcio's "Failed to bind to address"
+        bound = 0
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}: is the port in use, or the address not one of "
+                      "this machine's? Pick another --port or --host")
+    return bound

@@ -22,7 +22,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
-from protos.channel_options import server_options
+from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
 from stage_server.compute_thread import ComputeThread
 from stage_server.machine_lock import MachineLock
@@ -102,9 +102,7 @@ class StageServer:
     def start(self) -> None:
         """Bind the port (health NOT_SERVING), load the slice, then report SERVING."""
         cfg = self.config
-        port = self.grpc_server.add_insecure_port(f"{cfg.host}:{cfg.port}")
-        if port == 0:
-            raise OSError(f"cannot listen on {cfg.host}:{cfg.port}: is the port in use?")
+        port = bind(self.grpc_server, cfg.host, cfg.port)
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,

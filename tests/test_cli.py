@@ -46,6 +46,31 @@ def test_stage_server_rejects_layer_range_outside_model(tiny_model):
     assert "outside the model, which has layers 0:4" in result.stderr
 
 
+def test_a_host_that_cannot_be_bound_is_one_line_and_status_2(tiny_model):
+    """A --host that is not an address of this machine (here not an address at all) ends the
+    process with one line saying what to change, not grpcio's traceback."""
+    result = run("stage_server.cli", "--layers", "0:2", "--model", str(tiny_model("llama")), "--host", "256.0.0.1",
+                 "--port", "0")
+    assert result.returncode == 2, result.stderr
+    assert "cannot listen on 256.0.0.1:0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_every_server_binds_through_one_check():
+    """The coordinator binds like the stage (protos.channel_options.bind): a port grpcio cannot
+    take is an OSError naming it, which both command lines turn into their one-line error."""
+    from concurrent import futures
+
+    from protos.channel_options import bind
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    try:
+        with pytest.raises(OSError, match="cannot listen on 256.0.0.1:0"):
+            bind(server, "256.0.0.1", 0)
+        assert bind(server, "127.0.0.1", 0) > 0
+    finally:
+        server.stop(None)
+
+
 def test_stage_server_rejects_unsupported_architecture(tmp_path):
     config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2)
     config.save_pretrained(tmp_path)
