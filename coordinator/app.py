@@ -91,7 +91,9 @@ def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse])
 
 def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
     return [coordinator_pb2.StageInfo(address=a, layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype,
-                                      device=i.device, active_sessions=i.active_sessions, attention=i.attention)
+                                      device=i.device, active_sessions=i.active_sessions, attention=i.attention,
+                                      compute_threads=i.compute_threads, small_step_threads=i.small_step_threads,
+                                      colocated_stages=i.colocated_stages)
             for a, i in zip(addresses, infos)]
 
 

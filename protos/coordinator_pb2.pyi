@@ -135,7 +135,7 @@ class BatchingState(_message.Message):
     def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention")
+    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,9 @@ class StageInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_THREADS_FIELD_NUMBER: _ClassVar[int]
+    SMALL_STEP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    COLOCATED_STAGES_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
@@ -150,4 +153,7 @@ class StageInfo(_message.Message):
     device: str
     active_sessions: int
     attention: str
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ...) -> None: ...
+    compute_threads: int
+    small_step_threads: int
+    colocated_stages: int
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ...) -> None: ...

@@ -25,6 +25,7 @@ from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
 from stage_server.compute_thread import ComputeThread
+from stage_server.core_share import CoreShare, usable_cores
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -93,6 +94,7 @@ class StageServer:
         self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
         self.split_head: SplitHead | None = None  # the last stage's LM head, when split
         self._trace: StepTrace | None = None
+        self.core_share: CoreShare | None = None  # this stage's slot in the machine's core share
         self._stopped = threading.Event()
 
     def _set_health(self, status) -> None:
@@ -114,9 +116,6 @@ class StageServer:
         self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
                  cfg.layer_start, cfg.layer_end, cfg.model_dir)
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        threads = ThreadCounts(cfg.threads, cfg.small_step_threads)
         try:
             loaded = self.compute.run(lambda: load_slice(
                 cfg.model_dir, cfg.layer_start, cfg.layer_end, dtype=cfg.dtype, device=cfg.device,
@@ -133,12 +132,13 @@ class StageServer:
             self.startup_lock.release()
         model = StageModel(loaded)
         on_cpu = loaded.device.type == "cpu"
+        threads = self._thread_counts() if on_cpu else None
         if on_cpu:
             self.compute.run(lambda: threads.calibrate(model.small_step_seconds, lock=self.startup_lock))
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
                                 idle_timeout_s=cfg.session_timeout_s)
-        self.service.serve(ServedSlice(model, sessions, threads=threads if on_cpu else None,
+        self.service.serve(ServedSlice(model, sessions, threads=threads,
                                        split_head=self.split_head))
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
@@ -147,6 +147,20 @@ class StageServer:
                  loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
                  "lean layers" if getattr(loaded.architecture, "lean", None) is not None
                  else "transformers' layer forward", loaded.fingerprint)
+
+    def _thread_counts(self) -> ThreadCounts:
+        """Threads for this stage's steps: --threads when given, else every usable core, shared step by
+        step with the other stages of this machine (core_share.py)."""
+        cfg = self.config
+        cores = cfg.threads or usable_cores()
+        torch.set_num_threads(cores)
+        if cfg.threads:
+            log.info("threads: %d (--threads), not shared with other stages", cores)
+            return ThreadCounts(cores, cfg.small_step_threads)
+        self.core_share = CoreShare(cores)
+        log.info("threads: %d usable cores, shared step by step with %d other stage(s) on this machine",
+                 cores, self.core_share.neighbours())
+        return ThreadCounts(cores, cfg.small_step_threads, share=self.core_share)
 
     def _listen_for_local_hops(self, port: int) -> None:
         """Take same-machine upstreams on a Unix socket too (unix_listener.py), unless turned off; this
@@ -194,6 +208,8 @@ class StageServer:
         if self.service is not None:
             self.service.close()
         self.compute.close()
+        if self.core_share is not None:
+            self.core_share.close()
         if self._trace is not None:
             self._trace.close()
         if self.split_head is not None:

@@ -187,6 +187,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention))
         if served.threads is not None:
             reply.compute_threads, reply.small_step_threads = served.threads.full, served.threads.small_step
+            if served.threads.share is not None:
+                reply.colocated_stages = served.threads.share.neighbours()
         return reply
 
     def close(self) -> None:

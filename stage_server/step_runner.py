@@ -210,9 +210,11 @@ class StepRunner:
                 if served.split_head is not None:  # chaining fields: the group has the stages to itself
                     served.split_head.alone = bool(request.chain_route)
                 started = time.perf_counter()
-                output = model.forward(session, activations, position_ids, mask)
-                if served.threads is not None:
-                    served.threads.record(time.perf_counter() - started)
+                try:
+                    output = model.forward(session, activations, position_ids, mask)
+                finally:
+                    if served.threads is not None:
+                        served.threads.record(time.perf_counter() - started)
                 self.micro_batches_served += 1
         except Exception:
             if request.start_session:

@@ -2,8 +2,9 @@
 
 Owns: the choice, per step, between the stage's full thread count and a smaller one for small
 steps, measuring which is faster for this slice on this machine, and applying it to torch.
-Does not own: running the step (stage_model), nor the thread it runs on (compute_thread; the
-step runner sets the count there before each step).
+Does not own: running the step (stage_model), the thread it runs on (compute_thread; the step
+runner sets the count there before each step), nor how many cores the stages of this machine may
+use at this moment (core_share caps each step's count by it).
 
 Why small steps may get fewer threads: a step of a few tokens (one sequence decoding) does little
 arithmetic per weight it reads. In float32 it is bound by memory bandwidth: a second thread gains
@@ -48,6 +49,7 @@ from collections.abc import Callable
 
 import torch
 
+from stage_server.core_share import CoreShare
 from stage_server.machine_lock import MachineLock
 
 log = logging.getLogger(__name__)
@@ -72,10 +74,11 @@ class ThreadCounts:
     `calibrate` has timed the slice and found that all threads pay.
     """
 
-    def __init__(self, full: int = 0, small_step: int | str = AUTO) -> None:
+    def __init__(self, full: int = 0, small_step: int | str = AUTO, share: CoreShare | None = None) -> None:
         if full < 0 or (small_step != AUTO and (not isinstance(small_step, int) or small_step < 0)):
             raise ValueError(f"thread counts must be >= 0 (or small_step 'auto'), got {full} and {small_step!r}")
         self.full = full or torch.get_num_threads()
+        self.share = share  # caps each step by the cores the machine's busy stages leave it
         self.auto = small_step == AUTO
         self.small_step = 1 if self.auto else min(small_step or self.full, self.full)
         self.probe_every = PROBE_EVERY  # single-token steps from one probe to the next
@@ -89,7 +92,8 @@ class ThreadCounts:
 
     def for_step(self, tokens: int) -> int:
         """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
-        every `probe_every`-th single-token step gets the other count, to time it)."""
+        every `probe_every`-th single-token step gets the other count, to time it). With a share,
+        the step is marked busy until `record` and gets no more than its share of the cores."""
         threads = self.threads_for(tokens)
         self._timed = None
         if tokens == 1 and self.auto and self.full > 1:
@@ -99,6 +103,10 @@ class ThreadCounts:
                 self._until_probe = self.probe_every
             if self._until_probe in (1, self.probe_every):  # the step before the probe, and the probe
                 self._timed = threads
+        if self.share is not None:
+            allowed = self.share.begin_step()
+            if allowed < threads:
+                threads, self._timed = allowed, None  # a step capped by the share times nothing
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return threads
@@ -107,7 +115,10 @@ class ThreadCounts:
         """How long the step for_step was last called for took. In "auto" mode, the timings of probes
         and of the steps just before them move the small-step count to all threads when they are
         AUTO_MIN_GAIN faster, and back to one when one is no slower (in between, it stays). A probe
-        that confirms the choice doubles the distance to the next one; a change resets it."""
+        that confirms the choice doubles the distance to the next one; a change resets it.
+        Call it after every step for_step began, failed or not: it ends the step's busy mark."""
+        if self.share is not None:
+            self.share.end_step()
         if self._timed is None:
             return
         probe = self._timed != self.small_step

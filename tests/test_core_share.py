@@ -1,0 +1,117 @@
+"""Stages of one machine share its usable cores step by step (stage_server/core_share.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stage_server.core_share import CLEAN_EVERY_S, CoreShare, usable_cores
+from stage_server.thread_counts import ThreadCounts
+
+
+def cgroup(tmp_path, v2: str | None = None, v1: tuple[int, int] | None = None):
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2 + "\n")
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(f"{v1[0]}\n")
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(f"{v1[1]}\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("v2, v1, want", [
+    (None, None, 64),  # no cgroup files: the affinity mask
+    ("max 100000", None, 64),  # v2, unlimited
+    ("200000 100000", None, 2),  # a container limited to 2 CPUs on a 64-core host
+    ("150000 100000", None, 2),  # 1.5 CPUs: two threads can use it
+    ("50000 100000", None, 1),
+    (None, (300000, 100000), 3),  # v1
+    (None, (-1, 100000), 64),  # v1, unlimited
+])
+def test_usable_cores_honour_a_cgroup_quota(tmp_path, v2, v1, want):
+    assert usable_cores(set(range(64)), cgroup(tmp_path, v2, v1)) == want
+
+
+def test_usable_cores_honour_the_affinity_mask(tmp_path):
+    assert usable_cores({3, 5}, cgroup(tmp_path, "800000 100000")) == 2
+    assert usable_cores({7}, tmp_path) == 1
+    assert 1 <= usable_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_busy_stages_split_the_cores_and_never_oversubscribe(tmp_path):
+    table = tmp_path / "table"
+    cores = 4
+    shares = [CoreShare(cores, table) for _ in range(6)]
+    try:
+        assert shares[0].neighbours() == 5
+        for busy in range(1, 7):
+            counts = [share.begin_step() for share in shares[:busy]]
+            assert counts[-1] == max(1, cores // busy)
+            if busy <= cores:
+                assert busy * counts[-1] <= cores, "the busy stages' threads fit the cores"
+            else:
+                assert counts[-1] == 1, "more busy stages than cores: one thread each"
+            for share in shares[:busy]:
+                share.end_step()
+        assert shares[0].begin_step() == cores, "alone busy again: every core"
+        shares[0].end_step()
+    finally:
+        for share in shares:
+            share.close()
+    fresh = CoreShare(cores, table)
+    assert fresh.neighbours() == 0, "closed stages gave their slots back"
+    fresh.close()
+
+
+def test_a_dead_stage_holds_no_share(tmp_path):
+    table = tmp_path / "table"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    ghost = CoreShare(2, table, pid=int(dead.stdout))  # a stage killed in the middle of a step
+    ghost.begin_step()
+    live = CoreShare(2, table)
+    try:
+        assert live.neighbours() == 0, "the dead process's slot is freed when a stage joins"
+        live._next_clean = 0.0
+        assert live.begin_step() == 2, "its busy mark is cleared before counting"
+        live.end_step()
+        assert CLEAN_EVERY_S > 0
+    finally:
+        live.close()
+
+
+def test_thread_counts_take_no_more_than_the_share(tmp_path):
+    table = tmp_path / "table"
+    neighbour, mine = CoreShare(2, table), CoreShare(2, table)
+    before = torch.get_num_threads()
+    try:
+        threads = ThreadCounts(2, 2, share=mine)
+        assert threads.for_step(1) == 2, "alone busy: all threads"
+        threads.record(0.01)
+        neighbour.begin_step()
+        assert threads.for_step(64) == 1, "a neighbour computing: half the cores"
+        threads.record(0.01)
+        neighbour.end_step()
+        assert threads.for_step(64) == 2
+        threads.record(0.01)
+        assert mine.begin_step() == 2, "record ended the step's busy mark"
+        mine.end_step()
+    finally:
+        torch.set_num_threads(before)
+        neighbour.close()
+        mine.close()
+
+
+def test_threads_flag_overrides_and_the_choice_is_reported(tiny_model, stages):
+    model_dir = tiny_model("llama")
+    with stages(model_dir, 2) as (_, shared), stages(model_dir, 1, threads=1) as (_, fixed):
+        infos = [server.service.Info(None, None) for server in shared]
+        assert [info.compute_threads for info in infos] == [usable_cores()] * 2
+        assert all(info.colocated_stages >= 1 for info in infos), "each sees the other"
+        assert [server.core_share is not None for server in shared] == [True, True]
+        info = fixed[0].service.Info(None, None)
+        assert (info.compute_threads, info.colocated_stages, fixed[0].core_share) == (1, 0, None)
