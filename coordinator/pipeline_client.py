@@ -59,6 +59,10 @@ class _Pending:
         if len(self._settled) > self.SETTLED_KEPT:
             self._settled.popitem(last=False)
 
+    def count(self) -> int:
+        """Micro-batches waiting for their answers (racy by design: a hint for the stages' threads)."""
+        return len(self._futures)
+
     def add(self, key: tuple[str, int], future: StepFuture, stream: object, direct: bool) -> None:
         with self._lock:
             self._futures[key] = (future, stream, direct)
@@ -163,7 +167,8 @@ class PipelineClient:
             session_id=session_id, micro_batch_id=self._reserve_ids(1 + chain_steps), route=self.addresses[1:],
             activations=_encoded(activations), position_ids=_encoded(position_ids),
             wire_codec=self.wire_codec, start_session=start_session, end_session=end_session,
-            model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id())
+            model_fingerprint=self.model_fingerprint, logits_top_k=logits_top_k, reply_to=self._collector_id(),
+            in_flight=self._pending.count() + 1)
         if attention_mask is not None:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
         if cache_edit is not None:

@@ -62,7 +62,7 @@ def next_step(request: stage_pb2.ForwardRequest, tokens: list[int], positions: t
         position_ids=codec.encode_int64(positions.numpy()[:, -1:] + 1), wire_codec=request.wire_codec,
         model_fingerprint=request.model_fingerprint, logits_top_k=1, reply_to=request.reply_to,
         chain_steps=request.chain_steps - 1, chain_route=request.chain_route,
-        chain_stop_ids=request.chain_stop_ids)
+        chain_stop_ids=request.chain_stop_ids, in_flight=1)  # a chained group has the stages to itself
     if mask is not None:
         step.attention_mask.CopyFrom(codec.encode_int64(np.pad(mask.numpy(), ((0, 0), (0, 1)), constant_values=1)))
     return step

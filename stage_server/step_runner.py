@@ -103,7 +103,7 @@ class StepRunner:
                     model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
                     reply_to=request.reply_to, chain_steps=request.chain_steps,
                     chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids,
-                    hop_bytes=[*request.hop_bytes, sent_bytes])
+                    hop_bytes=[*request.hop_bytes, sent_bytes], in_flight=request.in_flight)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -206,7 +206,7 @@ class StepRunner:
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
                 if served.threads is not None:
-                    served.threads.for_step(activations.shape[0] * new_tokens)
+                    served.threads.for_step(activations.shape[0] * new_tokens, request.in_flight)
                 if served.split_head is not None:  # chaining fields: the group has the stages to itself
                     served.split_head.alone = bool(request.chain_route)
                 started = time.perf_counter()

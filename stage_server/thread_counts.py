@@ -90,10 +90,11 @@ class ThreadCounts:
     def threads_for(self, tokens: int) -> int:
         return self.small_step if tokens <= SMALL_STEP_TOKENS else self.full
 
-    def for_step(self, tokens: int) -> int:
+    def for_step(self, tokens: int, in_flight: int = 0) -> int:
         """Apply the thread count for a step of `tokens` new tokens; returns it (in "auto" mode,
         every `probe_every`-th single-token step gets the other count, to time it). With a share,
-        the step is marked busy until `record` and gets no more than its share of the cores."""
+        the step is marked busy until `record` and gets no more than its share of the cores, given
+        the micro-batches in the pipeline (`in_flight`, 0 = unknown)."""
         threads = self.threads_for(tokens)
         self._timed = None
         if tokens == 1 and self.auto and self.full > 1:
@@ -104,7 +105,7 @@ class ThreadCounts:
             if self._until_probe in (1, self.probe_every):  # the step before the probe, and the probe
                 self._timed = threads
         if self.share is not None:
-            allowed = self.share.begin_step()
+            allowed = self.share.begin_step(in_flight)
             if allowed < threads:
                 threads, self._timed = allowed, None  # a step capped by the share times nothing
         if torch.get_num_threads() != threads:

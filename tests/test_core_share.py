@@ -115,3 +115,38 @@ def test_threads_flag_overrides_and_the_choice_is_reported(tiny_model, stages):
         assert [server.core_share is not None for server in shared] == [True, True]
         info = fixed[0].service.Info(None, None)
         assert (info.compute_threads, info.colocated_stages, fixed[0].core_share) == (1, 0, None)
+
+
+def test_the_coordinators_in_flight_count_decides_the_share(tmp_path):
+    """One micro-batch in the pipeline: its stages compute one at a time, so each takes every core
+    even while a neighbour's busy mark lingers; more: at most that many of this machine's stages
+    compute at once, each on its part of the cores."""
+    table = tmp_path / "table"
+    shares = [CoreShare(8, table) for _ in range(4)]  # 4 stages of one pipeline on an 8-core machine
+    try:
+        shares[1].begin_step()
+        assert shares[0].begin_step(in_flight=1) == 8
+        assert shares[0].begin_step(in_flight=2) == 4
+        assert shares[0].begin_step(in_flight=16) == 2, "never more stages than this machine holds"
+        assert shares[0].begin_step(in_flight=0) == 4, "not said: the two busy now"
+    finally:
+        for share in shares:
+            share.close()
+
+
+def test_every_hop_passes_the_in_flight_count_on(tiny_model, stages, monkeypatch):
+    """The coordinator's count reaches every stage's thread choice: 1 for a lone request's steps."""
+    from coordinator.pipeline_client import PipelineClient
+
+    seen = []
+    real = ThreadCounts.for_step
+    monkeypatch.setattr(ThreadCounts, "for_step", lambda self, tokens, in_flight=0: (
+        seen.append(in_flight), real(self, tokens, in_flight))[1])
+    with stages(tiny_model("llama"), 3) as (addresses, _):
+        client = PipelineClient(addresses)
+        try:
+            ids = torch.tensor([[5, 6, 7]])
+            client.submit("s", ids, torch.arange(3)[None], None, start_session=True, end_session=True).result(30)
+        finally:
+            client.close()
+    assert seen == [1, 1, 1]
