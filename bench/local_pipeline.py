@@ -134,17 +134,19 @@ def pipeline_first_token_s(client: CoordinatorClient, prompt: list[int]) -> floa
     return time.perf_counter() - started
 
 
-async def _clients(address: str, prompts: list[list[int]], new_tokens: int) -> tuple[list[list[int]], float]:
+async def _clients(address: str, prompts: list[list[int]], new_tokens: int,
+                   ignore_eos: bool) -> tuple[list[list[int]], float]:
     async with AsyncCoordinatorClient(address) as client:
         started = time.perf_counter()
-        replies = await asyncio.gather(*[client.generate(token_ids=p, max_new_tokens=new_tokens, ignore_eos=True)
+        replies = await asyncio.gather(*[client.generate(token_ids=p, max_new_tokens=new_tokens, ignore_eos=ignore_eos)
                                          for p in prompts])
         return [list(r.token_ids) for r in replies], time.perf_counter() - started
 
 
-def concurrent_clients(address: str, prompts: list[list[int]], new_tokens: int):
-    """All prompts sent at once by as many clients; returns (outputs, tokens/s)."""
-    outputs, seconds = asyncio.run(_clients(address, prompts, new_tokens))
+def concurrent_clients(address: str, prompts: list[list[int]], new_tokens: int, *, ignore_eos: bool = True):
+    """All prompts sent at once by as many clients; returns (outputs, tokens/s). With `ignore_eos`
+    False a request ends at end-of-sequence, as a chat client's does."""
+    outputs, seconds = asyncio.run(_clients(address, prompts, new_tokens, ignore_eos))
     return outputs, sum(len(o) for o in outputs) / seconds
 
 

@@ -2,7 +2,8 @@
 
 Owns: the cores this process may use (`ALL_CORES`), running a block pinned to some of them with a
 given torch thread count, and the two-core ceiling (two pinned copies of the unsplit model's decode
-steps against one). Does not own: pinning the stage servers (their --cpu-set, set by
+steps against one). Also owns `busy_neighbour`, another process keeping one core busy. Does not own: pinning the
+stage servers (their --cpu-set, set by
 local_pipeline.pipeline's `cpu_sets`).
 """
 
@@ -18,6 +19,19 @@ from pathlib import Path
 import torch
 
 ALL_CORES = sorted(os.sched_getaffinity(0))
+
+
+@contextlib.contextmanager
+def busy_neighbour(core: int, limit_s: float = 600.0):
+    """While the block runs, another process spins on `core` (it ends by itself after `limit_s`)."""
+    spin = f"import time\nend = time.monotonic() + {limit_s}\nwhile time.monotonic() < end:\n    pass\n"
+    process = subprocess.Popen(["taskset", "-c", str(core), sys.executable, "-c", spin])
+    try:
+        time.sleep(0.2)  # running before the measure starts
+        yield
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 @contextlib.contextmanager

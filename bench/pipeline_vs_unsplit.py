@@ -12,14 +12,18 @@ and 5 rounds leave the median ~5 % uncertain:
   1. decode      single-request decode tokens/s through 2 and 4 stages ÷ unsplit `generate`
   2. ttft        time to first token of a 512-token prompt through 2 stages ÷ unsplit
   3. concurrency aggregate tokens/s of 1, 4, 16, 64 concurrent clients (32 new tokens each)
-                 through 2 stages, and ÷ one client; the unsplit model's static batch of the
-                 same size beside it; every concurrent answer checked against the same
-                 prompt answered alone
-  4. pinned      2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
+                 through 2 stages started as `launch-local` starts them (no tuning flags),
+                 and ÷ one client; the unsplit model's static batch of the same size beside
+                 it; every concurrent answer checked against the same prompt answered alone;
+                 then 1 and 16 clients whose requests stop at end-of-sequence, and 1 and 16
+                 clients through 4 stages
+  4. neighbour   16 clients through 2 stages (defaults) with another process keeping one
+                 core busy ÷ the same quiet, in alternated rounds
+  5. pinned      a tuned setup: 2 stages each pinned to its own core (1 thread) vs the unsplit model pinned
                  to one core, on batches of 64, 128 and 256 sequences (stages split for the
                  batch's prompt and answer lengths): share of the ideal 2x; in bfloat16 both
                  with the default per-sequence attention and with `--attention batched`
-  5. wire        activation bytes between stages per generated token, per codec
+  6. wire        activation bytes between stages per generated token, per codec
 
     python bench/pipeline_vs_unsplit.py [--dtypes float32,bfloat16] [--parts decode,ttft,...]
         [--json bench/results/pipeline_vs_unsplit.json] [--plot bench/results/throughput.png]

@@ -1,6 +1,7 @@
 """The parts of the throughput suite (bench/pipeline_vs_unsplit.py), one function per part.
 
-Owns: what each part measures and the figures it returns (decode, ttft, concurrency, pinned, wire),
+Owns: what each part measures and the figures it returns (decode, ttft, concurrency, neighbour, pinned,
+wire),
 each given the suite's context (`ctx`: options, model, dtype, prompts, the unsplit model). Does not
 own: starting processes (local_pipeline.py), the baseline (unsplit_model.py), alternating rounds
 (interleaved_rounds.py), or the report (pipeline_vs_unsplit.py).
@@ -29,7 +30,7 @@ from local_pipeline import (  # noqa: E402
     small_step_threads,
     stream_decode_tokens_per_s,
 )
-from pinned_cores import ALL_CORES, pinned_to, two_core_ceiling  # noqa: E402
+from pinned_cores import ALL_CORES, busy_neighbour, pinned_to, two_core_ceiling  # noqa: E402
 
 from coordinator.client import CoordinatorClient  # noqa: E402
 from stage_server.per_sequence_attention import mode_for  # noqa: E402
@@ -88,29 +89,70 @@ def part_ttft(ctx) -> dict:
     return result
 
 
+def _clients_run(ctx, address: str, levels: list[int], *, ignore_eos: bool = True) -> tuple[dict, dict]:
+    """Aggregate tokens/s at each client count of `levels` (1 = one request at a time over every
+    prompt, the baseline and the reference answers) and how many answers equal the reference."""
+    n = ctx.args.new_tokens
+    concurrent_clients(address, ctx.prompts[:2], 4)  # warm up
+    alone, started = [], time.perf_counter()
+    for prompt in ctx.prompts:
+        outputs, _ = concurrent_clients(address, [prompt], n, ignore_eos=ignore_eos)
+        alone.append(outputs[0])
+    pipe, exact = {1: sum(len(o) for o in alone) / (time.perf_counter() - started)}, {}
+    for c in levels[1:]:
+        batch_index = [i % len(ctx.prompts) for i in range(c)]
+        outputs, pipe[c] = concurrent_clients(address, [ctx.prompts[i] for i in batch_index], n, ignore_eos=ignore_eos)
+        exact[c] = sum(o == alone[i] for o, i in zip(outputs, batch_index))
+    return pipe, exact
+
+
 def part_concurrency(ctx) -> dict:
+    """Concurrent clients against the pipeline as `launch-local` starts it (no tuning flags): 2 stages
+    at every level, requests that stop at end-of-sequence too, and 4 stages."""
     n = ctx.args.new_tokens
     levels = [c for c in (1, 4, 16, 64) if c <= ctx.args.max_clients]
     unsplit = {}
     for c in levels:
         batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(c)]
         unsplit[c] = ctx.unsplit.batch_tokens_per_s(batch, n)
-    pipe, exact = {}, {}
-    with pipeline(ctx.model_dir, 2, ctx.dtype_name, threads=1) as address:
-        concurrent_clients(address, ctx.prompts[:2], 4)  # warm up
-        alone, started = [], time.perf_counter()
-        for prompt in ctx.prompts:  # one client, one request at a time: the baseline and the reference
-            outputs, _ = concurrent_clients(address, [prompt], n)
-            alone.append(outputs[0])
-        pipe[1] = sum(len(o) for o in alone) / (time.perf_counter() - started)
-        for c in levels[1:]:
-            batch_index = [i % len(ctx.prompts) for i in range(c)]
-            outputs, pipe[c] = concurrent_clients(address, [ctx.prompts[i] for i in batch_index], n)
-            exact[c] = sum(o == alone[i] for o, i in zip(outputs, batch_index))
-            log(f"  concurrency {c}: {pipe[c]:.1f} tok/s ({pipe[c] / pipe[1]:.2f}x one client), "
-                f"{exact[c]}/{c} identical to alone; unsplit batch {unsplit[c]:.1f} tok/s")
-    return {"clients": levels, "pipeline_tokens_per_s": pipe, "unsplit_batch_tokens_per_s": unsplit,
-            "ratio_to_one_client": {c: pipe[c] / pipe[1] for c in levels}, "identical_to_alone": exact}
+    runs = {}
+    for name, stages, ignore_eos, run_levels in (("", 2, True, levels), ("until_eos_", 2, False, [1, 16]),
+                                                 ("stages_4_", 4, True, [1, 16])):
+        run_levels = [c for c in run_levels if c <= ctx.args.max_clients]
+        with pipeline(ctx.model_dir, stages, ctx.dtype_name) as address:
+            pipe, exact = _clients_run(ctx, address, run_levels, ignore_eos=ignore_eos)
+        for c in run_levels[1:]:
+            log(f"  concurrency, {stages} stages{'' if ignore_eos else ', until end-of-sequence'}, {c} clients: "
+                f"{pipe[c]:.1f} tok/s ({pipe[c] / pipe[1]:.2f}x one client), {exact[c]}/{c} identical to alone"
+                + (f"; unsplit batch {unsplit[c]:.1f} tok/s" if ignore_eos and stages == 2 else ""))
+        runs[name] = {"clients": run_levels, "pipeline_tokens_per_s": pipe,
+                      "ratio_to_one_client": {c: pipe[c] / pipe[1] for c in run_levels}, "identical_to_alone": exact}
+    result = {**runs.pop(""), "unsplit_batch_tokens_per_s": unsplit}
+    for name, run in runs.items():
+        result.update({name + key: value for key, value in run.items()})
+    return result
+
+
+def part_neighbour(ctx) -> dict:
+    """16 clients on 2 stages as `launch-local` starts them, quiet against another process keeping
+    one core busy, in interleaved rounds."""
+    n, clients = ctx.args.new_tokens, 16
+    batch = [ctx.prompts[i % len(ctx.prompts)] for i in range(clients)]
+    with pipeline(ctx.model_dir, 2, ctx.dtype_name) as address:
+        concurrent_clients(address, batch[:2], 4)
+
+        def with_neighbour() -> float:
+            with busy_neighbour(ALL_CORES[-1]):
+                return concurrent_clients(address, batch, n)[1]
+
+        samples = interleaved({"quiet": lambda: concurrent_clients(address, batch, n)[1],
+                               "neighbour": with_neighbour}, ctx.args.rounds)
+    ratios = [b / a for a, b in zip(samples["quiet"], samples["neighbour"])]
+    ratio = statistics.median(ratios)
+    log(f"  neighbour: 16 clients {statistics.median(samples['neighbour']):.1f} tok/s with a core kept busy vs "
+        f"{statistics.median(samples['quiet']):.1f} quiet → {ratio:.3f} (median of {ctx.args.rounds} rounds)")
+    return {"rounds": ctx.args.rounds, "samples_tokens_per_s": samples, "ratio": ratio,
+            "ratio_quartiles": quartiles(ratios)}
 
 
 def pinned_run(ctx, size: int, attention: str = "auto") -> dict:
@@ -190,5 +232,5 @@ def part_wire(ctx) -> dict:
     return {"bytes_per_generated_token": rows}
 
 
-PARTS = {"decode": part_decode, "ttft": part_ttft, "concurrency": part_concurrency, "pinned": part_pinned,
-         "wire": part_wire}
+PARTS = {"decode": part_decode, "ttft": part_ttft, "concurrency": part_concurrency, "neighbour": part_neighbour,
+         "pinned": part_pinned, "wire": part_wire}

@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "per-sequence for 16-bit dtypes on CPU, so a batched answer is the one it gets alone)")
     launch.add_argument("--host", default="127.0.0.1")
     launch.add_argument("--port", type=int, default=50050)
-    launch.add_argument("--threads", type=int, default=0, help="torch threads per stage (default: torch decides)")
+    launch.add_argument("--threads", type=int, default=0,
+                        help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
     _add_pipeline_arguments(launch)
     _add_generation_arguments(launch, required=False)

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV-cache budget in MiB (default 2048)")
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch decides)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads, fixed (default: the usable cores, shared step by step with the "
+                             "other stages of this machine)")
     parser.add_argument("--small-step-threads", type=_thread_count, default="auto",
                         help="threads for steps of at most 4 new tokens (one sequence decoding): a count, 0 = as "
                              "many as --threads, or auto (default): time the slice at start and use one thread "
