@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
+from coordinator.planner import stages_at_once
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
@@ -44,7 +45,7 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     compression: str = "none"
-    micro_batches: int = 0  # groups in flight at once; 0 = one per stage
+    micro_batches: int = 0  # groups in flight at once; 0 = as many as stages compute at once (stages_at_once)
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
     local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)
@@ -133,7 +134,7 @@ class CoordinatorServer:
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)
-        groups = config.micro_batches or len(config.stages)
+        groups = config.micro_batches or stages_at_once([(i.compute_threads, i.colocated_stages) for i in infos])
         chain = chain_greedy_steps(config.chain, config.stages)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,

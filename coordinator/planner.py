@@ -60,3 +60,22 @@ def plan_partition(num_layers: int, num_stages: int,
         ranges.append((start, start + count))
         start += count
     return ranges
+
+
+def stages_at_once(stages: Sequence[tuple[int, int]]) -> int:
+    """How many stages can compute at the same moment, from each stage's (usable cores, other stages
+    on its machine): a machine whose stages outnumber its cores runs only as many at once as it has
+    cores (a stage's step takes one at least), so each of its stages counts for cores / stages.
+    The coordinator keeps this many groups in flight by default: more only split the same cores
+    into smaller steps (4 float32 stages on 2 cores, 16 clients: 88 tok/s with 4 groups, 115 with 2).
+
+    Example:
+        >>> stages_at_once([(2, 3)] * 4)  # 4 stages on one 2-core machine
+        2
+        >>> stages_at_once([(8, 0), (8, 0)])  # 2 machines, one stage each
+        2
+        >>> stages_at_once([(0, 0), (0, 0), (0, 0)])  # not said (a GPU stage, --threads): one each
+        3
+    """
+    share = sum(min(1.0, cores / (1 + others)) if cores else 1.0 for cores, others in stages)
+    return max(1, round(share))

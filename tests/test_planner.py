@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.planner import PlanError, plan_partition
+from coordinator.planner import PlanError, plan_partition, stages_at_once
 
 
 @pytest.mark.parametrize("layers", [1, 2, 5, 7, 30, 32, 81])
@@ -99,3 +99,15 @@ def test_balance_for_and_no_balance_head_exclude_each_other(capsys):
         build_parser().parse_args(["launch-local", "--model", "m", "--num-stages", "2", "--no-balance-head",
                                    "--balance-for", "40:32"])
     assert "not allowed with" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stages, want", [
+    ([(2, 3)] * 4, 2),  # 4 stages sharing one 2-core machine: two compute at once
+    ([(2, 1)] * 2, 2),  # 2 stages on 2 cores: both
+    ([(1, 1)] * 2, 1),  # 2 stages on one core
+    ([(8, 0)] * 3, 3),  # one stage per machine
+    ([(2, 1), (2, 1), (16, 0)], 3),  # two sharing a 2-core machine, one on its own
+    ([(0, 0)] * 3, 3),  # cores not said (a GPU stage, or --threads): one each
+])
+def test_groups_in_flight_follow_the_stages_that_can_compute_at_once(stages, want):
+    assert stages_at_once(stages) == want
