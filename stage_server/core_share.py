@@ -6,6 +6,7 @@ shared memory where every stage process of this machine has a slot and says whet
 computing a step now. A step may use the usable cores over the stages of this machine that may
 compute at once: with the coordinator's count of micro-batches in the pipeline (`in_flight`),
 the smaller of that count and the stages here; without it, the stages computing at that moment.
+Cores that other programs keep busy are left out (foreign_load).
 So one sequence decoding (one micro-batch: its stages compute one at a time) gets every core at
 each stage, and under concurrent load each of two stages on two cores gets one: their thread
 teams never oversubscribe the cores. Does not own: which count a step would like
@@ -38,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stage_server.foreign_load import ForeignLoad
+
 log = logging.getLogger(__name__)
 
 TABLE_PATH = Path(tempfile.gettempdir()) / "layerline-core-share"
@@ -53,11 +56,15 @@ except ImportError:  # no flock (Windows): stages run without a share
     fcntl = None
 
 
+def _affinity() -> set[int]:
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cores(affinity: set[int] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """The cores this process may keep busy: its affinity mask, capped by a CPU quota of cgroup
     v2 (`cpu.max`) or v1 (`cpu/cpu.cfs_quota_us` over `cpu.cfs_period_us`), rounded up; at least 1."""
     if affinity is None:
-        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+        affinity = _affinity()
     cores = max(1, len(affinity))
     quota = _cgroup_quota(cgroup_root)
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
@@ -90,14 +97,17 @@ class CoreShare:
     threads a step may use now; `end_step()` clears the mark. Without a slot (no table could be
     opened, or all SLOTS taken) every step may use all `cores`."""
 
-    def __init__(self, cores: int, path: Path | None = None, *, pid: int | None = None) -> None:
+    def __init__(self, cores: int, path: Path | None = None, *, pid: int | None = None,
+                 affinity: set[int] | None = None) -> None:
         self.cores = cores
         self.path = Path(path or TABLE_PATH)
         self._pid = pid or os.getpid()
         self._table: mmap.mmap | None = None
         self._slot = -1
         self._next_clean = 0.0
-        self._here = 1  # stage processes of this machine, this one included (refreshed with the cleaning)
+        self._pids = [self._pid]  # live slots' pids, this stage's included (refreshed with the cleaning)
+        self._here = 1  # stages of this machine, this one included
+        self._foreign = ForeignLoad(affinity if affinity is not None else _affinity())
         try:
             self._join()
         except OSError as err:
@@ -135,12 +145,16 @@ class CoreShare:
                 if free_slots:
                     struct.pack_into("<i", table, _PIDS + 4 * slot, 0)
 
+    def _live_pids(self) -> list[int]:
+        """The pid of every live slot, this stage's included (a process with several stages, once each)."""
+        if self._table is None:
+            return [self._pid]
+        pids = struct.unpack_from(f"<{SLOTS}i", self._table, _PIDS)
+        return [pid for slot, pid in enumerate(pids) if slot == self._slot or (pid and _alive(pid))]
+
     def neighbours(self) -> int:
         """Other stage processes of this machine in the table now."""
-        if self._table is None:
-            return 0
-        pids = struct.unpack_from(f"<{SLOTS}i", self._table, _PIDS)
-        return sum(1 for slot, pid in enumerate(pids) if pid and slot != self._slot and _alive(pid))
+        return len(self._live_pids()) - 1
 
     def begin_step(self, in_flight: int = 0) -> int:
         """Mark this stage busy; the threads a step may use: the cores over the stages that may
@@ -155,10 +169,12 @@ class CoreShare:
         if now >= self._next_clean:  # a stage killed mid-step must not hold a share for good
             self._next_clean = now + CLEAN_EVERY_S
             self._clean(table, free_slots=False)
-            self._here = 1 + self.neighbours()
+            self._pids = self._live_pids()
+            self._here = len(self._pids)
+        cores = max(1, self.cores - self._foreign.cores_taken(self._pids))
         if in_flight:
-            return max(1, self.cores // min(in_flight, self._here))
-        return max(1, self.cores // max(1, table[_BUSY:_BUSY + SLOTS].count(1)))
+            return max(1, cores // min(in_flight, self._here))
+        return max(1, cores // max(1, table[_BUSY:_BUSY + SLOTS].count(1)))
 
     def end_step(self) -> None:
         table = self._table

@@ -10,7 +10,24 @@ import pytest
 import torch
 
 from stage_server.core_share import CLEAN_EVERY_S, CoreShare, usable_cores
+from stage_server.foreign_load import ForeignLoad
 from stage_server.thread_counts import ThreadCounts
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(request, monkeypatch):
+    """The share's arithmetic, apart from whatever else this machine runs (tested on its own below)."""
+    if "foreign" not in request.node.name:
+        monkeypatch.setattr(ForeignLoad, "cores_taken", lambda self, pids: 0)
+
+
+def fake_proc(root, cpu_busy: list[int], stage_ticks: dict[int, int]):
+    """/proc/stat with one line per CPU (user time = `cpu_busy`), /proc/PID/stat per stage process."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"] + [f"cpu{i} {busy} 0 0 1000 0 0 0 0 0 0" for i, busy in enumerate(cpu_busy)]
+    (root / "stat").write_text("\n".join(lines) + "\n")
+    for pid, ticks in stage_ticks.items():
+        (root / str(pid)).mkdir(exist_ok=True)
+        (root / str(pid) / "stat").write_text(f"{pid} (python (x)) S 1 1 1 0 -1 0 0 0 0 0 {ticks} 0 0 0 20 0\n")
 
 
 def cgroup(tmp_path, v2: str | None = None, v1: tuple[int, int] | None = None):
@@ -150,3 +167,37 @@ def test_every_hop_passes_the_in_flight_count_on(tiny_model, stages, monkeypatch
         finally:
             client.close()
     assert seen == [1, 1, 1]
+
+
+def test_foreign_load_counts_the_cores_other_programs_keep_busy(tmp_path):
+    """A busy loop on one of two cores is one core taken; the stages' own time and a light
+    coordinator are not; only the CPUs the stage may use count."""
+    now = [0.0]
+    ticks = ForeignLoad({0, 1})._ticks_per_s
+    load = ForeignLoad({0, 1}, proc=tmp_path, clock=lambda: now[0])
+    fake_proc(tmp_path, [0, 0, 0], {11: 0, 12: 0})
+    assert load.cores_taken([11, 12]) == 0  # the first sample only starts the interval
+    now[0] = 1.0  # a second: the stages used 1.2 cores, a busy loop one more, on cpus 0 and 1
+    fake_proc(tmp_path, [ticks, int(1.2 * ticks), 5 * ticks], {11: int(0.6 * ticks), 12: int(0.6 * ticks)})
+    assert load.cores_taken([11, 12]) == 1, "cpu 2 is not this stage's, its load does not count"
+    now[0] = 1.5
+    fake_proc(tmp_path, [0, 0, 0], {})
+    assert load.cores_taken([11, 12]) == 1, "re-sampled at most once a second"
+    now[0] = 2.0  # the next second: the stages 1.8 cores, a coordinator 0.2
+    fake_proc(tmp_path, [int(2.1 * ticks), int(2.1 * ticks), 5 * ticks], {11: int(1.5 * ticks), 12: int(1.5 * ticks)})
+    assert load.cores_taken([11, 12]) == 0
+
+
+def test_a_share_leaves_out_the_cores_taken_by_a_foreign_program(tmp_path, monkeypatch):
+    monkeypatch.setattr(ForeignLoad, "cores_taken", lambda self, pids: 1)
+    share = CoreShare(2, tmp_path / "table")
+    try:
+        assert share.begin_step(in_flight=1) == 1
+    finally:
+        share.close()
+    monkeypatch.setattr(ForeignLoad, "cores_taken", lambda self, pids: 5)
+    share = CoreShare(2, tmp_path / "table")
+    try:
+        assert share.begin_step(in_flight=1) == 1, "at least one thread"
+    finally:
+        share.close()
