@@ -45,7 +45,7 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     compression: str = "none"
-    micro_batches: int = 0  # groups in flight at once; 0 = one per machine (planner.stages_at_once)
+    micro_batches: int = 0  # groups in flight at once; 0 = as many as stages compute at once (stages_at_once)
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
     local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)

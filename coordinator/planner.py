@@ -63,21 +63,19 @@ def plan_partition(num_layers: int, num_stages: int,
 
 
 def stages_at_once(stages: Sequence[tuple[int, int]]) -> int:
-    """How many groups of sequences to keep in flight: one per machine, from each stage's (usable
-    cores, other stages on its machine). Stages that share a machine share its cores step by step
-    (stage_server/core_share.py), so one group that takes every core at each stage in turn reads
-    the weights once for all its rows, where several groups would split the cores and read them
-    once per group: on 2 cores, 16 float32 clients made 209 tok/s through 2 stages with one group
-    and 129 with two (4 stages: 209 with one, 115 with two, 88 with four). Stages on machines of
-    their own overlap for real, one group each. `cores` is not used: any number of a machine's
-    cores go to the one group.
+    """How many stages can compute at the same moment, from each stage's (usable cores, other stages
+    on its machine): a machine whose stages outnumber its cores runs only as many at once as it has
+    cores (a stage's step takes one at least), so each of its stages counts for cores / stages.
+    The coordinator keeps this many groups in flight by default: more only split the same cores
+    into smaller steps (4 float32 stages on 2 cores, 16 clients: 88 tok/s with 4 groups, 115 with 2).
 
     Example:
-        >>> stages_at_once([(2, 3)] * 4)  # 4 stages on one machine
-        1
+        >>> stages_at_once([(2, 3)] * 4)  # 4 stages on one 2-core machine
+        2
         >>> stages_at_once([(8, 0), (8, 0)])  # 2 machines, one stage each
         2
-        >>> stages_at_once([(2, 1), (2, 1), (16, 0)])  # two sharing a machine, one on its own
-        2
+        >>> stages_at_once([(0, 0), (0, 0), (0, 0)])  # not said (a GPU stage, --threads): one each
+        3
     """
-    return max(1, round(sum(1.0 / (1 + others) for _, others in stages)))
+    share = sum(min(1.0, cores / (1 + others)) if cores else 1.0 for cores, others in stages)
+    return max(1, round(share))

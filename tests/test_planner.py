@@ -102,13 +102,12 @@ def test_balance_for_and_no_balance_head_exclude_each_other(capsys):
 
 
 @pytest.mark.parametrize("stages, want", [
-    ([(2, 3)] * 4, 1),  # 4 stages sharing one machine: one group takes its cores stage after stage
-    ([(2, 1)] * 2, 1),
-    ([(64, 1)] * 2, 1),  # however many cores
-    ([(8, 0)] * 3, 3),  # one stage per machine: they overlap, one group each
-    ([(2, 1), (2, 1), (16, 0)], 2),  # two sharing a machine, one on its own
-    ([(2, 1)] * 2 + [(2, 1)] * 2, 2),  # two machines of two stages (each stage sees one neighbour)
-    ([(0, 0)] * 3, 3),  # not said (a GPU stage, or --threads): one each
+    ([(2, 3)] * 4, 2),  # 4 stages sharing one 2-core machine: two compute at once
+    ([(2, 1)] * 2, 2),  # 2 stages on 2 cores: both
+    ([(1, 1)] * 2, 1),  # 2 stages on one core
+    ([(8, 0)] * 3, 3),  # one stage per machine
+    ([(2, 1), (2, 1), (16, 0)], 3),  # two sharing a 2-core machine, one on its own
+    ([(0, 0)] * 3, 3),  # cores not said (a GPU stage, or --threads): one each
 ])
-def test_groups_in_flight_are_one_per_machine(stages, want):
+def test_groups_in_flight_follow_the_stages_that_can_compute_at_once(stages, want):
     assert stages_at_once(stages) == want
