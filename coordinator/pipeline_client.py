@@ -42,22 +42,22 @@ class _Pending:
     stage sends the next step before answering); such an early answer waits in `_early`.
     A stage whose next hop fails reports the recent micro-batches it sent there towards a
     collector, answered or not (stage_server/next_hop.py): a report for a micro-batch
-    settled here already is dropped, so it cannot crowd a real early answer out of `_early`."""
+    resolved here already is dropped, so it cannot crowd a real early answer out of `_early`."""
 
     EARLY_KEPT = 256  # unclaimed early answers kept (older ones belonged to abandoned sessions)
-    SETTLED_KEPT = 1024  # keys of recently settled micro-batches (a stage reports up to 256 at once)
+    RESOLVED_KEPT = 1024  # keys of recently resolved micro-batches (a stage reports up to 256 at once)
 
     def __init__(self) -> None:
         self._futures: dict[tuple[str, int], tuple[StepFuture, object, bool]] = {}
         self._early: dict[tuple[str, int], stage_pb2.ForwardResponse] = {}
-        self._settled: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._resolved: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _note_settled(self, key: tuple[str, int]) -> None:
+    def _note_resolved(self, key: tuple[str, int]) -> None:
         """Under the lock."""
-        self._settled[key] = None
-        if len(self._settled) > self.SETTLED_KEPT:
-            self._settled.popitem(last=False)
+        self._resolved[key] = None
+        if len(self._resolved) > self.RESOLVED_KEPT:
+            self._resolved.popitem(last=False)
 
     def count(self) -> int:
         """Micro-batches waiting for their answers (racy by design: a hint for the stages' threads)."""
@@ -72,13 +72,13 @@ class _Pending:
         with self._lock:
             entry = self._futures.pop(key, None)
             if entry is None:
-                if key in self._settled:
+                if key in self._resolved:
                     return  # a late report of a micro-batch already answered (or failed)
                 self._early[key] = response
                 while len(self._early) > self.EARLY_KEPT:
                     del self._early[next(iter(self._early))]
                 return
-            self._note_settled(key)
+            self._note_resolved(key)
         future: StepFuture | None = entry[0]
         while future is not None:  # this answer, then any early answers of the steps it chained to
             early = None
@@ -90,7 +90,7 @@ class _Pending:
                     if early is None:
                         self._futures[following] = (future.next_in_chain, None, True)
                     else:
-                        self._note_settled(following)
+                        self._note_resolved(following)
             future.set_result(response)
             future, response = (future.next_in_chain, early) if early is not None else (None, None)
 
@@ -101,7 +101,7 @@ class _Pending:
                       if (stream is None or sent_on is stream) and (direct or not direct_only)]
             entries = [self._futures.pop(key) for key in doomed]
             for key in doomed:
-                self._note_settled(key)
+                self._note_resolved(key)
         for future, _, _ in entries:
             future.set_exception(error)
 
