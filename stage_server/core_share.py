@@ -106,7 +106,6 @@ class CoreShare:
         self._slot = -1
         self._next_clean = 0.0
         self._pids = [self._pid]  # live slots' pids, this stage's included (refreshed with the cleaning)
-        self._here = 1  # stages of this machine, this one included
         self._foreign = ForeignLoad(affinity if affinity is not None else _affinity())
         try:
             self._join()
@@ -170,10 +169,9 @@ class CoreShare:
             self._next_clean = now + CLEAN_EVERY_S
             self._clean(table, free_slots=False)
             self._pids = self._live_pids()
-            self._here = len(self._pids)
         cores = max(1, self.cores - self._foreign.cores_taken(self._pids))
         if in_flight:
-            return max(1, cores // min(in_flight, self._here))
+            return max(1, cores // min(in_flight, len(self._pids)))
         return max(1, cores // max(1, table[_BUSY:_BUSY + SLOTS].count(1)))
 
     def end_step(self) -> None:

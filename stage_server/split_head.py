@@ -29,25 +29,18 @@ steps (thread_counts) or which module is the head (the family's layout in archit
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
+from stage_server.core_share import usable_cores
+
 SPLIT_MAX_ROWS = 4  # above it, the product is a matrix product that torch's own threads split
 CUT_ALIGN = 64  # parts start at multiples of this many vocabulary rows
 MAX_PARTS = 4  # memory bandwidth, not cores, bounds the gain; more parts only add hand-offs
 AUTO = "auto"
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (its affinity: a stage pinned by taskset counts its own)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parts_for(setting: int | str) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
 from stage_server.cli import build_parser
+from stage_server.core_share import usable_cores
 from stage_server.split_head import (
     CUT_ALIGN,
     MAX_PARTS,
@@ -24,7 +25,6 @@ from stage_server.split_head import (
     SplitHead,
     install_split_head,
     parts_for,
-    usable_cores,
     vocabulary_cuts,
 )
 
