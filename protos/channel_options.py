@@ -46,7 +46,10 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
                    min_ping_interval_ms: int = SERVER_MIN_PING_INTERVAL_MS) -> list[tuple[str, int]]:
     """Options for grpc.server(...): the channels' own, and pings accepted every `min_ping_interval_ms`."""
     return [*channel_options(max_message_bytes),
-            ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms)]
+            ("grpc.http2.min_ping_interval_without_data_ms", min_ping_interval_ms),
+            # gRPC sets SO_REUSEPORT by default: a second server on a held port would bind silently
+            # and the kernel would split connections between the two processes.
+            ("grpc.so_reuseport", 0)]
 
 
 def bind(server, host: str, port: int) -> int:
@@ -56,6 +59,6 @@ def bind(server, host: str, port: int) -> int:
     except RuntimeError:  # grpcio's "Failed to bind to address"
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}: is the port in use, or the address not one of "
-                      "this machine's? Pick another --port or --host")
+        raise OSError(f"cannot listen on {host}:{port}: the port is in use by another process, or the "
+                      "address is not one of this machine's; pick another --port or --host")
     return bound

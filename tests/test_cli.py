@@ -71,6 +71,25 @@ def test_every_server_binds_through_one_check():
         server.stop(None)
 
 
+def test_a_second_server_on_a_held_port_is_refused():
+    """gRPC's default SO_REUSEPORT would let a second server share the port and split connections
+    with the first; every layerline server turns it off, so the second bind fails naming the port."""
+    from concurrent import futures
+
+    from protos.channel_options import bind, server_options
+
+    first = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=server_options())
+    second = grpc.server(futures.ThreadPoolExecutor(max_workers=1), options=server_options())
+    try:
+        port = bind(first, "127.0.0.1", 0)
+        first.start()
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}: the port is in use"):
+            bind(second, "127.0.0.1", port)
+    finally:
+        first.stop(None)
+        second.stop(None)
+
+
 def test_stage_server_rejects_unsupported_architecture(tmp_path):
     config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2)
     config.save_pretrained(tmp_path)
