@@ -136,7 +136,7 @@ class ApiKeys:
             return False
         with self._lock:
             self._limits, self._first_key = limits, first_key
-        log.warning("API keys reloaded from %s: %d keys", self.path, len(limits))
+        log.warning("API keys reloaded from %s: %d key(s)", self.path, len(limits))
         return True
 
     def authenticate(self, values: list[str]) -> tuple[bytes | None, str]:
