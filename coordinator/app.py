@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
@@ -118,8 +119,9 @@ def batching_state(engine: Engine, limits: BatchLimits, groups: int) -> coordina
 class CoordinatorServer:
     """The public API of one pipeline."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, api_keys: ApiKeys | None = None) -> None:
         self.config = config
+        self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
         infos = wait_for_stages(config.stages, config.stage_wait_s)
         check_route(config.stages, infos)
@@ -145,7 +147,8 @@ class CoordinatorServer:
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
-                                       options=server_options())
+                                       options=server_options(),
+                                       interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else None)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)

@@ -22,6 +22,7 @@ import time
 
 import grpc
 
+from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    add_api_keys_argument(serve)
     _add_pipeline_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--threads", type=int, default=0,
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    add_api_keys_argument(launch)
     _add_pipeline_arguments(launch)
     _add_generation_arguments(launch, required=False)
     launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
@@ -140,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--address", help="HOST:PORT of a coordinator")
     target.add_argument("--stages", help="HOST:PORT of each stage (then --model is needed for the tokenizer)")
     generate.add_argument("--model", help="model directory or known name (with --stages)")
+    add_api_key_argument(generate)
     _add_pipeline_arguments(generate)
     _add_generation_arguments(generate, required=True)
 
     info = commands.add_parser("info", help="show the model and stages behind a coordinator")
     info.add_argument("--address", required=True)
+    add_api_key_argument(info)
     return parser
 
 
@@ -161,9 +166,9 @@ def _generation_kwargs(args) -> dict:
     return kwargs
 
 
-def run_generation(address: str, args) -> int:
+def run_generation(address: str, args, api_key: str | None = None) -> int:
     """Stream one completion to the terminal (or print it as JSON)."""
-    with CoordinatorClient(address) as client:
+    with CoordinatorClient(address, api_key=api_key or getattr(args, "api_key", None)) as client:
         text, token_ids, finish, prompt_tokens = [], [], 0, 0
         started = time.perf_counter()
         first_token_s = None
@@ -220,7 +225,9 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> C
 def cmd_serve(args) -> int:
     model_dir = resolve_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port))
+    keys = api_keys_from_args(args)
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port), api_keys=keys)
+    reload_on_sighup(keys)
     port = server.start()
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
           f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
@@ -230,6 +237,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_launch_local(args) -> int:
+    keys = api_keys_from_args(args)
     model_dir = ensure_model(args.model)
     from transformers import AutoConfig
 
@@ -241,11 +249,13 @@ def cmd_launch_local(args) -> int:
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
                      extra_args=("--attention", args.attention, "--local-hops", args.local_hops)) as stages:
         addresses = stages.start()
-        server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port))
+        server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port),
+                                   api_keys=keys)
+        reload_on_sighup(keys)
         port = server.start()
         try:
             if one_shot:
-                return run_generation(f"{args.host}:{port}", args)
+                return run_generation(f"{args.host}:{port}", args, api_key=keys.own_key() if keys else None)
             print(f"layerline: coordinator on {args.host}:{port}, {len(addresses)} stages "
                   f"({', '.join(f'{a}:{b}' for a, b in ranges)}); Ctrl-C to stop", file=sys.stderr, flush=True)
             _wait_for_signal()
@@ -272,7 +282,7 @@ def cmd_generate(args) -> int:
 def cmd_info(args) -> int:
     from google.protobuf import json_format
 
-    with CoordinatorClient(args.address) as client:
+    with CoordinatorClient(args.address, api_key=args.api_key) as client:
         print(json_format.MessageToJson(client.model_info()))
     return 0
 

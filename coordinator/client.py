@@ -1,7 +1,8 @@
 """Python client of layerline's public API (sync and asyncio).
 
 Owns: building GenerateRequests from keyword arguments and calling the Coordinator
-service. Errors surface as grpc.RpcError with the server's status code and message.
+service, with the API key (`api_key=`, else $LAYERLINE_API_KEY) on every call. Errors
+surface as grpc.RpcError with the server's status code and message.
 
 Does not own: the server side (service) or the terminal flow around it (cli).
 """
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from coordinator.api_keys import bearer_metadata
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.channel_options import channel_options
 
@@ -37,19 +39,21 @@ class CoordinatorClient:
         ...     print(client.generate(prompt="Hello", max_new_tokens=8).text)
     """
 
-    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+        self.metadata = bearer_metadata(api_key)
         self.channel = grpc.insecure_channel(address, options=channel_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
 
     def generate(self, **kwargs) -> coordinator_pb2.GenerateResponse:
-        return self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s)
+        return self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s, metadata=self.metadata)
 
     def generate_stream(self, **kwargs) -> Iterator[coordinator_pb2.GenerateStreamResponse]:
-        return self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s)
+        return self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s, metadata=self.metadata)
 
     def model_info(self) -> coordinator_pb2.ModelInfo:
-        return self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+        return self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s,
+                                      metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
@@ -64,20 +68,23 @@ class CoordinatorClient:
 class AsyncCoordinatorClient:
     """asyncio client with the same methods as CoordinatorClient."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = None) -> None:
+    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+        self.metadata = bearer_metadata(api_key)
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
 
     async def generate(self, **kwargs) -> coordinator_pb2.GenerateResponse:
-        return await self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s)
+        return await self.stub.Generate(build_request(**kwargs), timeout=self.timeout_s, metadata=self.metadata)
 
     async def generate_stream(self, **kwargs) -> AsyncIterator[coordinator_pb2.GenerateStreamResponse]:
-        async for message in self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s):
+        async for message in self.stub.GenerateStream(build_request(**kwargs), timeout=self.timeout_s,
+                                                      metadata=self.metadata):
             yield message
 
     async def model_info(self) -> coordinator_pb2.ModelInfo:
-        return await self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s)
+        return await self.stub.GetModelInfo(coordinator_pb2.GetModelInfoRequest(), timeout=self.timeout_s,
+                                            metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -84,12 +84,13 @@ def stages():
 
 
 @contextlib.contextmanager
-def running_coordinator(model_dir: Path, addresses: list[str], **config):
-    """An in-process coordinator over running stages; yields (address, server)."""
+def running_coordinator(model_dir: Path, addresses: list[str], api_keys=None, **config):
+    """An in-process coordinator over running stages (api_keys: a coordinator.api_keys.ApiKeys);
+    yields (address, server)."""
     from coordinator.app import CoordinatorConfig, CoordinatorServer
 
     server = CoordinatorServer(CoordinatorConfig(stages=tuple(addresses), model_dir=str(model_dir), port=0,
-                                                 stage_wait_s=30, **config))
+                                                 stage_wait_s=30, **config), api_keys=api_keys)
     port = server.start()
     try:
         yield f"127.0.0.1:{port}", server
