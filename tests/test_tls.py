@@ -248,3 +248,25 @@ def test_generate_and_info_take_the_client_flags(tls_pipeline, certs):
     assert info.returncode == 0 and '"numLayers": 4' in info.stdout, info.stderr
     refused = run("coordinator.cli", "info", "--address", address, "--tls-ca", str(certs / "ca.pem"))
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+                    reason="needs root to connect as another user, and a system python3 that user may run")
+def test_the_same_machine_socket_takes_only_the_stages_own_user():
+    """The abstract socket has no file permissions: the stage checks who connects (SO_PEERCRED)."""
+    from protos.unix_socket import ACCEPTED, FORWARD, REFUSED, socket_name
+    from stage_server.unix_listener import UnixListener
+
+    port = 60999
+    listener = UnixListener(port, lambda requests, context: iter(()), lambda request, context, send: iter(()),
+                            lambda: True, lambda: None)
+    probe = (f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(5)\ns.connect({socket_name(port)!r})\n"
+             f"try:\n    s.sendall({FORWARD!r})\nexcept OSError:\n    pass\nprint(s.recv(1))")  # refused: closed early
+    try:
+        other = subprocess.run(["/usr/bin/python3", "-c", probe], user=65534, capture_output=True, text=True,
+                               timeout=30)
+        own = subprocess.run(["/usr/bin/python3", "-c", probe], capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+    assert other.stdout.strip() == repr(REFUSED), other.stderr
+    assert own.stdout.strip() == repr(ACCEPTED), own.stderr
