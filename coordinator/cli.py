@@ -238,7 +238,7 @@ def cmd_serve(args) -> int:
 
 def cmd_launch_local(args) -> int:
     one_shot = args.prompt is not None or args.chat is not None
-    tls = tls_arguments.serving_tls(args, stages_listen=True)
+    tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
     model_dir = ensure_model(args.model)
     from transformers import AutoConfig
 

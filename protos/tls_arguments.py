@@ -100,12 +100,15 @@ def add_server_tls_arguments(parser: argparse.ArgumentParser) -> None:
     add_insecure_argument(parser)
 
 
-def serving_tls(args: argparse.Namespace, *, stages_listen: bool) -> dict[str, TlsFiles | None]:
+def serving_tls(args: argparse.Namespace, *, stages_listen: bool, api_listens: bool = True
+                ) -> dict[str, TlsFiles | None]:
     """The coordinator's TLS files as CoordinatorConfig fields (stage_tls, api_tls), after the
     secure-listening check of its --host; `stages_listen`: stages started by this command listen
-    on --host too (launch-local)."""
+    on --host too (launch-local); `api_listens`: so does the public API (not for a one-shot
+    launch-local, whose API listens on loopback)."""
     hops, api = hop_tls(args), api_tls(args)
-    check_server_listen(args, hops=(hops is not None) if stages_listen else None, api=api is not None)
+    check_server_listen(args, hops=(hops is not None) if stages_listen else None,
+                        api=(api is not None) if api_listens else None)
     return {"stage_tls": hops, "api_tls": api}
 
 

@@ -5,6 +5,7 @@ the handshake, and the refusal to listen in the open without TLS."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -19,6 +20,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tiny_models import reference_greedy
+from transformers import AutoTokenizer
 
 from coordinator.certs import CertificateError, make_certificates, parse_hosts
 from coordinator.client import CoordinatorClient
@@ -270,3 +272,18 @@ def test_the_same_machine_socket_takes_only_the_stages_own_user():
         listener.close()
     assert other.stdout.strip() == repr(REFUSED), other.stderr
     assert own.stdout.strip() == repr(ACCEPTED), own.stderr
+
+
+def test_launch_local_passes_its_tls_flags_to_every_stage(tiny_model, certs):
+    """Stages on every interface over mutual TLS, dialled on loopback (a name their certificate
+    carries); the one-shot API listens on loopback, so it needs no TLS of its own."""
+    model_dir = tiny_model("llama")
+    result = run("coordinator.cli", "launch-local", "--model", str(model_dir), "--num-stages", "2", "--host", "0.0.0.0",
+                 "--tls-cert", str(certs / "node1.example.pem"), "--tls-key", str(certs / "node1.example-key.pem"),
+                 "--tls-ca", str(certs / "ca.pem"), "--local-hops", "off", "--threads", "1", "--prompt", "Hello there",
+                 "--max-new-tokens", "8", "--json", timeout=240)
+    assert result.returncode == 0, result.stderr
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)("Hello there")["input_ids"]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["token_ids"] == \
+        reference_greedy(model_dir, [prompt_ids], 8)[0]
+    assert "ready on 127.0.0.1:" in result.stderr
