@@ -7,14 +7,17 @@ flags (`coordinator generate`, `coordinator info`: a CA to check the server, a c
 the server asks for one) and `--insecure`; reading them (`hop_tls`, `api_tls`, `client_tls`) and
 the secure-listening check of a command (`check_server_listen`).
 
-Does not own: what the files are checked for or how credentials are made (protos/tls.py).
+Does not own: what the files are checked for or how credentials are made (protos/tls.py, imported
+only when TLS flags are read: `stage-server` adds these flags before it has loaded gRPC).
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from protos.tls import TlsError, TlsFiles, check_listen
+if TYPE_CHECKING:
+    from protos.tls import TlsFiles
 
 HOP_FLAGS = ("--tls-ca", "--tls-cert", "--tls-key")
 API_FLAGS = ("--api-tls-ca", "--api-tls-cert", "--api-tls-key")
@@ -58,6 +61,8 @@ def add_insecure_argument(parser: argparse.ArgumentParser) -> None:
 
 def hop_tls(args: argparse.Namespace) -> TlsFiles | None:
     """The hop flags as TlsFiles (None when none is given); all three go together."""
+    from protos.tls import TlsError, TlsFiles
+
     given = [args.tls_ca, args.tls_cert, args.tls_key]
     if not any(given):
         return None
@@ -69,6 +74,8 @@ def hop_tls(args: argparse.Namespace) -> TlsFiles | None:
 
 def api_tls(args: argparse.Namespace) -> TlsFiles | None:
     """The public API's flags as TlsFiles (None when none is given)."""
+    from protos.tls import TlsError, TlsFiles
+
     if not (args.api_tls_cert or args.api_tls_key or args.api_tls_ca):
         return None
     if not args.api_tls_cert:
@@ -78,6 +85,8 @@ def api_tls(args: argparse.Namespace) -> TlsFiles | None:
 
 def client_tls(args: argparse.Namespace) -> TlsFiles | None:
     """A client's flags as TlsFiles (None when none is given: plaintext)."""
+    from protos.tls import TlsFiles
+
     if not (args.tls_ca or args.tls_cert or args.tls_key):
         return None
     return TlsFiles.read(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, flags=HOP_FLAGS)
@@ -87,6 +96,8 @@ def check_server_listen(args: argparse.Namespace, *, hops: bool | None = None, a
     """Refuse a non-loopback --host without TLS unless --insecure. `hops`: whether the command takes
     hops there (a stage), and whether they have TLS; `api`: the same for the public API (None: the
     command does not serve it)."""
+    from protos.tls import check_listen
+
     if hops is not None:
         check_listen(args.host, tls=hops, insecure=args.insecure, tls_flags=", ".join(HOP_FLAGS))
     if api is not None:
