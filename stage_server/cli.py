@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
     parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1); a non-loopback one needs --tls-* or --insecure")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -243,9 +243,13 @@ def test_the_public_api_without_a_ca_takes_clients_without_certificates(certs):
 
 
 def test_generate_and_info_take_the_client_flags(tls_pipeline, certs):
-    _, _, address = tls_pipeline
+    model_dir, stages, address = tls_pipeline
     flags = ("--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"),
              "--tls-key", str(certs / "client-key.pem"))
+    for target in (("--address", address), ("--stages", ",".join(stages), "--model", str(model_dir))):
+        reply = run("coordinator.cli", "generate", *target, *flags, "--prompt", "Hello there", "--max-new-tokens",
+                    "4", "--json")
+        assert reply.returncode == 0 and len(json.loads(reply.stdout)["token_ids"]) == 4, reply.stderr
     info = run("coordinator.cli", "info", "--address", address, *flags)
     assert info.returncode == 0 and '"numLayers": 4' in info.stdout, info.stderr
     refused = run("coordinator.cli", "info", "--address", address, "--tls-ca", str(certs / "ca.pem"))
