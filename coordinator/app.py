@@ -28,6 +28,7 @@ from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
 from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
+from protos.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -53,11 +54,14 @@ class CoordinatorConfig:
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
     stage_wait_s: float = 120.0
+    stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
+    api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
 
 
-def wait_for_stages(addresses: tuple[str, ...], timeout_s: float) -> list[stage_pb2.InfoResponse]:
+def wait_for_stages(addresses: tuple[str, ...], timeout_s: float,
+                    tls: TlsFiles | None = None) -> list[stage_pb2.InfoResponse]:
     """Info from every stage once all have loaded; raises PipelineSetupError on timeout."""
-    client = PipelineClient(list(addresses))
+    client = PipelineClient(list(addresses), tls=tls)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -123,11 +127,12 @@ class CoordinatorServer:
         self.config = config
         self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
-        infos = wait_for_stages(config.stages, config.stage_wait_s)
+        infos = wait_for_stages(config.stages, config.stage_wait_s, config.stage_tls)
         check_route(config.stages, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
-                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops)
+                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops,
+                                       tls=config.stage_tls)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context)
         info = coordinator_pb2.ModelInfo(
@@ -156,7 +161,9 @@ class CoordinatorServer:
         self.port = 0
 
     def start(self) -> int:
-        self.port = bind(self.grpc_server, self.config.host, self.config.port)
+        api_tls = self.config.api_tls
+        self.port = bind(self.grpc_server, self.config.host, self.config.port,
+                         server_credentials(api_tls) if api_tls else None)
         self.grpc_server.start()
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 
-import grpc
-
 from coordinator.api_keys import bearer_metadata
 from protos import coordinator_pb2, coordinator_pb2_grpc
-from protos.channel_options import channel_options
+from protos.tls import TlsFiles, open_channel
 
 
 def build_request(*, prompt: str = "", messages: Sequence[dict[str, str]] | None = None,
@@ -33,15 +31,21 @@ def build_request(*, prompt: str = "", messages: Sequence[dict[str, str]] | None
 
 
 class CoordinatorClient:
-    """Blocking client. Example:
+    """Blocking client. `tls`: connect over TLS (protos.tls.TlsFiles: the CA the server's certificate
+    is checked against, and a client certificate for a server that requires one); None: plaintext.
+    Example:
 
         >>> with CoordinatorClient("127.0.0.1:50050") as client:  # doctest: +SKIP
         ...     print(client.generate(prompt="Hello", max_new_tokens=8).text)
+        >>> tls = TlsFiles.read(ca="certs/ca.pem", cert="certs/client.pem", key="certs/client-key.pem")
+        >>> with CoordinatorClient("node1:50050", tls=tls) as client:  # doctest: +SKIP
+        ...     print(client.model_info().model_name)
     """
 
-    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.metadata = bearer_metadata(api_key)
-        self.channel = grpc.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, tls)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
 
@@ -66,11 +70,12 @@ class CoordinatorClient:
 
 
 class AsyncCoordinatorClient:
-    """asyncio client with the same methods as CoordinatorClient."""
+    """asyncio client with the same methods and arguments as CoordinatorClient."""
 
-    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None) -> None:
+    def __init__(self, address: str, *, timeout_s: float | None = None, api_key: str | None = None,
+                 tls: TlsFiles | None = None) -> None:
         self.metadata = bearer_metadata(api_key)
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options())
+        self.channel = open_channel(address, tls, aio=True)
         self.stub = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         self.timeout_s = timeout_s
 

@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 READY_LINE = re.compile(r"stage-server ready on (\S+):(\d+)")
+# A stage listening on every address is dialled on loopback: an address it holds (and one its TLS
+# certificate names; coordinator certs adds the loopback names to every host's).
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 class LaunchError(RuntimeError):
@@ -90,7 +93,8 @@ class LocalStages:
             stage.output.append(line)
             match = READY_LINE.search(line)
             if match:
-                stage.address = f"{match.group(1)}:{match.group(2)}"
+                host = "127.0.0.1" if match.group(1) in WILDCARD_HOSTS else match.group(1)
+                stage.address = f"{host}:{match.group(2)}"
                 stage.ready.set()
             elif self.echo and ("error" in line.lower() or "warning" in line.lower()):
                 print(f"[stage {index}] {line}", end="", file=sys.stderr)

@@ -17,7 +17,6 @@ import logging
 import threading
 from collections import OrderedDict
 
-import grpc
 import numpy as np
 import torch
 
@@ -30,7 +29,7 @@ from coordinator.stage_streams import (
 )
 from coordinator.step_future import StepFuture
 from protos import codec, stage_pb2, stage_pb2_grpc
-from protos.channel_options import channel_options
+from protos.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +109,17 @@ class PipelineClient:
     """Sends micro-batches down a route of stage addresses and gets logits back."""
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
-                 model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True) -> None:
+                 model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True,
+                 tls: TlsFiles | None = None) -> None:
         """`local_hops`: reach stages on this machine over their Unix sockets where they have one
-        (stage_streams), else gRPC."""
+        (stage_streams), else gRPC; `tls`: the certificate, key and CA the gRPC channels to the stages
+        use (mutual TLS; the Forward streams and the Results subscription go over them), None: plaintext."""
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
         self.wire_codec = wire_codec
         self.model_fingerprint = model_fingerprint
-        self._channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
+        self._channels = [open_channel(a, tls) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self.direct_results = direct_results and len(self.addresses) > 1
         self.local_hops = local_hops

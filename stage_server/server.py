@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
+from protos.tls import TlsFiles, server_credentials
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.machine_lock import MachineLock
@@ -68,6 +69,7 @@ class StageServerConfig:
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
     local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/unix_listener.py)
     progress: bool = True
+    tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
 
 
 class StageServer:
@@ -104,12 +106,12 @@ class StageServer:
     def start(self) -> None:
         """Bind the port (health NOT_SERVING), load the slice, then report SERVING."""
         cfg = self.config
-        port = bind(self.grpc_server, cfg.host, cfg.port)
+        port = bind(self.grpc_server, cfg.host, cfg.port, server_credentials(cfg.tls) if cfg.tls else None)
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
                                     max_streams=cfg.max_streams, trace=self._trace,
-                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED)
+                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls)
         stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         self.grpc_server.start()
         self._listen_for_local_hops(port)

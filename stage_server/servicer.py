@@ -24,6 +24,7 @@ import grpc
 import psutil
 
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
+from protos.tls import TlsFiles
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
 from stage_server.forward_stream import ForwardStream
@@ -40,17 +41,18 @@ class StageService(stage_pb2_grpc.StageServicer):
     """Serves one slice. Until `serve` hands it the loaded slice, Forward answers UNAVAILABLE."""
 
     def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64, trace: StepTrace | None = None,
-                 use_local_hops: bool = unix_socket.SUPPORTED) -> None:
+                 use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
         on (compute_thread); `trace`: where step stamps go (--trace-steps); `use_local_hops`: whether
-        next hops on this machine are reached over their Unix socket (next_hop)."""
+        next hops on this machine are reached over their Unix socket (next_hop); `tls`: the stage's
+        certificate, key and CA, with which it dials its next hops over gRPC (None: plaintext)."""
         self.name = name
         self.max_streams = max_streams
         self._streams = 0  # Forward and Results streams open now
         self._streams_lock = threading.Lock()
         self._compute = compute
         self._use_local_hops = use_local_hops
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(tls)
         self._inflight = 0
         self._inflight_changed = threading.Condition()
         self._draining = threading.Event()

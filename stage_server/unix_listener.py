@@ -35,7 +35,9 @@ from protos.unix_socket import (
     RESULTS,
     FrameError,
     FrameWriter,
+    peer_uid,
     read_frames,
+    same_user,
     shut_quietly,
     socket_name,
 )
@@ -110,6 +112,11 @@ class UnixListener:
                     return
                 log.warning("same-machine socket: accept failed (%s); retrying", err)  # e.g. out of descriptors
                 time.sleep(0.1)
+                continue
+            if not same_user(connection):  # the socket has no permissions of its own (unix_socket.same_user)
+                log.warning("refused a same-machine connection from user id %d: only this stage's user (or root) "
+                            "may connect", peer_uid(connection))
+                _answer_and_close(connection, REFUSED)
                 continue
             if not self._reserve_slot():
                 log.warning("refused a same-machine connection: every stream slot is taken (--max-streams)")
