@@ -20,7 +20,7 @@ from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
-from coordinator.planner import stages_at_once
+from coordinator.planner import groups_in_flight
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
@@ -47,7 +47,7 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     compression: str = "none"
-    micro_batches: int = 0  # groups in flight at once; 0 = as many as stages compute at once (stages_at_once)
+    micro_batches: int = 0  # groups in flight at once; 0 = one per machine (planner.groups_in_flight)
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
     local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)
@@ -141,7 +141,7 @@ class CoordinatorServer:
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)
-        groups = config.micro_batches or stages_at_once([(i.compute_threads, i.colocated_stages) for i in infos])
+        groups = config.micro_batches or groups_in_flight([(i.compute_threads, i.colocated_stages) for i in infos])
         chain = chain_greedy_steps(config.chain, config.stages)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
