@@ -30,6 +30,7 @@ from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2
+from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
@@ -94,6 +95,18 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              f"admitted prompt in one micro-batch (default {defaults.prefill_chunk_tokens})")
 
 
+def _mebibytes(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_request_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-request-mb", type=_mebibytes, default=DEFAULT_MAX_REQUEST_MB,
+                        help="largest public request in MiB (default %(default)s); larger ones get RESOURCE_EXHAUSTED "
+                             "from gRPC before they are read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
     parser.add_argument("--log-level", default="WARNING")
@@ -109,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    _add_request_limit(serve)
     _add_pipeline_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
@@ -131,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--threads", type=int, default=0,
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    _add_request_limit(launch)
     _add_pipeline_arguments(launch)
     _add_generation_arguments(launch, required=False)
     launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
@@ -214,7 +229,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> C
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
-                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))
+                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
+                             max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20)
 
 
 def cmd_serve(args) -> int:
