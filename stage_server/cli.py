@@ -17,6 +17,7 @@ import sys
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.step_bounds import add_step_bound_arguments
 
 
 def _whole_number(text: str, minimum: int, expected: str) -> int:
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "two per stage); more are refused with RESOURCE_EXHAUSTED")
     parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048,
                         help="KV-cache budget in MiB (default 2048)")
+    add_step_bound_arguments(parser, _at_least_one)
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0,
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         config = StageServerConfig(
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
-            max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
+            max_cache_bytes=args.max_cache_mb << 20, max_step_tokens=args.max_step_tokens,
+            session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
             local_hops=args.local_hops == "on", progress=not args.quiet)

@@ -26,10 +26,12 @@ import psutil
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
+from stage_server.errors import InvalidRequest
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
 from stage_server.next_hop import ChannelPool, open_next_hop
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import check_side_request
 from stage_server.step_runner import ServedSlice, StepRunner
 from stage_server.step_trace import StepTrace
 
@@ -129,9 +131,11 @@ class StageService(stage_pb2_grpc.StageServicer):
     def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came (a
         gRPC Results call, or a same-machine connection whose frame writer is `send`; collectors.py)."""
+        _refuse_unbounded(request, context)
         return self.collectors.subscribe(request, context, send)
 
     def StopChain(self, request, context):
+        _refuse_unbounded(request, context)
         if not request.session_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
         self._chain.stop(request.session_id)
@@ -152,6 +156,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- EndSession and Info ---------------------------------------------------------------
 
     def EndSession(self, request, context):
+        _refuse_unbounded(request, context)
         if not request.session_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
         served = self.steps.served
@@ -195,6 +200,14 @@ class StageService(stage_pb2_grpc.StageServicer):
         """Close the greedy chain's links and the gRPC channels to next hops."""
         self._chain.close()
         self._channels.close()
+
+
+def _refuse_unbounded(request, context) -> None:
+    """INVALID_ARGUMENT for a side request with unknown fields, an overlong id or route (step_bounds)."""
+    try:
+        check_side_request(request)
+    except InvalidRequest as err:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
 def software_versions() -> dict[str, str]:
