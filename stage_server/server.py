@@ -36,6 +36,7 @@ from stage_server.stage_model import StageModel
 from stage_server.step_bounds import DEFAULT_MAX_STEP_TOKENS, StepBounds
 from stage_server.step_runner import ServedSlice
 from stage_server.step_trace import StepTrace
+from stage_server.stream_slots import DEFAULT_STREAM_IDLE_TIMEOUT_S
 from stage_server.thread_counts import ThreadCounts
 from stage_server.unix_listener import UnixListener
 
@@ -57,6 +58,7 @@ class StageServerConfig:
     device: str = "cpu"
     max_sessions: int = 64
     max_streams: int = 64  # Forward + Results streams open at once (a coordinator holds one or two)
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S  # a silent stream's slot may go to a new one
     max_cache_bytes: int = 2 << 30
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS  # rows × new tokens of one step (stage_server/step_bounds.py)
     session_timeout_s: float = 300.0
@@ -110,7 +112,8 @@ class StageServer:
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
-                                    max_streams=cfg.max_streams, trace=self._trace,
+                                    max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+                                    trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED)
         stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         self.grpc_server.start()
