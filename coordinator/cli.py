@@ -25,7 +25,7 @@ import grpc
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
-from coordinator.launcher import LaunchError, LocalStages
+from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
@@ -254,6 +254,7 @@ def cmd_launch_local(args) -> int:
     head_cost = head_cost_in_layers(config, args.balance_for) if args.balance_head else 0.0
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
     one_shot = args.prompt is not None or args.chat is not None
+    check_ports_free(args.host, [0 if one_shot else args.port])  # the stages take free ports (--port 0)
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
                      extra_args=("--attention", args.attention, "--local-hops", args.local_hops)) as stages:
         addresses = stages.start()
