@@ -36,8 +36,9 @@ def check_id(what: str, value: str) -> None:
 def check_route(what: str, addresses) -> None:
     if len(addresses) > MAX_ROUTE_HOPS:
         raise InvalidRequest(f"{what} names {len(addresses)} stages; at most {MAX_ROUTE_HOPS}")
-    if any(len(address) > MAX_ADDRESS_CHARS for address in addresses):
-        raise InvalidRequest(f"{what} names an address longer than {MAX_ADDRESS_CHARS} characters")
+    for address in addresses:
+        if len(address) > MAX_ADDRESS_CHARS:
+            raise InvalidRequest(f"{what} names an address longer than {MAX_ADDRESS_CHARS} characters")
 
 
 def check_known_fields(request) -> None:
@@ -59,7 +60,7 @@ def check_side_request(request) -> None:
 def _elements(shape) -> int:
     count = 1
     for size in shape:
-        count *= max(int(size), 0)
+        count *= size if size > 0 else 0
     return count
 
 
@@ -79,19 +80,27 @@ class StepBounds:
 
     def check(self, request: stage_pb2.ForwardRequest) -> None:
         """Refuse a request whose ids, fields or declared tensor shapes are out of bounds, before any
-        of its tensors is decoded and before any session is started or looked up."""
+        of its tensors is decoded and before any session is started or looked up. Runs on every step,
+        so it reads each field once."""
         check_known_fields(request)
-        check_id("session_id", request.session_id)
-        check_id("reply_to", request.reply_to)
-        for name in request.cache_edit.append_sessions:
-            check_id("cache_edit.append_sessions", name)
+        if len(request.session_id) > MAX_ID_CHARS or len(request.reply_to) > MAX_ID_CHARS:
+            check_id("session_id", request.session_id)
+            check_id("reply_to", request.reply_to)
+        if request.HasField("cache_edit"):
+            for name in request.cache_edit.append_sessions:
+                check_id("cache_edit.append_sessions", name)
         check_route("route", request.route)
-        check_route("chain_route", request.chain_route)
-        shape = list(request.activations.shape)
-        width = 1 if self.takes_token_ids else self.hidden_size
-        if len(shape) != (2 if self.takes_token_ids else 3) or (not self.takes_token_ids and shape[2] != width):
-            kind = "token ids [rows, tokens]" if self.takes_token_ids else f"hidden states [rows, tokens, {width}]"
-            raise InvalidRequest(f"this stage takes {kind}; the activations are shaped {shape}")
+        if request.chain_route:
+            check_route("chain_route", request.chain_route)
+        shape = request.activations.shape
+        dims = len(shape)
+        if self.takes_token_ids:
+            if dims != 2:
+                raise InvalidRequest(f"this stage takes token ids [rows, tokens]; the activations are shaped "
+                                     f"{list(shape)}")
+        elif dims != 3 or shape[2] != self.hidden_size:
+            raise InvalidRequest(f"this stage takes hidden states [rows, tokens, {self.hidden_size}]; the "
+                                 f"activations are shaped {list(shape)}")
         rows, tokens = max(shape[0], 0), max(shape[1], 0)
         if rows * tokens > self.max_step_tokens:
             raise ResourceExhausted(f"a step of {rows} rows × {tokens} tokens exceeds this stage's "
