@@ -161,3 +161,13 @@ def test_same_machine_peers_that_only_announce_huge_frames_cost_little(one_stage
         for peer in peers:
             peer.close()
     assert grown < 100, f"the stage grew {grown:.0f} MB for frames that never came"
+
+
+def test_stop_chain_requests_for_no_running_chain_are_remembered_up_to_a_bound():
+    from stage_server.greedy_chain import MAX_REMEMBERED_STOPS, GreedyChain
+
+    chain = GreedyChain(lambda *args: None, lambda collector_id: None)
+    for index in range(MAX_REMEMBERED_STOPS + 500):
+        chain.stop(f"junk-{index}")
+    assert len(chain._stops) == MAX_REMEMBERED_STOPS
+    assert f"junk-{MAX_REMEMBERED_STOPS + 499}" in chain._stops and "junk-0" not in chain._stops
