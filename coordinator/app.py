@@ -26,7 +26,7 @@ from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
-from protos.channel_options import bind, server_options
+from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
 from protos.reflection import enable_reflection
 from protos.tls import TlsFiles, server_credentials
 
@@ -53,6 +53,7 @@ class CoordinatorConfig:
     local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20  # larger public requests: RESOURCE_EXHAUSTED (gRPC)
     stage_wait_s: float = 120.0
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
@@ -134,7 +135,8 @@ class CoordinatorServer:
                                        model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops,
                                        tls=config.stage_tls)
         max_context = _max_context(config.model_dir)
-        limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context)
+        limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
+                        vocab_size=infos[-1].vocab_size)
         info = coordinator_pb2.ModelInfo(
             model_name=config.model_name or config.model_dir, model_type=infos[0].model_type,
             model_fingerprint=infos[0].model_fingerprint, num_layers=infos[0].num_layers,
@@ -152,7 +154,7 @@ class CoordinatorServer:
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
-                                       options=server_options(),
+                                       options=api_server_options(config.max_request_bytes),
                                        interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else None)
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
         self.health = health.HealthServicer()

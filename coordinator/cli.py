@@ -27,11 +27,12 @@ from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupE
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
-from coordinator.launcher import LaunchError, LocalStages
+from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
 from protos import codec, coordinator_pb2, tls_arguments
+from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
@@ -96,6 +97,18 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              f"admitted prompt in one micro-batch (default {defaults.prefill_chunk_tokens})")
 
 
+def _mebibytes(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_request_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-request-mb", type=_mebibytes, default=DEFAULT_MAX_REQUEST_MB,
+                        help="largest public request in MiB (default %(default)s); larger ones get RESOURCE_EXHAUSTED "
+                             "from gRPC before they are read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
     parser.add_argument("--log-level", default="WARNING")
@@ -112,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(serve)
+    _add_request_limit(serve)
     _add_pipeline_arguments(serve)
     tls_arguments.add_server_tls_arguments(serve)
 
@@ -136,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(launch)
+    _add_request_limit(launch)
     _add_pipeline_arguments(launch)
     tls_arguments.add_server_tls_arguments(launch)
     _add_generation_arguments(launch, required=False)
@@ -225,7 +240,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
-                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096), **tls)
+                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
+                             max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20, **tls)
 
 
 def cmd_serve(args) -> int:
@@ -254,6 +270,7 @@ def cmd_launch_local(args) -> int:
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
     head_cost = head_cost_in_layers(config, args.balance_for) if args.balance_head else 0.0
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
+    check_ports_free(args.host, [0 if one_shot else args.port])  # the stages take free ports (--port 0)
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
                      extra_args=("--attention", args.attention, "--local-hops", args.local_hops,
                                  *tls_arguments.stage_tls_flags(args))) as stages:

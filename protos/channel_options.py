@@ -26,6 +26,10 @@ import os
 MAX_MESSAGE_BYTES = int(os.environ.get("LAYERLINE_MAX_MESSAGE_MB", "256")) * (1 << 20)
 
 
+#: Largest public request (a GenerateRequest) the coordinator takes by default (--max-request-mb):
+#: a prompt that fits any context is far smaller, and gRPC refuses a larger message before it is read.
+DEFAULT_MAX_REQUEST_MB = 4
+
 KEEPALIVE_TIME_MS = 30_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000
 
@@ -50,6 +54,13 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
             # gRPC sets SO_REUSEPORT by default: a second server on a held port would bind silently
             # and the kernel would split connections between the two processes.
             ("grpc.so_reuseport", 0)]
+
+
+def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """server_options for the public API: requests above `max_request_bytes` are refused with
+    RESOURCE_EXHAUSTED by gRPC (answers keep the shared limit)."""
+    return [(name, max_request_bytes if name == "grpc.max_receive_message_length" else value)
+            for name, value in server_options()]
 
 
 def bind(server, host: str, port: int, credentials=None) -> int:

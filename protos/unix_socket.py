@@ -73,12 +73,21 @@ class FrameError(Exception):
     """The peer sent something that is not a frame of this protocol; the connection is dropped."""
 
 
+# A frame's buffer starts at most this large and doubles only once full: a length header alone (up
+# to the message limit) costs the reader this much until the body arrives, and a body twice its size.
+FIRST_READ_BYTES = 1 << 20
+
+
 def _read_exactly(sock: socket.socket, count: int) -> bytearray | None:
-    """`count` bytes, or None if the peer closed the connection before the first of them."""
-    buffer = bytearray(count)
-    view, got = memoryview(buffer), 0
+    """`count` bytes, or None if the peer closed the connection before the first of them. The buffer
+    grows with the bytes that arrive, never from the untrusted `count` alone."""
+    buffer = bytearray(min(count, FIRST_READ_BYTES))
+    got = 0
     while got < count:
-        received = sock.recv_into(view[got:])
+        if got == len(buffer):
+            buffer.extend(bytes(min(count - got, len(buffer))))
+        with memoryview(buffer) as view:
+            received = sock.recv_into(view[got:])
         if received == 0:
             if got == 0:
                 return None

@@ -18,6 +18,8 @@ from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.step_bounds import add_step_bound_arguments
+from stage_server.stream_slots import add_stream_slot_arguments
 
 
 def _whole_number(text: str, minimum: int, expected: str) -> int:
@@ -60,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=_at_least_one, default=64,
                         help="Forward and Results streams open at once (default 64; a coordinator holds one or "
                              "two per stage); more are refused with RESOURCE_EXHAUSTED")
+    add_stream_slot_arguments(parser)
     parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048,
                         help="KV-cache budget in MiB (default 2048)")
+    add_step_bound_arguments(parser, _at_least_one)
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0,
@@ -126,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         config = StageServerConfig(
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
-            max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
+            stream_idle_timeout_s=args.stream_idle_timeout,
+            max_cache_bytes=args.max_cache_mb << 20, max_step_tokens=args.max_step_tokens,
+            session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
             local_hops=args.local_hops == "on", progress=not args.quiet, tls=tls)

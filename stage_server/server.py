@@ -34,8 +34,10 @@ from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
 from stage_server.split_head import SplitHead, install_split_head, parts_for
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import DEFAULT_MAX_STEP_TOKENS, StepBounds
 from stage_server.step_runner import ServedSlice
 from stage_server.step_trace import StepTrace
+from stage_server.stream_slots import DEFAULT_STREAM_IDLE_TIMEOUT_S
 from stage_server.thread_counts import ThreadCounts
 from stage_server.unix_listener import UnixListener
 
@@ -57,7 +59,9 @@ class StageServerConfig:
     device: str = "cpu"
     max_sessions: int = 64
     max_streams: int = 64  # Forward + Results streams open at once (a coordinator holds one or two)
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S  # a silent stream's slot may go to a new one
     max_cache_bytes: int = 2 << 30
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS  # rows × new tokens of one step (stage_server/step_bounds.py)
     session_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -110,7 +114,8 @@ class StageServer:
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
-                                    max_streams=cfg.max_streams, trace=self._trace,
+                                    max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+                                    trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls)
         stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         self.grpc_server.start()
@@ -140,7 +145,10 @@ class StageServer:
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
                                 idle_timeout_s=cfg.session_timeout_s)
-        self.service.serve(ServedSlice(model, sessions, threads=threads,
+        bounds = StepBounds.for_stage(max_step_tokens=cfg.max_step_tokens, max_cache_bytes=cfg.max_cache_bytes,
+                                      bytes_per_token=model.bytes_per_token, hidden_size=model.hidden_size,
+                                      takes_token_ids=loaded.is_first)
+        self.service.serve(ServedSlice(model, sessions, bounds, threads=threads,
                                        split_head=self.split_head))
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()

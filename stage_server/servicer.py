@@ -2,7 +2,7 @@
 
 Owns: the stage's RPCs and the same-machine handlers that mirror Forward and Results
 (`forward_stream`, `results_stream`, handed to unix_listener); the max_streams stream slots every
-stream holds; the stage-wide count of micro-batches in flight and the draining flag, so that a
+stream holds (stream_slots); the stage-wide count of micro-batches in flight and the draining flag, so that a
 shutdown refuses new work and waits for what is in flight; the links to next hops (`open_link`,
 with the stage's gRPC channels); and the parts a stage serves with, built here: the collector
 registry, the greedy chain and the step runner.
@@ -27,12 +27,15 @@ from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.tls import TlsFiles
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
+from stage_server.errors import InvalidRequest
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
 from stage_server.next_hop import ChannelPool, open_next_hop
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import check_side_request
 from stage_server.step_runner import ServedSlice, StepRunner
 from stage_server.step_trace import StepTrace
+from stage_server.stream_slots import DEFAULT_STREAM_IDLE_TIMEOUT_S, StreamSlot, StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +43,17 @@ log = logging.getLogger(__name__)
 class StageService(stage_pb2_grpc.StageServicer):
     """Serves one slice. Until `serve` hands it the loaded slice, Forward answers UNAVAILABLE."""
 
-    def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64, trace: StepTrace | None = None,
+    def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64,
+                 stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S, trace: StepTrace | None = None,
                  use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
-        on (compute_thread); `trace`: where step stamps go (--trace-steps); `use_local_hops`: whether
-        next hops on this machine are reached over their Unix socket (next_hop); `tls`: the stage's
-        certificate, key and CA, with which it dials its next hops over gRPC (None: plaintext)."""
+        on (compute_thread); `stream_idle_timeout_s`: how long a stream may stay silent before a new
+        stream may take its slot (stream_slots); `trace`: where step stamps go (--trace-steps);
+        `use_local_hops`: whether next hops on this machine are reached over their Unix socket (next_hop);
+        `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None: plaintext)."""
         self.name = name
         self.max_streams = max_streams
-        self._streams = 0  # Forward and Results streams open now
-        self._streams_lock = threading.Lock()
+        self.stream_slots = StreamSlots(max_streams, stream_idle_timeout_s)  # Forward and Results streams open now
         self._compute = compute
         self._use_local_hops = use_local_hops
         self._channels = ChannelPool(tls)
@@ -88,35 +92,33 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     # ---- stream slots --------------------------------------------------------------------
 
-    def reserve_stream_slot(self) -> bool:
-        """Reserve one of max_streams slots for a stream (gRPC or same-machine); False when none is free."""
-        with self._streams_lock:
-            if self._streams >= self.max_streams:
-                return False
-            self._streams += 1
-            return True
+    def reserve_stream_slot(self, end: Callable[[], None]) -> StreamSlot | None:
+        """One of max_streams slots for a stream (gRPC or same-machine) that `end()` ends if its slot is
+        reclaimed (stream_slots.py); None when none is free."""
+        return self.stream_slots.acquire(end)
 
-    def release_stream_slot(self) -> None:
-        with self._streams_lock:
-            self._streams -= 1
+    def release_stream_slot(self, slot: StreamSlot) -> None:
+        self.stream_slots.release(slot)
 
     @contextlib.contextmanager
     def _stream_slot(self, context):
         """Hold one of max_streams slots for a stream's life; refuse the stream when none is free."""
-        if not self.reserve_stream_slot():
+        slot = self.reserve_stream_slot(context.cancel)
+        if slot is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"stage {self.name} already serves {self.max_streams} streams (Forward and Results; a "
-                          f"coordinator holds one or two): close some, or restart it with a larger --max-streams")
+                          f"stage {self.name} already serves {self.max_streams} streams active within the last "
+                          f"{self.stream_slots.idle_timeout_s:.0f}s (Forward and Results; a coordinator holds one or "
+                          f"two): close some, or restart it with a larger --max-streams")
         try:
-            yield
+            yield slot
         finally:
-            self.release_stream_slot()
+            self.release_stream_slot(slot)
 
     # ---- Forward and Results -------------------------------------------------------------
 
     def Forward(self, request_iterator, context):
-        with self._stream_slot(context):
-            yield from self.forward_stream(request_iterator, context)
+        with self._stream_slot(context) as slot:
+            yield from slot.watch(self.forward_stream(slot.watch(request_iterator), context))
 
     def forward_stream(self, request_iterator, context):
         """The answers for one upstream stream of micro-batches, whichever way it came (a gRPC
@@ -125,15 +127,17 @@ class StageService(stage_pb2_grpc.StageServicer):
                              open_link=self.open_link, count_in_flight=self._count_in_flight).answers()
 
     def Results(self, request, context):
-        with self._stream_slot(context):
-            yield from self.results_stream(request, context)
+        with self._stream_slot(context) as slot:
+            yield from slot.watch(self.results_stream(request, context))
 
     def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came (a
         gRPC Results call, or a same-machine connection whose frame writer is `send`; collectors.py)."""
+        _refuse_unbounded(request, context)
         return self.collectors.subscribe(request, context, send)
 
     def StopChain(self, request, context):
+        _refuse_unbounded(request, context)
         if not request.session_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
         self._chain.stop(request.session_id)
@@ -154,6 +158,7 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- EndSession and Info ---------------------------------------------------------------
 
     def EndSession(self, request, context):
+        _refuse_unbounded(request, context)
         if not request.session_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
         served = self.steps.served
@@ -197,6 +202,14 @@ class StageService(stage_pb2_grpc.StageServicer):
         """Close the greedy chain's links and the gRPC channels to next hops."""
         self._chain.close()
         self._channels.close()
+
+
+def _refuse_unbounded(request, context) -> None:
+    """INVALID_ARGUMENT for a side request with unknown fields, an overlong id or route (step_bounds)."""
+    try:
+        check_side_request(request)
+    except InvalidRequest as err:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
 
 def software_versions() -> dict[str, str]:

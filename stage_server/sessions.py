@@ -66,7 +66,8 @@ class SessionStore:
             return session
 
     def get(self, session_id: str) -> Session:
-        """The live session, or SessionNotFound if unknown or expired."""
+        """The live session, or SessionNotFound if unknown or expired. Looking a session up does not
+        keep it alive (`touch` does, once a step has passed its checks): steps that fail let it expire."""
         self.expire_idle()
         with self._lock:
             session = self._sessions.get(session_id)
@@ -74,8 +75,11 @@ class SessionStore:
                 raise SessionNotFound(
                     f"session {session_id!r} is unknown or expired on this stage; start it again "
                     "with start_session (replay the prefix)")
-            session.last_used = self._clock()
             return session
+
+    def touch(self, session: Session) -> None:
+        """`session` is in use: its idle time starts again."""
+        session.last_used = self._clock()
 
     def reserve(self, session: Session, new_tokens: int) -> None:
         """Account for `new_tokens` more positions of every row, or refuse."""
@@ -84,7 +88,7 @@ class SessionStore:
             if self.cached_bytes_locked() + needed > self.max_cache_bytes:
                 raise ResourceExhausted(
                     f"KV cache budget exhausted: {needed} more bytes would exceed this stage's "
-                    f"{self.max_cache_bytes} (--max-cache-bytes); shorten the request or retry later")
+                    f"{self.max_cache_bytes} (--max-cache-mb); shorten the request or retry later")
             session.reserved_bytes += needed
 
     def end(self, session_id: str) -> bool:

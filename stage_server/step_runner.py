@@ -30,9 +30,10 @@ from stage_server.collectors import Collector, Collectors
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.next_hop import unreachable
-from stage_server.sessions import SessionStore
+from stage_server.sessions import Session, SessionStore
 from stage_server.split_head import SplitHead
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import StepBounds
 from stage_server.step_trace import StepRecord, StepTrace, now_ns
 from stage_server.thread_counts import ThreadCounts
 
@@ -47,6 +48,7 @@ class ServedSlice:
 
     model: StageModel
     sessions: SessionStore
+    bounds: StepBounds  # what one step may carry (step_bounds.py)
     threads: ThreadCounts | None = None  # None: torch's thread count is left alone (not on CPU)
     split_head: SplitHead | None = None  # the last stage's LM head, when split (split_head.py)
 
@@ -110,6 +112,8 @@ class StepRunner:
                     sent.attention_mask.CopyFrom(request.attention_mask)
                 handed = now_ns()
                 if not link_to(request.route[0]).send(sent, sent_bytes):
+                    if request.start_session:  # the session exists nowhere past this stage: none is kept here
+                        self.served.sessions.end(request.session_id)
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
                 else:
@@ -189,22 +193,25 @@ class StepRunner:
             raise InvalidRequest("a micro-batch needs activations and position_ids")
         if (problem := check_chain_fields(request)) is not None:
             raise InvalidRequest(problem)
-        activations = codec.decode(request.activations)
-        position_ids = codec.decode(request.position_ids)
-        mask = codec.decode(request.attention_mask) if request.HasField("attention_mask") else None
-        if request.start_session:
+        served.bounds.check(request)
+        activations = codec.decode(request.activations, max_elements=served.bounds.max_elements("activations"))
+        position_ids = codec.decode(request.position_ids, max_elements=served.bounds.max_elements("position_ids"))
+        mask = codec.decode(request.attention_mask, max_elements=served.bounds.max_elements("attention_mask")) \
+            if request.HasField("attention_mask") else None
+        if request.start_session:  # checked in full against a session not yet stored: a bad step stores nothing
             batch = activations.shape[0] if activations.dim() else 0
+            _checked_step(model, sessions, Session(request.session_id, None, batch), request, activations,
+                          position_ids, mask)
             session = sessions.start(request.session_id, batch)
         else:
             session = sessions.get(request.session_id)
         try:
             with session.lock:
-                edit = PlannedEdit(session, request.cache_edit, sessions) if request.HasField("cache_edit") else None
-                shape = (edit.batch_size, edit.tokens_seen) if edit is not None else None
-                new_tokens = model.check_step(session, activations, position_ids, mask, rows_and_positions=shape)
+                edit, new_tokens = _checked_step(model, sessions, session, request, activations, position_ids, mask)
                 if edit is not None:
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
+                sessions.touch(session)  # only a step that passed every check keeps a session alive
                 if served.threads is not None:
                     served.threads.for_step(activations.shape[0] * new_tokens, request.in_flight)
                 if served.split_head is not None:  # chaining fields: the group has the stages to itself
@@ -223,3 +230,13 @@ class StepRunner:
         if request.end_session:
             sessions.end(request.session_id)
         return output, position_ids, mask
+
+
+def _checked_step(model: StageModel, sessions: SessionStore, session: Session, request: stage_pb2.ForwardRequest,
+                  activations: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None
+                  ) -> tuple[PlannedEdit | None, int]:
+    """The request's cache edit planned against `session` (None without one) and the step's new
+    positions, every check passed; nothing is changed yet."""
+    edit = PlannedEdit(session, request.cache_edit, sessions) if request.HasField("cache_edit") else None
+    shape = (edit.batch_size, edit.tokens_seen) if edit is not None else None
+    return edit, model.check_step(session, activations, position_ids, mask, rows_and_positions=shape)

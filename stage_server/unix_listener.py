@@ -21,6 +21,7 @@ of a link, the stage's to its next hop (next_hop.py) or the coordinator's
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -41,6 +42,7 @@ from protos.unix_socket import (
     shut_quietly,
     socket_name,
 )
+from stage_server.stream_slots import StreamSlot
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +85,12 @@ class UnixListener:
     """Accepts processes of this machine on `socket_name(port)`. A FORWARD connection is served by
     `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context, send=...)` (the
     handlers gRPC's Forward and Results calls get); what they yield goes back as frames.
-    `reserve_slot()` -> bool reserves one of the stage's stream slots (False: full, the connection is
-    closed) and `release_slot()` returns it."""
+    `reserve_slot(end)` reserves one of the stage's stream slots for a connection that `end()` ends
+    (stream_slots.py; None: full, the connection is refused) and `release_slot(slot)` returns it."""
 
-    def __init__(self, port: int, forward_stream, results_stream, reserve_slot: Callable[[], bool],
-                 release_slot: Callable[[], None]) -> None:
+    def __init__(self, port: int, forward_stream, results_stream,
+                 reserve_slot: Callable[[Callable[[], None]], StreamSlot | None],
+                 release_slot: Callable[[StreamSlot], None]) -> None:
         self._forward_stream, self._results_stream = forward_stream, results_stream
         self._reserve_slot, self._release_slot = reserve_slot, release_slot
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -118,26 +121,27 @@ class UnixListener:
                             "may connect", peer_uid(connection))
                 _answer_and_close(connection, REFUSED)
                 continue
-            if not self._reserve_slot():
+            slot = self._reserve_slot(functools.partial(shut_quietly, connection))
+            if slot is None:
                 log.warning("refused a same-machine connection: every stream slot is taken (--max-streams)")
                 _answer_and_close(connection, REFUSED)
                 continue
             with self._lock:
                 if self._closed:
-                    self._release_slot()
+                    self._release_slot(slot)
                     _answer_and_close(connection, REFUSED)
                     return
-                serving = threading.Thread(target=self._serve, args=(connection,), name="unix-listener-stream",
+                serving = threading.Thread(target=self._serve, args=(connection, slot), name="unix-listener-stream",
                                            daemon=True)
                 self._connections[connection] = serving
             serving.start()
 
-    def _serve(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket, slot: StreamSlot) -> None:
         writer = FrameWriter(connection, "unix-listener-answers")
         context = _ConnectionContext()
         try:
             connection.sendall(ACCEPTED)
-            for answer in self._answers(connection, context, writer):
+            for answer in slot.watch(self._answers(connection, context, writer, slot)):
                 if not writer.write(answer):
                     break
         except (StreamAborted, FrameError, OSError) as err:
@@ -147,7 +151,7 @@ class UnixListener:
             writer.close(release=True)
             with self._lock:
                 self._connections.pop(connection, None)
-            self._release_slot()
+            self._release_slot(slot)
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop accepting, then end every open connection: first only their reading side, so that
@@ -170,12 +174,15 @@ class UnixListener:
         for connection in left:
             shut_quietly(connection)
 
-    def _answers(self, connection: socket.socket, context: _ConnectionContext, writer: FrameWriter) -> Iterator:
+    def _answers(self, connection: socket.socket, context: _ConnectionContext, writer: FrameWriter,
+                 slot: StreamSlot) -> Iterator:
         """What goes back on a connection, by the kind it declared in its first byte (a Results
-        subscription sends its answers through `writer` itself, as they are made)."""
+        subscription sends its answers through `writer` itself, as they are made); every message
+        either way touches the connection's stream slot."""
         kind = connection.recv(1)
         if kind == FORWARD:
-            return self._forward_stream(_logged(read_frames(connection, stage_pb2.ForwardRequest.FromString)), context)
+            requests = read_frames(connection, stage_pb2.ForwardRequest.FromString)
+            return self._forward_stream(slot.watch(_logged(requests)), context)
         if kind == RESULTS:
             frames = read_frames(connection, stage_pb2.ResultsRequest.FromString)
             request = next(frames, None)
@@ -184,7 +191,7 @@ class UnixListener:
             # nothing more comes up a results connection: its end (or anything else) ends the subscription
             threading.Thread(target=_ended_when_read, args=(frames, context), name="unix-listener-results",
                              daemon=True).start()
-            return self._results_stream(request, context, send=writer.write)
+            return self._results_stream(request, context, send=slot.watching(writer.write))
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
 
 

@@ -172,3 +172,20 @@ def _wait_for_line(process, needle: str, timeout_s: float) -> None:
         if needle in line:
             return
     raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
+
+
+def test_launch_local_checks_its_port_before_starting_any_stage(tiny_model):
+    """A coordinator port another process holds fails launch-local at once, with one line naming the
+    port, and no stage is started."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = run("coordinator.cli", "launch-local", "--model", str(tiny_model("llama")), "--num-stages", "2",
+                     "--port", str(port), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], result.stderr
+    assert "stage servers" not in result.stderr
