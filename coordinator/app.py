@@ -24,9 +24,11 @@ from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
-from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
+from protos import codec, coordinator_pb2, stage_pb2
 from protos.channel_options import bind, server_options
+from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
+from protos.shutdown import stop_server
 
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -146,11 +148,12 @@ class CoordinatorServer:
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
                                        options=server_options())
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
+        add_servicer(self.service, self.grpc_server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
         self.port = 0
+        self.stopped_cleanly = True  # False when gRPC's server did not finish stopping in time
 
     def start(self) -> int:
         self.port = bind(self.grpc_server, self.config.host, self.config.port)
@@ -162,7 +165,7 @@ class CoordinatorServer:
     def stop(self, grace_s: float = 5.0) -> None:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server.stop(grace_s).wait()
+        self.stopped_cleanly = stop_server(self.grpc_server, grace_s)
         self.pipeline.close()
 
 

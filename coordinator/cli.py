@@ -33,6 +33,7 @@ from protos import codec, coordinator_pb2
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
+from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
 
@@ -225,7 +226,10 @@ def cmd_serve(args) -> int:
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
           f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
+    exit_deadline(EXIT_DEADLINE_S)
     server.stop()
+    if not server.stopped_cleanly:  # threads of gRPC's may be stuck: Python's exit would wait for them
+        exit_now(0)
     return 0
 
 

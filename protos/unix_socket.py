@@ -58,6 +58,11 @@ class FrameError(Exception):
     """The peer sent something that is not a frame of this protocol; the connection is dropped."""
 
 
+class UndecodableFrame(FrameError):
+    """A whole frame arrived but its bytes are not the message expected (a gRPC call would end with
+    INVALID_ARGUMENT)."""
+
+
 def _read_exactly(sock: socket.socket, count: int) -> bytearray | None:
     """`count` bytes, or None if the peer closed the connection before the first of them."""
     buffer = bytearray(count)
@@ -89,7 +94,7 @@ def read_frames(sock: socket.socket, parse: Callable[[bytes], object],
         try:
             yield parse(bytes(body))
         except Exception as err:  # protobuf's DecodeError, whatever the runtime names it
-            raise FrameError(f"undecodable frame: {err}") from err
+            raise UndecodableFrame(f"a {length}-byte frame is not a valid message ({err})") from err
 
 
 class FrameWriter:

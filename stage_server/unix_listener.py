@@ -35,10 +35,12 @@ from protos.unix_socket import (
     RESULTS,
     FrameError,
     FrameWriter,
+    UndecodableFrame,
     read_frames,
     shut_quietly,
     socket_name,
 )
+from stage_server.answers import error_response
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class UnixListener:
                 if not writer.write(answer):
                     break
         except (StreamAborted, FrameError, OSError) as err:
+            if isinstance(err, UndecodableFrame):
+                writer.write(_malformed_answer(err))
             log.warning("dropped a same-machine connection: %s", err)
         finally:
             context.ended()
@@ -168,7 +172,8 @@ class UnixListener:
         subscription sends its answers through `writer` itself, as they are made)."""
         kind = connection.recv(1)
         if kind == FORWARD:
-            return self._forward_stream(_logged(read_frames(connection, stage_pb2.ForwardRequest.FromString)), context)
+            requests = read_frames(connection, stage_pb2.ForwardRequest.FromString)
+            return self._forward_stream(_logged(requests, writer), context)
         if kind == RESULTS:
             frames = read_frames(connection, stage_pb2.ResultsRequest.FromString)
             request = next(frames, None)
@@ -197,11 +202,19 @@ def _ended_when_read(frames: Iterator, context: _ConnectionContext) -> None:
     context.ended()
 
 
-def _logged(frames: Iterator) -> Iterator:
-    """The frames of one connection; a malformed one ends the stream with a warning."""
+def _malformed_answer(err: UndecodableFrame) -> stage_pb2.ForwardResponse:
+    """The in-band answer to a frame that does not parse: INVALID_ARGUMENT, as a gRPC call gets."""
+    return error_response(stage_pb2.ForwardRequest(), "INVALID_ARGUMENT", str(err), "")
+
+
+def _logged(frames: Iterator, writer: FrameWriter) -> Iterator:
+    """The frames of one connection; a malformed one ends the stream with a warning (and one that
+    does not parse is answered INVALID_ARGUMENT through `writer`)."""
     try:
         yield from frames
     except FrameError as err:
+        if isinstance(err, UndecodableFrame):
+            writer.write(_malformed_answer(err))
         log.warning("dropped a same-machine upstream: %s", err)
     except OSError as err:
         log.debug("same-machine upstream ended: %s", err)
