@@ -158,12 +158,14 @@ def _exit_seconds(processes: dict[str, subprocess.Popen]) -> dict[str, float | N
     started = time.monotonic()
     for process in processes.values():
         process.terminate()
-    out = {}
+    out: dict[str, float | None] = {}
+    while len(out) < len(processes) and time.monotonic() < started + EXIT_LIMIT_S + 5:
+        for name, process in processes.items():
+            if name not in out and process.poll() is not None:
+                out[name] = round(time.monotonic() - started, 2)
+        time.sleep(0.02)
     for name, process in processes.items():
-        try:
-            process.wait(max(0.0, started + EXIT_LIMIT_S + 5 - time.monotonic()))
-            out[name] = round(time.monotonic() - started, 2)  # an upper bound: waited for in turn
-        except subprocess.TimeoutExpired:
+        if name not in out:
             process.kill()
             process.wait(10)
             out[name] = None
@@ -218,7 +220,10 @@ def run_profile(*, messages: int, stage_share: float = 0.6, flood: int = 20_000,
             fuzzer.close()
             channel.close()
         exit_s = _exit_seconds(processes)
+        time.sleep(0.5)  # the last lines of their logs
         tracebacks = {name: sum("Traceback" in line for line in lines) for name, lines in outputs.items()}
+        warnings = {name: [line.strip()[-300:] for line in lines if " WARNING " in line or " ERROR " in line][-5:]
+                    for name, lines in outputs.items()}
     tally = fuzzer.tally
     problems = list(tally.failures[:20])
     problems += [f"{failure} (flood)" for failure in flooded.failures[:10]]
@@ -238,6 +243,6 @@ def run_profile(*, messages: int, stage_share: float = 0.6, flood: int = 20_000,
             "rss_mb": {name: {"after_warm_up": rss_before[name], "after_fuzz": rss_fuzzed[name],
                               "after_flood": rss_flooded[name], "end": rss_end[name]} for name in processes},
             "sessions_left": sessions_left, "serving": serving, "alive": alive, "exit_s": exit_s,
-            "tracebacks_logged": tracebacks, "start_seconds": round(started_s, 1),
+            "tracebacks_logged": tracebacks, "last_warnings": warnings, "start_seconds": round(started_s, 1),
             "fuzz_seconds": round(fuzzed_s, 1), "flood_seconds": round(flood_s, 1),
             "seconds": round(time.monotonic() - started, 1)}

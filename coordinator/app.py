@@ -153,7 +153,6 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
         self.port = 0
-        self.stopped_cleanly = True  # False when gRPC's server did not finish stopping in time
 
     def start(self) -> int:
         self.port = bind(self.grpc_server, self.config.host, self.config.port)
@@ -165,7 +164,7 @@ class CoordinatorServer:
     def stop(self, grace_s: float = 5.0) -> None:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.stopped_cleanly = stop_server(self.grpc_server, grace_s)
+        stop_server(self.grpc_server, grace_s)
         self.pipeline.close()
 
 
