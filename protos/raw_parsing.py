@@ -20,6 +20,7 @@ reflection (registered as they come), nor the same-machine socket, which parses 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -33,7 +34,8 @@ _MAX_DETAIL_CHARS = 200  # of the parser's own words in the status message
 
 def malformed_message(type_name: str, err: Exception) -> str:
     """The one-line status message for bytes that are not a `type_name`."""
-    reason = " ".join(str(err).split())[:_MAX_DETAIL_CHARS] or type(err).__name__
+    reason = re.sub(r"^Error parsing message( with type '[^']*')?:?\s*", "", " ".join(str(err).split()))
+    reason = reason[:_MAX_DETAIL_CHARS] or type(err).__name__
     return f"the request is not a valid {type_name} message ({reason}); send one serialized from layerline's .proto"
 
 
