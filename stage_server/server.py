@@ -233,7 +233,7 @@ def run_until_signalled(server: StageServer) -> None:
 
     def on_signal(signum, _frame):
         if stopping.is_set():
-            log.warning("received %s again: exiting now", signal.Signals(signum).name)
+            log.info("received %s again: exiting now", signal.Signals(signum).name)
             exit_now(1)
         stopping.set()
         log.info("received %s: draining", signal.Signals(signum).name)
