@@ -148,7 +148,8 @@ class CoordinatorServer:
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
                                        options=server_options())
-        add_servicer(self.service, self.grpc_server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"])
+        add_servicer(self.service, self.grpc_server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
+                     strict_wire_types=True)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])

@@ -68,6 +68,20 @@ def test_a_forward_stream_ends_invalid_argument_at_its_first_unparseable_message
     assert stage_sessions(stages) == [0, 0]
 
 
+def test_a_public_request_with_a_field_of_the_wrong_wire_type_is_refused(tiny_api):
+    """max_new_tokens sent as bytes would otherwise read as unset (the default of 64 tokens); a field
+    number the API does not know (a newer client's) is still taken."""
+    base = coordinator_pb2.GenerateRequest(prompt="hi", max_new_tokens=2).SerializeToString()
+    generate = SERVICES[1].methods_by_name["Generate"]
+    with grpc.insecure_channel(tiny_api[0]) as channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            _call(channel, generate, [base + bytes([4 << 3 | 2, 1, 0x40])])
+        newer = coordinator_pb2.GenerateResponse.FromString(_call(channel, generate, [base + bytes([15 << 3, 1])])[0])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "field max_new_tokens" in raised.value.details() and "wire type 2" in raised.value.details()
+    assert newer.completion_tokens == 2
+
+
 @pytest.mark.skipif(not unix_socket.SUPPORTED, reason="same-machine sockets are Linux only")
 @pytest.mark.parametrize("kind", [unix_socket.FORWARD, unix_socket.RESULTS], ids=["forward", "results"])
 def test_the_same_machine_socket_answers_invalid_argument_in_band(kind, tiny_api):
