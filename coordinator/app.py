@@ -25,9 +25,11 @@ from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
-from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
+from protos import codec, coordinator_pb2, stage_pb2
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
+from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
+from protos.shutdown import stop_server
 from protos.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ class CoordinatorServer:
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
                                        options=api_server_options(config.max_request_bytes),
                                        interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else None)
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
+        add_servicer(self.service, self.grpc_server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
@@ -174,7 +176,7 @@ class CoordinatorServer:
     def stop(self, grace_s: float = 5.0) -> None:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server.stop(grace_s).wait()
+        stop_server(self.grpc_server, grace_s)
         self.pipeline.close()
 
 

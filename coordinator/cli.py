@@ -36,6 +36,7 @@ from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
+from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
 
@@ -255,8 +256,9 @@ def cmd_serve(args) -> int:
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
           f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
+    exit_deadline(EXIT_DEADLINE_S)
     server.stop()
-    return 0
+    exit_now(0)  # without waiting for threads a stuck gRPC call holds, or the interpreter's teardown
 
 
 def cmd_launch_local(args) -> int:

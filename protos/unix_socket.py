@@ -78,6 +78,11 @@ class FrameError(Exception):
 FIRST_READ_BYTES = 1 << 20
 
 
+class UndecodableFrame(FrameError):
+    """A whole frame arrived but its bytes are not the message expected (a gRPC call would end with
+    INVALID_ARGUMENT)."""
+
+
 def _read_exactly(sock: socket.socket, count: int) -> bytearray | None:
     """`count` bytes, or None if the peer closed the connection before the first of them. The buffer
     grows with the bytes that arrive, never from the untrusted `count` alone."""
@@ -113,7 +118,7 @@ def read_frames(sock: socket.socket, parse: Callable[[bytes], object],
         try:
             yield parse(bytes(body))
         except Exception as err:  # protobuf's DecodeError, whatever the runtime names it
-            raise FrameError(f"undecodable frame: {err}") from err
+            raise UndecodableFrame(f"a {length}-byte frame is not a valid message ({err})") from err
 
 
 class FrameWriter:

@@ -21,10 +21,12 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import stage_pb2, stage_pb2_grpc, unix_socket
+from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
+from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.tls import TlsFiles, server_credentials
+from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.machine_lock import MachineLock
@@ -102,6 +104,7 @@ class StageServer:
         self._trace: StepTrace | None = None
         self.core_share: CoreShare | None = None  # this stage's slot in the machine's core share
         self._stopped = threading.Event()
+        self._finished = threading.Event()  # stop() is done
 
     def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -117,7 +120,7 @@ class StageServer:
                                     max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
                                     trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls)
-        stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
+        add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
         self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
@@ -212,28 +215,39 @@ class StageServer:
             if not self.service.wait_idle(self.config.drain_timeout_s):
                 log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
         self._stopped.set()
-        if self.local_hops is not None:
-            self.local_hops.close()
-        self.grpc_server.stop(grace=1.0).wait()
-        if self.service is not None:
-            self.service.close()
-        self.compute.close()
-        if self.core_share is not None:
-            self.core_share.close()
-        if self._trace is not None:
-            self._trace.close()
-        if self.split_head is not None:
-            self.split_head.close()
+        try:
+            if self.local_hops is not None:
+                self.local_hops.close()
+            stop_server(self.grpc_server, grace_s=1.0)
+            if self.service is not None:
+                self.service.close()
+            self.compute.close()
+            if self.core_share is not None:
+                self.core_share.close()
+            if self._trace is not None:
+                self._trace.close()
+            if self.split_head is not None:
+                self.split_head.close()
+        finally:
+            self._finished.set()
 
     def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
+        """Block until `stop()` is done."""
+        self._finished.wait()
 
 
 def run_until_signalled(server: StageServer) -> None:
-    """Start `server`, print a ready line, and drain + stop on SIGTERM or Ctrl-C."""
+    """Start `server`, print a ready line, and drain + stop on SIGTERM or Ctrl-C; then end the process.
+    It ends at most EXIT_DEADLINE_S after the drain whatever gRPC does, and at once on a second signal."""
+    stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        if stopping.is_set():
+            log.info("received %s again: exiting now", signal.Signals(signum).name)
+            exit_now(1)
+        stopping.set()
         log.info("received %s: draining", signal.Signals(signum).name)
+        exit_deadline(server.config.drain_timeout_s + EXIT_DEADLINE_S)
         threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -242,3 +256,7 @@ def run_until_signalled(server: StageServer) -> None:
     print(f"stage-server ready on {server.config.host}:{server.port} "
           f"({server.service.name})", file=sys.stderr, flush=True)
     server.wait()
+    # Everything is closed. Python's own exit would wait for threads a stuck gRPC call holds, then
+    # tear the interpreter down (seconds, after a fuzz: gRPC's core waits for name lookups of
+    # unreachable next hops): end the process now instead.
+    exit_now(0)

@@ -37,12 +37,14 @@ from protos.unix_socket import (
     FrameError,
     FrameWriter,
     peer_uid,
+    UndecodableFrame,
     read_frames,
     same_user,
     shut_quietly,
     socket_name,
 )
 from stage_server.stream_slots import StreamSlot
+from stage_server.answers import error_response
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ class UnixListener:
                 if not writer.write(answer):
                     break
         except (StreamAborted, FrameError, OSError) as err:
+            if isinstance(err, UndecodableFrame):
+                writer.write(_malformed_answer(err))
             log.warning("dropped a same-machine connection: %s", err)
         finally:
             context.ended()
@@ -182,7 +186,7 @@ class UnixListener:
         kind = connection.recv(1)
         if kind == FORWARD:
             requests = read_frames(connection, stage_pb2.ForwardRequest.FromString)
-            return self._forward_stream(slot.watch(_logged(requests)), context)
+            return self._forward_stream(slot.watch(_logged(requests, writer)), context)
         if kind == RESULTS:
             frames = read_frames(connection, stage_pb2.ResultsRequest.FromString)
             request = next(frames, None)
@@ -211,11 +215,19 @@ def _ended_when_read(frames: Iterator, context: _ConnectionContext) -> None:
     context.ended()
 
 
-def _logged(frames: Iterator) -> Iterator:
-    """The frames of one connection; a malformed one ends the stream with a warning."""
+def _malformed_answer(err: UndecodableFrame) -> stage_pb2.ForwardResponse:
+    """The in-band answer to a frame that does not parse: INVALID_ARGUMENT, as a gRPC call gets."""
+    return error_response(stage_pb2.ForwardRequest(), "INVALID_ARGUMENT", str(err), "")
+
+
+def _logged(frames: Iterator, writer: FrameWriter) -> Iterator:
+    """The frames of one connection; a malformed one ends the stream with a warning (and one that
+    does not parse is answered INVALID_ARGUMENT through `writer`)."""
     try:
         yield from frames
     except FrameError as err:
+        if isinstance(err, UndecodableFrame):
+            writer.write(_malformed_answer(err))
         log.warning("dropped a same-machine upstream: %s", err)
     except OSError as err:
         log.debug("same-machine upstream ended: %s", err)

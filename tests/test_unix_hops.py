@@ -83,7 +83,7 @@ def test_writing_to_a_closed_peer_fails_instead_of_raising():
 @pytest.mark.parametrize(("raw", "message"), [
     (struct.pack("<I", 1 << 30), "exceeds"),
     (struct.pack("<I", 100) + b"x" * 10, "closed 10 bytes into"),
-    (struct.pack("<I", 3) + b"\xff\xff\xff", "undecodable"),
+    (struct.pack("<I", 3) + b"\xff\xff\xff", "not a valid message"),
     (b"\x01\x00", "closed 2 bytes into"),
 ])
 def test_malformed_frames_are_refused(raw, message):
