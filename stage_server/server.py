@@ -25,8 +25,8 @@ from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
-from protos.tls import TlsFiles, server_credentials
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
+from protos.tls import TlsFiles, server_credentials
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.machine_lock import MachineLock

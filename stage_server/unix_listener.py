@@ -36,15 +36,15 @@ from protos.unix_socket import (
     RESULTS,
     FrameError,
     FrameWriter,
-    peer_uid,
     UndecodableFrame,
+    peer_uid,
     read_frames,
     same_user,
     shut_quietly,
     socket_name,
 )
-from stage_server.stream_slots import StreamSlot
 from stage_server.answers import error_response
+from stage_server.stream_slots import StreamSlot
 
 log = logging.getLogger(__name__)
 
