@@ -261,11 +261,13 @@ def test_generate_and_info_take_the_client_flags(tls_pipeline, certs):
 def test_the_same_machine_socket_takes_only_the_stages_own_user():
     """The abstract socket has no file permissions: the stage checks who connects (SO_PEERCRED)."""
     from protos.unix_socket import ACCEPTED, FORWARD, REFUSED, socket_name
+    from stage_server.stream_slots import StreamSlots
     from stage_server.unix_listener import UnixListener
 
     port = 60999
+    slots = StreamSlots(4)
     listener = UnixListener(port, lambda requests, context: iter(()), lambda request, context, send: iter(()),
-                            lambda: True, lambda: None)
+                            slots.acquire, slots.release)
     probe = (f"import socket\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(5)\ns.connect({socket_name(port)!r})\n"
              f"try:\n    s.sendall({FORWARD!r})\nexcept OSError:\n    pass\nprint(s.recv(1))")  # refused: closed early
     try:
