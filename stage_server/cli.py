@@ -15,6 +15,7 @@ import logging
 import sys
 
 from stage_server.compute_thread import set_openmp_spin
+from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on (default, Linux): take micro-batches from stages of this machine on a Unix "
                              "socket named after the port, and send to next stages at loopback addresses on "
                              "theirs, instead of gRPC streams (stage_server/unix_listener.py); off: gRPC only")
+    add_peers_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", progress=not args.quiet)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

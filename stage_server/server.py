@@ -26,6 +26,7 @@ from protos.channel_options import bind, server_options
 from protos.reflection import enable_reflection
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
+from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -67,6 +68,7 @@ class StageServerConfig:
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
     local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/unix_listener.py)
+    peers: tuple[str, ...] = ()  # addresses of the deployment's other stages (--peers; stage_server/deployment.py)
     progress: bool = True
 
 
@@ -109,7 +111,8 @@ class StageServer:
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
                                     max_streams=cfg.max_streams, trace=self._trace,
-                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED)
+                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED,
+                                    deployment=Deployment(cfg.peers))
         stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
         self.grpc_server.start()
         self._listen_for_local_hops(port)

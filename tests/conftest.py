@@ -71,10 +71,24 @@ def running_stages(model_dir: Path, num_stages: int, **config):
                                                    port=0, progress=False, drain_timeout_s=2.0, **config))
             server.start()
             servers.append(server)
-        yield [f"127.0.0.1:{s.port}" for s in servers], servers
+        addresses = [f"127.0.0.1:{s.port}" for s in servers]
+        set_deployment(addresses)
+        yield addresses, servers
     finally:
         for server in servers:
             server.stop()
+
+
+def set_deployment(addresses: list[str]) -> None:
+    """Tell each stage its deployment, as a coordinator does (over loopback, accepted without TLS)."""
+    import grpc
+
+    from protos import stage_pb2, stage_pb2_grpc
+
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            stage_pb2_grpc.StageStub(channel).SetDeployment(stage_pb2.SetDeploymentRequest(stages=addresses),
+                                                            timeout=10)
 
 
 @pytest.fixture
