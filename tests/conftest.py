@@ -59,8 +59,9 @@ def tiny_model(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_stages(model_dir: Path, num_stages: int, **config):
-    """Start in-process stage servers on free loopback ports; yields their addresses."""
+def running_stages(model_dir: Path, num_stages: int, *, tell_deployment: bool = True, **config):
+    """Start in-process stage servers on free loopback ports; yields their addresses. With
+    `tell_deployment`, each is told the others (SetDeployment), as a coordinator does."""
     from transformers import AutoConfig
 
     layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -72,7 +73,8 @@ def running_stages(model_dir: Path, num_stages: int, **config):
             server.start()
             servers.append(server)
         addresses = [f"127.0.0.1:{s.port}" for s in servers]
-        set_deployment(addresses)
+        if tell_deployment:
+            set_deployment(addresses)
         yield addresses, servers
     finally:
         for server in servers:

@@ -14,6 +14,8 @@ import sys
 import grpc
 import pytest
 import torch
+from conftest import running_coordinator
+from tiny_models import reference_greedy
 from waiting import eventually
 
 from protos import codec, stage_pb2, stage_pb2_grpc, unix_socket
@@ -134,6 +136,23 @@ def test_an_address_the_deployment_names_is_reached(tiny_model, stages, how):
                 stream = stage_pb2_grpc.StageStub(channel).Forward(iter([prefill_request("s", route=[outside])]))
                 assert connected(wait_s=20), "the stage did not go on to an address its deployment names"
                 stream.cancel()
+
+
+@pytest.mark.parametrize("chain", ["on", "off"])
+def test_the_coordinator_tells_its_stages_their_deployment(tiny_model, stages, chain):
+    """Stages nobody has told anything serve a coordinator's pipeline, token for token: the coordinator
+    names the deployment once its stages check out."""
+    from coordinator.client import CoordinatorClient
+
+    model_dir = tiny_model("llama")
+    prompt = [5, 6, 7, 8]
+    with stages(model_dir, 3, tell_deployment=False) as (addresses, servers):
+        assert not servers[0].service.deployment.allows(addresses[1])
+        with running_coordinator(model_dir, addresses, chain=chain) as (address, _):
+            with CoordinatorClient(address, timeout_s=60) as client:
+                reply = client.generate(token_ids=prompt, max_new_tokens=8)
+        assert all(server.service.deployment.allows(a) for server in servers for a in addresses)
+    assert list(reply.token_ids) == reference_greedy(model_dir, [prompt], 8)[0]
 
 
 def test_bad_set_deployment_and_peers_are_refused(tiny_model, stages):

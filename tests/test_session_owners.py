@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 from test_open_relay import forward_grpc, prefill_request
+from waiting import eventually
 
 from protos import codec, stage_pb2, stage_pb2_grpc
 from stage_server import deployment as deployment_module
@@ -95,6 +96,25 @@ def test_a_session_of_this_machine_is_out_of_reach_of_another_host(tiny_model, s
             stub = stage_pb2_grpc.StageStub(channel)
             assert stub.EndSession(stage_pb2.EndSessionRequest(session_id="mine"), timeout=10).stages_freed == 1
             assert stub.EndSession(stage_pb2.EndSessionRequest(session_id="victim"), timeout=10).stages_freed == 1
+
+
+def test_the_subscriber_of_a_sessions_collector_may_stop_its_chain(tiny_model, stages):
+    """On the last stage the session was opened by the stage before; the coordinator stops its chain,
+    known as the subscriber of the collector the session's answers go to."""
+    with other_host_address() as host, stages(tiny_model("llama"), 1, host="0.0.0.0") as (addresses, servers):
+        local, remote = addresses[0], f"{host}:{servers[0].port}"
+        with grpc.insecure_channel(remote) as channel:
+            stub = stage_pb2_grpc.StageStub(channel)
+            results = stub.Results(stage_pb2.ResultsRequest(collector_id="theirs"))
+            assert eventually(lambda: "theirs" in servers[0].service.collectors, True)
+            with grpc.insecure_channel(local) as mine:  # answered to the collector, not back up the stream
+                assert list(stage_pb2_grpc.StageStub(mine).Forward(
+                    iter([prefill_request("answered", reply_to="theirs")]), timeout=30)) == []
+            assert next(results).status_code == 0
+            assert forward_grpc(local, prefill_request("other")).status_code == 0
+            assert refused_code(stub.StopChain, stage_pb2.StopChainRequest(session_id="answered")) is None
+            assert refused_code(stub.StopChain, stage_pb2.StopChainRequest(session_id="other")) == PERMISSION_DENIED
+            results.cancel()
 
 
 def test_a_stage_of_the_deployment_may_use_any_session(tiny_model, stages):
