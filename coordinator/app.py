@@ -136,6 +136,15 @@ class CoordinatorServer:
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
                                        model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops,
                                        tls=config.stage_tls)
+        try:
+            refused = self.pipeline.set_deployment()
+        except grpc.RpcError as err:
+            self.pipeline.close()
+            raise PipelineSetupError(f"could not tell the stages their deployment (SetDeployment): "
+                                     f"{err.code().name}: {err.details()}") from None
+        for address in refused:
+            log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
+                        "stages its --peers name", address)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
                         vocab_size=infos[-1].vocab_size)

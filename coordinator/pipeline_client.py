@@ -2,7 +2,7 @@
 
 Owns: `PipelineClient` (one persistent stream to the first stage of the route, multiplexing
 every session's micro-batches on it, and a Results subscription on the last stage; reopening
-either after a failure; the side calls EndSession, Info and StopChain), `_Pending` (matching
+either after a failure; the side calls EndSession, Info, StopChain and SetDeployment), `_Pending` (matching
 each answer to its request's future by session id and micro-batch id, whichever stream it came
 on), and `StepLogits` / `logits_of` (reading an answer). Hidden states never pass through
 here: stage 0 pushes them on to stage 1 itself.
@@ -17,6 +17,7 @@ import logging
 import threading
 from collections import OrderedDict
 
+import grpc
 import numpy as np
 import torch
 
@@ -206,6 +207,20 @@ class PipelineClient:
         """Free the session on every stage; returns how many stages held it."""
         request = stage_pb2.EndSessionRequest(session_id=session_id, route=self.addresses[1:])
         return self._stubs[0].EndSession(request, timeout=timeout_s).stages_freed
+
+    def set_deployment(self, timeout_s: float = 10.0) -> list[str]:
+        """Tell every stage the route's addresses, the only ones it may send to (besides its --peers);
+        returns the stages that refused (a plaintext stage on another machine takes them from --peers)."""
+        request = stage_pb2.SetDeploymentRequest(stages=self.addresses)
+        refused = []
+        for address, stub in zip(self.addresses, self._stubs):
+            try:
+                stub.SetDeployment(request, timeout=timeout_s)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                refused.append(address)
+        return refused
 
     def stage_infos(self, timeout_s: float = 10.0) -> list[stage_pb2.InfoResponse]:
         return [stub.Info(stage_pb2.InfoRequest(), timeout=timeout_s) for stub in self._stubs]

@@ -15,7 +15,7 @@ sent, or the side calls (EndSession, Info and StopChain stay on gRPC, pipeline_c
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Callable
 
 import grpc
@@ -107,7 +107,7 @@ def open_results_subscription(address: str, stub: stage_pb2_grpc.StageStub, pend
                               *, unix: bool) -> ResultsSubscription:
     """A Results subscription on the last stage at `address` under a new collector id, over its Unix
     socket when `unix` and it takes the connection, else a gRPC Results call on `stub`."""
-    request = stage_pb2.ResultsRequest(collector_id=uuid.uuid4().hex)
+    request = stage_pb2.ResultsRequest(collector_id=secrets.token_hex(16))
     link = UnixLink.connect(address, RESULTS, f"results-{address}") if unix else None
     if link is not None:
         link.send(request)  # the connection's first frame

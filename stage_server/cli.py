@@ -16,6 +16,7 @@ import sys
 
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
+from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
 from stage_server.step_bounds import add_step_bound_arguments
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "theirs, instead of gRPC streams (stage_server/unix_listener.py); off: gRPC only")
     add_tls_arguments(parser)
     add_insecure_argument(parser)
+    add_peers_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", progress=not args.quiet, tls=tls)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_serve
 from protos.tls import TlsFiles, server_credentials
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
+from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -74,6 +75,7 @@ class StageServerConfig:
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
     local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/unix_listener.py)
+    peers: tuple[str, ...] = ()  # addresses of the deployment's other stages (--peers; stage_server/deployment.py)
     progress: bool = True
     tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
 
@@ -119,7 +121,8 @@ class StageServer:
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
                                     max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
                                     trace=self._trace,
-                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls)
+                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
+                                    deployment=Deployment(cfg.peers))
         add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
         self.grpc_server.start()
         self._listen_for_local_hops(port)

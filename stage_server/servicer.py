@@ -1,15 +1,16 @@
-"""The gRPC face of a stage: its Forward, Results, StopChain, EndSession and Info calls.
+"""The gRPC face of a stage: its Forward, Results, StopChain, EndSession, Info and SetDeployment calls.
 
 Owns: the stage's RPCs and the same-machine handlers that mirror Forward and Results
 (`forward_stream`, `results_stream`, handed to unix_listener); the max_streams stream slots every
 stream holds (stream_slots); the stage-wide count of micro-batches in flight and the draining flag, so that a
 shutdown refuses new work and waits for what is in flight; the links to next hops (`open_link`,
-with the stage's gRPC channels); and the parts a stage serves with, built here: the collector
-registry, the greedy chain and the step runner.
+with the stage's gRPC channels, only to addresses of its deployment); and the parts a stage serves
+with, built here: the collector registry, the greedy chain and the step runner.
 
 Does not own: one stream's reading and answering (forward_stream), what a step does
 (step_runner), answers' encoding (answers), the subscriptions (collectors), the math
-(stage_model), the session table (sessions), nor the process's lifecycle (server).
+(stage_model), the session table (sessions), the allow-list and who may use a session
+(deployment), nor the process's lifecycle (server).
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.tls import TlsFiles
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
-from stage_server.errors import InvalidRequest
+from stage_server.deployment import Deployment
+from stage_server.errors import StageRequestError
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
 from stage_server.next_hop import ChannelPool, open_next_hop
+from stage_server.peer_identity import peer_of
+from stage_server.sessions import check_session_id
 from stage_server.stage_model import StageModel
 from stage_server.step_bounds import check_side_request
 from stage_server.step_runner import ServedSlice, StepRunner
@@ -45,25 +49,29 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64,
                  stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S, trace: StepTrace | None = None,
-                 use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None) -> None:
+                 use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None,
+                 deployment: Deployment | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
         on (compute_thread); `stream_idle_timeout_s`: how long a stream may stay silent before a new
         stream may take its slot (stream_slots); `trace`: where step stamps go (--trace-steps);
         `use_local_hops`: whether next hops on this machine are reached over their Unix socket (next_hop);
-        `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None: plaintext)."""
+        `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None:
+        plaintext); `deployment`: the addresses this stage may send to (none but those SetDeployment
+        names when not given)."""
         self.name = name
         self.max_streams = max_streams
         self.stream_slots = StreamSlots(max_streams, stream_idle_timeout_s)  # Forward and Results streams open now
         self._compute = compute
         self._use_local_hops = use_local_hops
         self._channels = ChannelPool(tls)
+        self.deployment = deployment if deployment is not None else Deployment()
         self._inflight = 0
         self._inflight_changed = threading.Condition()
         self._draining = threading.Event()
         self.collectors = Collectors()
         self._chain = GreedyChain(self.open_link, self.collectors.get)
         self.steps = StepRunner(name, chain=self._chain, collectors=self.collectors, trace=trace,
-                                draining=self._draining)
+                                draining=self._draining, deployment=self.deployment)
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: Forward computes from now on."""
@@ -87,7 +95,9 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._draining.clear()
 
     def open_link(self, address: str, deliver, on_closed):
-        """A link to the next hop at `address`: same-machine socket if it has one, else gRPC."""
+        """A link to the next hop at `address`: same-machine socket if it has one, else gRPC. Steps check
+        their addresses first; this refuses (PermissionDenied) whatever would slip past that."""
+        self.deployment.check_addresses([address], "the next hop")
         return open_next_hop(address, self._channels, deliver, on_closed, unix=self._use_local_hops)
 
     # ---- stream slots --------------------------------------------------------------------
@@ -123,8 +133,10 @@ class StageService(stage_pb2_grpc.StageServicer):
     def forward_stream(self, request_iterator, context):
         """The answers for one upstream stream of micro-batches, whichever way it came (a gRPC
         Forward stream, or a same-machine connection, unix_listener.py)."""
+        peer = peer_of(context)
         return ForwardStream(request_iterator, context, steps=self.steps, compute=self._compute,
-                             open_link=self.open_link, count_in_flight=self._count_in_flight).answers()
+                             open_link=self.open_link, count_in_flight=self._count_in_flight,
+                             caller=lambda: self.deployment.caller(peer)).answers()
 
     def Results(self, request, context):
         with self._stream_slot(context) as slot:
@@ -133,13 +145,22 @@ class StageService(stage_pb2_grpc.StageServicer):
     def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came (a
         gRPC Results call, or a same-machine connection whose frame writer is `send`; collectors.py)."""
-        _refuse_unbounded(request, context)
+        _refuse_bad(context, check_side_request, request)
         return self.collectors.subscribe(request, context, send)
 
     def StopChain(self, request, context):
-        _refuse_unbounded(request, context)
-        if not request.session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        """Accepted from a peer that may use the session, or from the subscriber of the collector its
+        answers go to (the coordinator; the session here was opened by the stage before)."""
+        _refuse_bad(context, check_side_request, request)
+        _refuse_bad(context, check_session_id, request.session_id)
+        served = self.steps.served
+        session = served.sessions.find(request.session_id) if served is not None else None
+        if session is not None:
+            peer = peer_of(context)
+            if not (self.deployment.caller(peer).may_use(session.owner)
+                    or self.collectors.subscriber(session.answers_to) == peer.identity):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"session {request.session_id!r} belongs to another peer")
         self._chain.stop(request.session_id)
         return stage_pb2.StopChainResponse()
 
@@ -158,12 +179,16 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- EndSession and Info ---------------------------------------------------------------
 
     def EndSession(self, request, context):
-        _refuse_unbounded(request, context)
-        if not request.session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        """Ends the session here if the caller may use it, then on the route, all of which must be
+        stages of the deployment (checked before any connection). The route is told only when the
+        session was the caller's here, or the caller is trusted (a stage relaying it)."""
+        _refuse_bad(context, check_side_request, request)
+        _refuse_bad(context, check_session_id, request.session_id)
+        _refuse_bad(context, self.deployment.check_addresses, request.route, "route")
+        caller = self.deployment.caller(peer_of(context))
         served = self.steps.served
-        freed = 1 if served is not None and served.sessions.end(request.session_id) else 0
-        if request.route:
+        freed = 1 if served is not None and _refuse_bad(context, served.sessions.end, request.session_id, caller) else 0
+        if request.route and (freed or caller.trusted):
             stub = stage_pb2_grpc.StageStub(self._channels.get(request.route[0]))
             try:
                 downstream = stub.EndSession(stage_pb2.EndSessionRequest(
@@ -198,18 +223,23 @@ class StageService(stage_pb2_grpc.StageServicer):
                 reply.colocated_stages = served.threads.share.neighbours()
         return reply
 
+    def SetDeployment(self, request, context):
+        peers = _refuse_bad(context, self.deployment.set, request.stages, peer_of(context))
+        log.info("deployment set: this stage sends to %d addresses", peers)
+        return stage_pb2.SetDeploymentResponse(peers=peers)
+
     def close(self) -> None:
         """Close the greedy chain's links and the gRPC channels to next hops."""
         self._chain.close()
         self._channels.close()
 
 
-def _refuse_unbounded(request, context) -> None:
-    """INVALID_ARGUMENT for a side request with unknown fields, an overlong id or route (step_bounds)."""
+def _refuse_bad(context, check, *args):
+    """`check(*args)`'s result; a StageRequestError it raises aborts the call with its status code."""
     try:
-        check_side_request(request)
-    except InvalidRequest as err:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        return check(*args)
+    except StageRequestError as err:
+        context.abort(grpc.StatusCode[err.code], str(err))
 
 
 def software_versions() -> dict[str, str]:

@@ -55,7 +55,7 @@ class StreamAborted(Exception):
 
 class _ConnectionContext:
     """The part of a gRPC servicer context the handlers use: callbacks run once when the connection
-    ends, and `abort` refuses it."""
+    ends, `abort` refuses it, and the peer (a process of this machine, with no certificate)."""
 
     def __init__(self) -> None:
         self._callbacks: list[Callable[[], None]] = []
@@ -74,6 +74,12 @@ class _ConnectionContext:
 
     def abort(self, code, details: str):
         raise StreamAborted(f"{code.name}: {details}")
+
+    def peer(self) -> str:
+        return "unix:"
+
+    def auth_context(self) -> dict:
+        return {}
 
     def ended(self) -> None:
         with self._lock:
