@@ -166,6 +166,8 @@ class Seeds:
             return d.stages[0], [stage_pb2.EndSessionRequest(session_id=self._session(rng, index), route=d.stages[1:])]
         if name == "Stage.Results":
             return d.stages[-1], [stage_pb2.ResultsRequest(collector_id=f"fuzz-results-{index}")]
+        if name == "Stage.SetDeployment":  # the deployment it has, to each stage in turn
+            return d.stages[index % len(d.stages)], [stage_pb2.SetDeploymentRequest(stages=d.stages)]
         if name == "Stage.StopChain":
             return rng.choice(d.stages), [stage_pb2.StopChainRequest(session_id=self._session(rng, index))]
         if name.startswith("Coordinator.Generate"):
@@ -273,7 +275,9 @@ class Fuzzer:
         tally = Tally()
         index = first_index
         for service in (STAGE, COORDINATOR):
-            for method in service.methods:
+            # SetDeployment first: mutated ones, from this machine (which a stage trusts), may have told
+            # a stage another deployment; the valid seed tells it its own again before anything is routed
+            for method in sorted(service.methods, key=lambda m: m.name != "SetDeployment"):
                 for _ in range(calls_per_rpc):
                     self.send(method, index, tally, mutated=False)
                     index += 1
