@@ -74,21 +74,21 @@ def running_stages(model_dir: Path, num_stages: int, *, tell_deployment: bool = 
             servers.append(server)
         addresses = [f"127.0.0.1:{s.port}" for s in servers]
         if tell_deployment:
-            set_deployment(addresses)
+            set_deployment(addresses, config.get("tls"))
         yield addresses, servers
     finally:
         for server in servers:
             server.stop()
 
 
-def set_deployment(addresses: list[str]) -> None:
-    """Tell each stage its deployment, as a coordinator does (over loopback, accepted without TLS)."""
-    import grpc
-
+def set_deployment(addresses: list[str], tls=None) -> None:
+    """Tell each stage its deployment, as a coordinator does (over loopback, accepted without TLS;
+    with `tls`, protos.tls.TlsFiles, as a peer with a certificate of the stages' CA)."""
     from protos import stage_pb2, stage_pb2_grpc
+    from protos.tls import open_channel
 
     for address in addresses:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, tls) as channel:
             stage_pb2_grpc.StageStub(channel).SetDeployment(stage_pb2.SetDeploymentRequest(stages=addresses),
                                                             timeout=10)
 

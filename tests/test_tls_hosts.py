@@ -48,18 +48,20 @@ def deployment(tiny_model, tmp_path_factory):
     assert made.returncode == 0, made.stderr
     processes = []
     with namespace_hosts("tls-", SUBNET, 2) as hosts:
+        tls_stages = [f"{h.address}:{TLS_PORT}" for h in hosts]
+        plain_stages = [f"{h.address}:{PLAIN_PORT}" for h in hosts]
         try:
             for host, layers in zip(hosts, ("0:2", "2:4")):
                 common = ["--model", str(model_dir), "--layers", layers, "--host", host.address, "--quiet",
                           "--threads", "1"]
                 processes.append(ServerProcess(host.namespace, "stage_server.cli", *common, "--port", str(TLS_PORT),
                                                *_tls_flags(certs, host.address), ready="stage-server ready").start())
+                # plaintext from another host cannot tell a stage its deployment: --peers names it
                 processes.append(ServerProcess(host.namespace, "stage_server.cli", *common, "--port",
-                                               str(PLAIN_PORT), "--insecure", ready="stage-server ready").start())
+                                               str(PLAIN_PORT), "--insecure", "--peers", ",".join(plain_stages),
+                                               ready="stage-server ready").start())
             for process in processes:
                 process.wait_ready()
-            tls_stages = [f"{h.address}:{TLS_PORT}" for h in hosts]
-            plain_stages = [f"{h.address}:{PLAIN_PORT}" for h in hosts]
             first = hosts[0]
             coordinator = ServerProcess(
                 first.namespace, "coordinator.cli", "serve", "--stages", ",".join(tls_stages), "--model",
