@@ -4,9 +4,11 @@ Owns: building a weightless skeleton of the *sliced* model with accelerate, choo
 the checkpoint tensors the slice needs (embeddings only on the first stage, final
 norm + head only on the last, tied heads served from the embedding matrix), reading
 exactly those from single-file or sharded safetensors, converting them to the target
-dtype/device one at a time, and the model fingerprint every stage of one model shares.
+dtype/device one at a time, checking each tensor's bytes against the weights manifest as they are
+read, and the model fingerprint every stage of one model shares.
 
-Does not own: running the slice (architectures, stage_model) or the network.
+Does not own: running the slice (architectures, stage_model), making or reading the weights
+manifest (weights_manifest), or the network.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from stage_server import per_sequence_attention
 from stage_server.architectures import Architecture, architecture_for
 from stage_server.checkpoint_reader import CheckpointFormatError, SafetensorsReader, TensorEntry, read_header
+from stage_server.weights_manifest import ALGORITHM, ManifestError, manifest_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +56,7 @@ class LoadedSlice:
     device: torch.device
     fingerprint: str
     parameter_bytes: int
+    weights_manifest_id: str = ""  # stage_server/weights_manifest.py: the same on every stage of a chain
     attention: str = "batched"  # "per-sequence" or "batched" (stage_server/per_sequence_attention.py)
     # Set from the fields above once: read on every step, and a Hugging Face config's attribute
     # lookup runs Python code of its own.
@@ -157,6 +161,10 @@ class CheckpointIndex:
                                  "says it does; the checkpoint is incomplete or its index is stale")
         return found
 
+    def layout(self) -> dict[str, dict[str, TensorEntry]]:
+        """Every file of the checkpoint with the tensors it holds (what the weights manifest covers)."""
+        return {file: self.entries(file) for file in sorted(set(self.file_of.values()))}
+
     def find(self, *candidates: str) -> str | None:
         """The first candidate name the checkpoint holds."""
         return next((name for name in candidates if name in self.file_of), None)
@@ -244,6 +252,10 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     index = CheckpointIndex(model_dir)
+    try:
+        manifest = manifest_for(model_dir, index.layout())
+    except ManifestError as err:
+        raise SliceLoadError(str(err)) from err
     wanted = [name for name, _ in model.named_parameters(remove_duplicate=False)
               if _needed(name, layout, is_first, is_last)]
     # A tied head on a stage that also holds the embedding shares its tensor.
@@ -264,11 +276,13 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
             with SafetensorsReader(model_dir / file, index.entries(file)) as reader:
                 for name in names:
                     index.entry(keys[name])  # a clear error if the index names a tensor its file lacks
-                    value = reader.read(keys[name], dtype=torch_dtype)
+                    digest = hashlib.new(ALGORITHM)
+                    value = reader.read(keys[name], dtype=torch_dtype, hasher=digest)
+                    manifest.check(file, keys[name], digest.hexdigest())
                     set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
                     del value
                     bar.update(1)
-        except CheckpointFormatError as err:
+        except (CheckpointFormatError, ManifestError) as err:
             raise SliceLoadError(str(err)) from err
     bar.close()
     if share_tied:
@@ -280,7 +294,7 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         architecture=adapter_class(model, sliced), config=config, sliced_config=sliced,
         layer_start=start, layer_end=end, dtype=torch_dtype, device=torch_device,
         fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes,
-        attention=attention_mode)
+        weights_manifest_id=manifest.id, attention=attention_mode)
 
 
 def _tie_head_to_embedding(model: nn.Module, layout) -> None:
