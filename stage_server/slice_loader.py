@@ -188,8 +188,11 @@ def checkpoint_name_candidates(name: str) -> list[str]:
 
 
 def model_fingerprint(config, index: CheckpointIndex) -> str:
-    """A short hash shared by every stage of one model: config plus tensor names/shapes/dtypes."""
-    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """A short hash shared by every stage of one model: config plus tensor names/shapes/dtypes. Not the
+    directory the config was read from (transformers keeps it in the config as `_name_or_path`):
+    machines may hold one model at different paths."""
+    described = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    config_json = json.dumps(described, sort_keys=True, default=str)
     digest = hashlib.sha256(config_json.encode())
     digest.update(index.describe().encode())
     return digest.hexdigest()[:16]
