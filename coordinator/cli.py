@@ -29,10 +29,12 @@ from coordinator.launcher import LaunchError, LocalStages
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
+from coordinator.stage_agreement import add_mixed_versions_argument
 from protos import codec, coordinator_pb2
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
+from protos.software_versions import add_version_argument
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
 
@@ -97,6 +99,7 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
     parser.add_argument("--log-level", default="WARNING")
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     fetch = commands.add_parser("fetch-model", help="download and convert a known model once")
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     _add_pipeline_arguments(serve)
+    add_mixed_versions_argument(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -132,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
     _add_pipeline_arguments(launch)
+    add_mixed_versions_argument(launch)
     _add_generation_arguments(launch, required=False)
     launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
 
@@ -214,7 +219,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> C
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
-                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096))
+                             max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
+                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False))
 
 
 def cmd_serve(args) -> int:

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from protos.software_versions import add_version_argument
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
@@ -47,6 +48,7 @@ def _head_threads(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stage-server", description=__doc__.splitlines()[0])
+    add_version_argument(parser)
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
     parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
