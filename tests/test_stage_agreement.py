@@ -3,8 +3,10 @@ serves them; every refusal is one line naming the stages and the values that dif
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from coordinator.stage_agreement import chain_refusal
 from protos import stage_pb2
 from protos.protocol import PROTOCOL_VERSION
 from stage_server.server import StageServer, StageServerConfig
+from stage_server.weights_manifest import MANIFEST_NAME
 
 ADDRESSES = ("10.0.0.1:50051", "10.0.0.2:50052", "10.0.0.3:50053")
 SPANS = ((0, 10), (10, 20), (20, 30))
@@ -134,3 +137,45 @@ def test_stages_with_other_weights_of_the_same_model_are_refused_by_serve(tmp_pa
     finally:
         for server in servers:
             server.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare")
+def test_other_weights_at_the_same_path_on_another_machine_are_refused(tmp_path):
+    """A second 'machine' (a mount namespace) holds other weights of the same config at the same path:
+    its stage makes its manifest from its own bytes, so the coordinator sees two ids and refuses."""
+    here, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    for directory, seed in ((here, 0), (elsewhere, 1)):
+        save_tiny_model(directory, "llama", seed=seed)
+        save_tiny_tokenizer(directory)
+    local = _stage(here, 0, 2)
+    port = _free_port()
+    script = (f"mount --bind {elsewhere} {here} && exec {sys.executable} -m stage_server.cli --model {here} "
+              f"--layers 2:4 --port {port} --quiet --small-step-threads 1 --head-threads 1")
+    remote = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        with pytest.raises(PipelineSetupError) as caught:
+            CoordinatorServer(CoordinatorConfig(stages=(f"127.0.0.1:{local.port}", f"127.0.0.1:{port}"),
+                                                model_dir=str(here), port=0, stage_wait_s=90))
+        assert "different weights" in str(caught.value), str(caught.value)
+        assert f"127.0.0.1:{port} (layers 2:4)" in str(caught.value)
+        made_there = json.loads((elsewhere / MANIFEST_NAME).read_text())  # by that stage, from its bytes
+        assert made_there["id"] != json.loads((here / MANIFEST_NAME).read_text())["id"]
+        assert made_there["id"] in str(caught.value)
+    finally:
+        remote.terminate()
+        try:
+            remote.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            remote.kill()
+            remote.wait(timeout=10)
+        remote.stderr.close()
+        local.stop()
