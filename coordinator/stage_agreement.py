@@ -4,8 +4,8 @@ Owns: refusing a chain whose stages speak another protocol than this coordinator
 fingerprint (config and tensor layout) or weights manifest id (the tensors' contents, digested on
 each stage's own machine); refusing one whose stages run other torch or transformers versions
 unless `--allow-mixed-versions` (then one warning naming the stages); reporting a chain that mixes
-CPU and GPU stages (fine: one log line); and the `--allow-mixed-versions` flag. Each refusal is one
-line naming the stages (address and layers) and the values that differ.
+CPU and GPU stages (served, with one warning); and the `--allow-mixed-versions` flag. Each refusal
+is one line naming the stages (address and layers) and the values that differ.
 
 Does not own: waiting for the stages or checking that their layers form one route (app), nor
 what the stages report (stage_server/servicer.py, stage_server/weights_manifest.py).
@@ -55,8 +55,8 @@ def _library_versions(info: stage_pb2.InfoResponse) -> str:
 
 def chain_refusal(addresses: Sequence[str], infos: Sequence[stage_pb2.InfoResponse], *,
                   allow_mixed_versions: bool = False) -> str | None:
-    """Why these stages must not serve together (one line), or None. Logs, once per call, a mixed-version
-    chain that is allowed and a chain whose stages run on different kinds of device."""
+    """Why these stages must not serve together (one line), or None. Warns, once per call, of a
+    mixed-version chain that is allowed and of a chain whose stages run on different kinds of device."""
     protocols = _groups(addresses, infos, lambda info: str(info.protocol_version))
     if set(protocols) != {str(PROTOCOL_VERSION)}:
         return (f"stages speak another stage protocol than this coordinator ({PROTOCOL_VERSION}): "
@@ -79,5 +79,8 @@ def chain_refusal(addresses: Sequence[str], infos: Sequence[stage_pb2.InfoRespon
                     _describe(libraries))
     devices = _groups(addresses, infos, lambda info: info.device.partition(":")[0])
     if len(devices) > 1:
-        log.info("the chain mixes devices: %s", _describe(_groups(addresses, infos, lambda info: info.device)))
+        # A warning so that the default log level shows it: served, but its numbers may differ in the last
+        # bits from a chain on one kind of device.
+        log.warning("the chain mixes devices (served): %s",
+                    _describe(_groups(addresses, infos, lambda info: info.device)))
     return None

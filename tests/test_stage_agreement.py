@@ -90,7 +90,7 @@ def test_other_versions_of_libraries_that_do_not_compute_are_served(caplog):
 
 
 def test_a_chain_of_cpu_and_gpu_stages_is_served_and_reported(caplog):
-    with caplog.at_level(logging.INFO, logger="coordinator.stage_agreement"):
+    with caplog.at_level(logging.WARNING, logger="coordinator.stage_agreement"):
         assert chain_refusal(ADDRESSES, infos(device="cuda:0")) is None
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "cpu on 10.0.0.1:50051" in lines[0] and "cuda:0 on 10.0.0.3:50053" in lines[0]
