@@ -166,6 +166,7 @@ def _make_once(path: Path, model_dir: Path, layout: Layout) -> WeightsManifest:
         if path.exists():  # made by another stage while this one waited
             return read_manifest(path, layout)
         started = time.monotonic()
+        log.info("making the weights manifest of %s (once per machine): digesting every tensor", model_dir)
         digests = make_digests(model_dir, layout)
         manifest = WeightsManifest(path, digests)
         files = {file: {name: {"dtype": entry.dtype_name, "shape": list(entry.shape), ALGORITHM: digests[file][name]}
