@@ -177,6 +177,12 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.entries)
 
+    def converts(self, name: str, dtype: torch.dtype | None) -> bool:
+        """Whether `read(name, dtype)` converts the tensor (else it returns the file's bytes as they are,
+        on a little-endian machine)."""
+        source = self.entries[name].dtype
+        return dtype is not None and dtype != source and source.is_floating_point and dtype.is_floating_point
+
     def read(self, name: str, dtype: torch.dtype | None = None, *, chunk_bytes: int = CHUNK_BYTES,
              hasher=None) -> torch.Tensor:
         """The tensor `name`, in memory this call allocates and the caller owns.
@@ -193,9 +199,7 @@ class SafetensorsReader:
         if entry is None:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         source = entry.dtype
-        convert = (dtype is not None and dtype != source and source.is_floating_point
-                   and dtype.is_floating_point)
-        if not convert:
+        if not self.converts(name, dtype):
             raw = torch.empty(entry.nbytes, dtype=torch.uint8)
             self._read_into(raw, entry.offset, source.itemsize, hasher)
             return raw.view(source).reshape(entry.shape)

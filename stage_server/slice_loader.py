@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from stage_server import per_sequence_attention
 from stage_server.architectures import Architecture, architecture_for
 from stage_server.checkpoint_reader import CheckpointFormatError, SafetensorsReader, TensorEntry, read_header
-from stage_server.weights_manifest import ALGORITHM, ManifestError, manifest_for
+from stage_server.weights_manifest import ManifestError, SliceCheck, manifest_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -276,15 +277,21 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         # The reader returns fresh memory already in the target dtype (converted a chunk at a time),
         # which set_module_tensor_to_device then adopts without another copy on CPU.
         try:
-            with SafetensorsReader(model_dir / file, index.entries(file)) as reader:
+            with SafetensorsReader(model_dir / file, index.entries(file)) as reader, SliceCheck(manifest) as check:
                 for name in names:
-                    index.entry(keys[name])  # a clear error if the index names a tensor its file lacks
-                    digest = hashlib.new(ALGORITHM)
-                    value = reader.read(keys[name], dtype=torch_dtype, hasher=digest)
-                    manifest.check(file, keys[name], digest.hexdigest())
+                    key = keys[name]
+                    index.entry(key)  # a clear error if the index names a tensor its file lacks
+                    if reader.converts(key, torch_dtype) or sys.byteorder != "little":
+                        digest = check.hasher()
+                        value = reader.read(key, dtype=torch_dtype, hasher=digest)
+                        check.check(file, key, digest)
+                    else:  # the file's bytes as they are: digested on the worker while the next are read
+                        value = reader.read(key, dtype=torch_dtype)
+                        check.check_later(file, key, memoryview(value.reshape(-1).view(torch.uint8).numpy()))
                     set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
                     del value
                     bar.update(1)
+                check.finish()
         except (CheckpointFormatError, ManifestError) as err:
             raise SliceLoadError(str(err)) from err
     bar.close()

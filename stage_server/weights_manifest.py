@@ -1,11 +1,12 @@
 """The weights manifest: the SHA-256 of every tensor of a checkpoint, and its id.
 
 Owns: making the manifest from the bytes of this machine's safetensors files (each tensor's raw
-bytes, read from its byte range), where it lives (`layerline-manifest.json` in the model directory,
-or under the cache's `manifests/` when the directory cannot be written), its id (the first 16 hex
-digits of the SHA-256 of its canonical JSON), one maker at a time per manifest on a machine (a lock
-file beside it, waited for with a bound; the file appears whole by an atomic rename), and refusing
-a tensor whose bytes differ from the manifest's digest.
+bytes, read from its byte range), checking the tensors a load reads against it (SliceCheck), where
+it lives (`layerline-manifest.json` in the model directory, or under the cache's `manifests/` when
+the directory cannot be written), its id (the first 16 hex digits of the SHA-256 of its canonical
+JSON), one maker at a time per manifest on a machine (a lock file beside it, waited for with a
+bound; the file appears whole by an atomic rename), and refusing a tensor whose bytes differ from
+the manifest's digest.
 
 Why a manifest: the model fingerprint covers the config and the tensors' names, shapes and dtypes,
 not their contents. Each machine makes its manifest from its own files, so stages of two machines
@@ -19,6 +20,7 @@ reads them), which tensors a stage loads (slice_loader), nor comparing ids acros
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -26,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
+from concurrent import futures
 from pathlib import Path
 
 from protos.model_files.cache import cache_root
@@ -38,6 +41,7 @@ MANIFEST_FORMAT = 1
 ALGORITHM = "sha256"
 MAKE_WAIT_S = 600.0  # how long a stage waits for another process of this machine making the manifest
 BLOCK_BYTES = 8 << 20  # bytes read and digested per step while making the manifest
+WORKERS = 2  # threads digesting a load's tensors (SHA-256 runs at ~1.5 GB/s a core, a page-cached read faster)
 
 try:
     import fcntl
@@ -66,6 +70,54 @@ class WeightsManifest:
                 f"tensor {tensor!r} of {file} does not match its digest in {self.path}: the weights changed "
                 f"after the manifest was made; fetch the model again, or delete {self.path} to make it anew "
                 "from these files")
+
+
+class SliceCheck:
+    """Checks the tensors one load reads against a manifest. A tensor read whole and kept as read
+    (no dtype conversion) is digested on a worker thread while the next ones are read, at most
+    BACKLOG_BYTES of them waiting; one converted as it is read is digested chunk by chunk as the
+    reader goes (`hasher`), since its source bytes are not kept. Use as a context manager; `finish`
+    waits for the worker and raises ManifestError for a tensor that does not match."""
+
+    BACKLOG_BYTES = 256 << 20  # tensors read but not yet digested; bounds the memory a GPU load holds
+
+    def __init__(self, manifest: WeightsManifest) -> None:
+        self.manifest = manifest
+        self._worker = futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="weights-digest")
+        self._pending: collections.deque = collections.deque()
+        self._pending_bytes = 0
+
+    def __enter__(self) -> SliceCheck:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def hasher(self):
+        return hashlib.new(ALGORITHM)
+
+    def check(self, file: str, tensor: str, hasher) -> None:
+        self.manifest.check(file, tensor, hasher.hexdigest())
+
+    def check_later(self, file: str, tensor: str, data: memoryview) -> None:
+        """Digest `data` (the tensor's bytes as the file holds them, not to be changed) on the worker."""
+        self._pending.append((file, tensor, len(data), self._worker.submit(_digest_of, data)))
+        self._pending_bytes += len(data)
+        while self._pending_bytes > self.BACKLOG_BYTES:
+            self._check_oldest()
+
+    def finish(self) -> None:
+        while self._pending:
+            self._check_oldest()
+
+    def _check_oldest(self) -> None:
+        file, tensor, size, digest = self._pending.popleft()
+        self._pending_bytes -= size
+        self.manifest.check(file, tensor, digest.result())
+
+
+def _digest_of(data: memoryview) -> str:
+    return hashlib.new(ALGORITHM, data).hexdigest()
 
 
 def manifest_id(digests: Mapping[str, Mapping[str, str]]) -> str:

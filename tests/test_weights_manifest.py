@@ -59,18 +59,19 @@ def test_other_weights_of_one_config_have_one_fingerprint_and_another_manifest_i
     assert same.weights_manifest_id == a.weights_manifest_id  # made anew from the same bytes
 
 
-def test_a_changed_tensor_in_the_slice_refuses_the_load_naming_it(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # kept as read (digested on the worker); converted
+def test_a_changed_tensor_in_the_slice_refuses_the_load_naming_it(tmp_path, dtype):
     model_dir = save_tiny_model(tmp_path / "m", "llama")
     load_slice(model_dir, 0, 4, progress=False)
     flip_a_byte_of(model_dir, "model.layers.3.mlp.down_proj.weight")
-    assert load_slice(model_dir, 0, 2, progress=False).weights_manifest_id  # only its own slice is checked
+    assert load_slice(model_dir, 0, 2, dtype=dtype, progress=False).weights_manifest_id  # only its slice is checked
     with pytest.raises(SliceLoadError) as caught:
-        load_slice(model_dir, 2, 4, progress=False)
+        load_slice(model_dir, 2, 4, dtype=dtype, progress=False)
     message = str(caught.value)
     assert "'model.layers.3.mlp.down_proj.weight' of model.safetensors" in message and "\n" not in message
     assert f"delete {model_dir / MANIFEST_NAME}" in message and "fetch the model again" in message
     (model_dir / MANIFEST_NAME).unlink()  # as the message says: made anew from these bytes
-    assert load_slice(model_dir, 2, 4, progress=False).weights_manifest_id
+    assert load_slice(model_dir, 2, 4, dtype=dtype, progress=False).weights_manifest_id
 
 
 def test_a_copied_manifest_does_not_vouch_for_other_weights(tmp_path):
