@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.layerline-installed
 
-.PHONY: install demo test lint bench clean constraints
+.PHONY: install demo test lint bench fuzz clean constraints
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench: install
 	$(PY) bench/wire_codecs.py
 	$(PY) bench/slice_memory.py
 	$(PY) bench/hop_latency.py
+
+# The long fuzz profile: 20,000 mutated messages over every RPC of both services on a tiny
+# pipeline, then 20,000 unparseable calls to each process (tests/test_fuzz.py runs a quick one).
+fuzz: install
+	$(PY) bench/fuzz_rpcs.py --messages 20000 --flood 20000 --stage-flood 20000 --json bench/results/fuzz.json
 
 # The Node and Go clients of the public API (clients/): installs node/npm packages and
 # the Go toolchain from Debian where missing, and builds the Go client. Needs root for apt.

@@ -38,6 +38,7 @@ PROMPTS = CHAT_QUESTIONS
 def run_codec(addresses, name, prompts, tokenization, new_tokens):
     # Answers relayed along the chain: each hop's byte count arrives with the answer itself.
     client = PipelineClient(addresses, wire_codec=codec.codec_from_name(name), direct_results=False)
+    client.set_deployment()  # the stages send only to the addresses a coordinator names
     engine = Engine(client, pad_token_id=tokenization.pad_token_id)
     outputs, elements = [], 0
     started = time.perf_counter()

@@ -17,18 +17,22 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.pipeline_client import PipelineClient
-from coordinator.planner import stages_at_once
+from coordinator.planner import groups_in_flight
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.stage_agreement import chain_refusal
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
-from protos import codec, coordinator_pb2, coordinator_pb2_grpc, stage_pb2
-from protos.channel_options import bind, server_options
+from protos import codec, coordinator_pb2, stage_pb2
+from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
+from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
+from protos.shutdown import stop_server
+from protos.tls import TlsFiles, server_credentials
 
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -47,19 +51,23 @@ class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 50050
     compression: str = "none"
-    micro_batches: int = 0  # groups in flight at once; 0 = as many as stages compute at once (stages_at_once)
+    micro_batches: int = 0  # groups in flight at once; 0 = one per machine (planner.groups_in_flight)
     chain: str = "auto"  # on: greedy groups' next steps go from the last stage straight to the first; off;
     # auto: on unless every stage is on this machine (coordinator/chain_policy.py)
     local_hops: bool = True  # reach stages on this machine over their Unix sockets (coordinator/stage_streams.py)
     batch_limits: BatchLimits = field(default_factory=BatchLimits)
     max_new_tokens_limit: int = 4096
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20  # larger public requests: RESOURCE_EXHAUSTED (gRPC)
     stage_wait_s: float = 120.0
     allow_mixed_versions: bool = False  # serve stages of different torch/transformers versions (stage_agreement)
+    stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
+    api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
 
 
-def wait_for_stages(addresses: tuple[str, ...], timeout_s: float) -> list[stage_pb2.InfoResponse]:
+def wait_for_stages(addresses: tuple[str, ...], timeout_s: float,
+                    tls: TlsFiles | None = None) -> list[stage_pb2.InfoResponse]:
     """Info from every stage once all have loaded; raises PipelineSetupError on timeout."""
-    client = PipelineClient(list(addresses))
+    client = PipelineClient(list(addresses), tls=tls)
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -118,19 +126,31 @@ def batching_state(engine: Engine, limits: BatchLimits, groups: int) -> coordina
 class CoordinatorServer:
     """The public API of one pipeline."""
 
-    def __init__(self, config: CoordinatorConfig) -> None:
+    def __init__(self, config: CoordinatorConfig, api_keys: ApiKeys | None = None) -> None:
         self.config = config
+        self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
-        infos = wait_for_stages(config.stages, config.stage_wait_s)
+        infos = wait_for_stages(config.stages, config.stage_wait_s, config.stage_tls)
         refusal = chain_refusal(config.stages, infos, allow_mixed_versions=config.allow_mixed_versions)
         if refusal:
             raise PipelineSetupError(refusal)
         check_route(config.stages, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
-                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops)
+                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops,
+                                       tls=config.stage_tls)
+        try:
+            refused = self.pipeline.set_deployment()
+        except grpc.RpcError as err:
+            self.pipeline.close()
+            raise PipelineSetupError(f"could not tell the stages their deployment (SetDeployment): "
+                                     f"{err.code().name}: {err.details()}") from None
+        for address in refused:
+            log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
+                        "stages its --peers name", address)
         max_context = _max_context(config.model_dir)
-        limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context)
+        limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
+                        vocab_size=infos[-1].vocab_size)
         info = coordinator_pb2.ModelInfo(
             model_name=config.model_name or config.model_dir, model_type=infos[0].model_type,
             model_fingerprint=infos[0].model_fingerprint, weights_manifest_id=infos[0].weights_manifest_id,
@@ -138,7 +158,7 @@ class CoordinatorServer:
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)
-        groups = config.micro_batches or stages_at_once([(i.compute_threads, i.colocated_stages) for i in infos])
+        groups = config.micro_batches or groups_in_flight([(i.compute_threads, i.colocated_stages) for i in infos])
         chain = chain_greedy_steps(config.chain, config.stages)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
         self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
@@ -149,15 +169,18 @@ class CoordinatorServer:
             refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
-                                       options=server_options())
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(self.service, self.grpc_server)
+                                       options=api_server_options(config.max_request_bytes),
+                                       interceptors=[ApiKeyInterceptor(api_keys)] if api_keys else None)
+        add_servicer(self.service, self.grpc_server, coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"])
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
         self.port = 0
 
     def start(self) -> int:
-        self.port = bind(self.grpc_server, self.config.host, self.config.port)
+        api_tls = self.config.api_tls
+        self.port = bind(self.grpc_server, self.config.host, self.config.port,
+                         server_credentials(api_tls) if api_tls else None)
         self.grpc_server.start()
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -166,7 +189,7 @@ class CoordinatorServer:
     def stop(self, grace_s: float = 5.0) -> None:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc_server.stop(grace_s).wait()
+        stop_server(self.grpc_server, grace_s)
         self.pipeline.close()
 
 

@@ -22,18 +22,22 @@ import time
 
 import grpc
 
+from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
-from coordinator.launcher import LaunchError, LocalStages
+from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
 from coordinator.stage_agreement import add_mixed_versions_argument
-from protos import codec, coordinator_pb2
+from protos import codec, coordinator_pb2, tls_arguments
+from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
+from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
@@ -96,6 +100,18 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
                              f"admitted prompt in one micro-batch (default {defaults.prefill_chunk_tokens})")
 
 
+def _mebibytes(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of MiB >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_request_limit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-request-mb", type=_mebibytes, default=DEFAULT_MAX_REQUEST_MB,
+                        help="largest public request in MiB (default %(default)s); larger ones get RESOURCE_EXHAUSTED "
+                             "from gRPC before they are read")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
     parser.add_argument("--log-level", default="WARNING")
@@ -112,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    add_api_keys_argument(serve)
+    _add_request_limit(serve)
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
+    tls_arguments.add_server_tls_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -135,8 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--threads", type=int, default=0,
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
+    add_api_keys_argument(launch)
+    _add_request_limit(launch)
     _add_pipeline_arguments(launch)
     add_mixed_versions_argument(launch)
+    tls_arguments.add_server_tls_arguments(launch)
     _add_generation_arguments(launch, required=False)
     launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
 
@@ -145,11 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--address", help="HOST:PORT of a coordinator")
     target.add_argument("--stages", help="HOST:PORT of each stage (then --model is needed for the tokenizer)")
     generate.add_argument("--model", help="model directory or known name (with --stages)")
+    add_api_key_argument(generate)
     _add_pipeline_arguments(generate)
+    tls_arguments.add_client_tls_arguments(generate)
     _add_generation_arguments(generate, required=True)
 
     info = commands.add_parser("info", help="show the model and stages behind a coordinator")
     info.add_argument("--address", required=True)
+    add_api_key_argument(info)
+    tls_arguments.add_client_tls_arguments(info)
+    add_certs_command(commands)
     return parser
 
 
@@ -166,9 +193,9 @@ def _generation_kwargs(args) -> dict:
     return kwargs
 
 
-def run_generation(address: str, args) -> int:
-    """Stream one completion to the terminal (or print it as JSON)."""
-    with CoordinatorClient(address) as client:
+def run_generation(address: str, args, api_key: str | None = None, tls=None) -> int:
+    """Stream one completion to the terminal (or print it as JSON); `tls`: protos.tls.TlsFiles."""
+    with CoordinatorClient(address, api_key=api_key or getattr(args, "api_key", None), tls=tls) as client:
         text, token_ids, finish, prompt_tokens = [], [], 0, 0
         started = time.perf_counter()
         first_token_s = None
@@ -213,29 +240,37 @@ def cmd_fetch(args) -> int:
     return 0
 
 
-def _serve_config(args, stages: list[str], model_dir, host: str, port: int) -> CoordinatorConfig:
+def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls) -> CoordinatorConfig:
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
-                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False))
+                             max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
+                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False), **tls)
 
 
 def cmd_serve(args) -> int:
+    tls = tls_arguments.serving_tls(args, stages_listen=False)
     model_dir = resolve_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port))
+    keys = api_keys_from_args(args)
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
+    reload_on_sighup(keys)
     port = server.start()
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
           f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
+    exit_deadline(EXIT_DEADLINE_S)
     server.stop()
-    return 0
+    exit_now(0)  # without waiting for threads a stuck gRPC call holds, or the interpreter's teardown
 
 
 def cmd_launch_local(args) -> int:
+    keys = api_keys_from_args(args)
+    one_shot = args.prompt is not None or args.chat is not None
+    tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
     model_dir = ensure_model(args.model)
     from transformers import AutoConfig
 
@@ -243,15 +278,20 @@ def cmd_launch_local(args) -> int:
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
     head_cost = head_cost_in_layers(config, args.balance_for) if args.balance_head else 0.0
     ranges = plan_partition(config.num_hidden_layers, args.num_stages, weights, head_cost=head_cost)
-    one_shot = args.prompt is not None or args.chat is not None
+    check_ports_free(args.host, [0 if one_shot else args.port])  # the stages take free ports (--port 0)
     with LocalStages(str(model_dir), ranges, dtype=args.dtype, host=args.host, threads=args.threads,
-                     extra_args=("--attention", args.attention, "--local-hops", args.local_hops)) as stages:
+                     extra_args=("--attention", args.attention, "--local-hops", args.local_hops,
+                                 *tls_arguments.stage_tls_flags(args))) as stages:
         addresses = stages.start()
-        server = CoordinatorServer(_serve_config(args, addresses, model_dir, args.host, 0 if one_shot else args.port))
+        # One shot: the API this process alone calls listens on loopback, plaintext.
+        api = ("127.0.0.1", 0, None) if one_shot else (args.host, args.port, tls["api_tls"])
+        server = CoordinatorServer(_serve_config(args, addresses, model_dir, api[0], api[1],
+                                                 stage_tls=tls["stage_tls"], api_tls=api[2]), api_keys=keys)
+        reload_on_sighup(keys)
         port = server.start()
         try:
             if one_shot:
-                return run_generation(f"{args.host}:{port}", args)
+                return run_generation(f"127.0.0.1:{port}", args, api_key=keys.own_key() if keys else None)
             print(f"layerline: coordinator on {args.host}:{port}, {len(addresses)} stages "
                   f"({', '.join(f'{a}:{b}' for a, b in ranges)}); Ctrl-C to stop", file=sys.stderr, flush=True)
             _wait_for_signal()
@@ -261,13 +301,14 @@ def cmd_launch_local(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    tls = tls_arguments.client_tls(args)
     if args.address:
-        return run_generation(args.address, args)
+        return run_generation(args.address, args, tls=tls)
     if not args.model:
         raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
     model_dir = resolve_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0))
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0, stage_tls=tls))
     port = server.start()
     try:
         return run_generation(f"127.0.0.1:{port}", args)
@@ -278,13 +319,13 @@ def cmd_generate(args) -> int:
 def cmd_info(args) -> int:
     from google.protobuf import json_format
 
-    with CoordinatorClient(args.address) as client:
+    with CoordinatorClient(args.address, api_key=args.api_key, tls=tls_arguments.client_tls(args)) as client:
         print(json_format.MessageToJson(client.model_info()))
     return 0
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, OSError, ValueError) as err:
+    except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, CertificateError, OSError,
+            ValueError) as err:
         print(f"coordinator: error: {err}", file=sys.stderr)
         return 2
     except grpc.RpcError as err:

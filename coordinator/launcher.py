@@ -2,7 +2,8 @@
 
 Owns: one `stage-server` child process per planned layer range, on free loopback
 ports, reporting each stage's progress as it loads, and stopping them all (SIGTERM,
-then SIGKILL after a grace period) however the launcher exits.
+then SIGKILL after a grace period) however the launcher exits; and `check_ports_free`,
+which finds a port another process holds before any stage starts.
 
 Does not own: the split (planner) or the public API (app).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -18,10 +20,30 @@ import time
 from dataclasses import dataclass, field
 
 READY_LINE = re.compile(r"stage-server ready on (\S+):(\d+)")
+# A stage listening on every address is dialled on loopback: an address it holds (and one its TLS
+# certificate names; coordinator certs adds the loopback names to every host's).
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")
 
 
 class LaunchError(RuntimeError):
     """A stage could not start; the message carries its last output."""
+
+
+def check_ports_free(host: str, ports: list[int]) -> None:
+    """Raise LaunchError naming the first of `ports` (0: any free port, nothing to check) that cannot be
+    bound on `host` now, so that a held port fails the launch before any stage starts."""
+    for port in ports:
+        if port == 0:
+            continue
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no hold
+                probe.bind((host, port))
+        except OSError as err:
+            raise LaunchError(f"cannot listen on {host}:{port} ({err.strerror or err}): the port is in use by "
+                              "another process, or the address is not one of this machine's; pick another "
+                              "--port or --host") from None
 
 
 @dataclass
@@ -90,7 +112,8 @@ class LocalStages:
             stage.output.append(line)
             match = READY_LINE.search(line)
             if match:
-                stage.address = f"{match.group(1)}:{match.group(2)}"
+                host = "127.0.0.1" if match.group(1) in WILDCARD_HOSTS else match.group(1)
+                stage.address = f"{host}:{match.group(2)}"
                 stage.ready.set()
             elif self.echo and ("error" in line.lower() or "warning" in line.lower()):
                 print(f"[stage {index}] {line}", end="", file=sys.stderr)

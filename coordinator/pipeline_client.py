@@ -2,7 +2,7 @@
 
 Owns: `PipelineClient` (one persistent stream to the first stage of the route, multiplexing
 every session's micro-batches on it, and a Results subscription on the last stage; reopening
-either after a failure; the side calls EndSession, Info and StopChain), `_Pending` (matching
+either after a failure; the side calls EndSession, Info, StopChain and SetDeployment), `_Pending` (matching
 each answer to its request's future by session id and micro-batch id, whichever stream it came
 on), and `StepLogits` / `logits_of` (reading an answer). Hidden states never pass through
 here: stage 0 pushes them on to stage 1 itself.
@@ -30,7 +30,7 @@ from coordinator.stage_streams import (
 )
 from coordinator.step_future import StepFuture
 from protos import codec, stage_pb2, stage_pb2_grpc
-from protos.channel_options import channel_options
+from protos.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,17 @@ class PipelineClient:
     """Sends micro-batches down a route of stage addresses and gets logits back."""
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
-                 model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True) -> None:
+                 model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True,
+                 tls: TlsFiles | None = None) -> None:
         """`local_hops`: reach stages on this machine over their Unix sockets where they have one
-        (stage_streams), else gRPC."""
+        (stage_streams), else gRPC; `tls`: the certificate, key and CA the gRPC channels to the stages
+        use (mutual TLS; the Forward streams and the Results subscription go over them), None: plaintext."""
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
         self.wire_codec = wire_codec
         self.model_fingerprint = model_fingerprint
-        self._channels = [grpc.insecure_channel(a, options=channel_options()) for a in self.addresses]
+        self._channels = [open_channel(a, tls) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self.direct_results = direct_results and len(self.addresses) > 1
         self.local_hops = local_hops
@@ -205,6 +207,20 @@ class PipelineClient:
         """Free the session on every stage; returns how many stages held it."""
         request = stage_pb2.EndSessionRequest(session_id=session_id, route=self.addresses[1:])
         return self._stubs[0].EndSession(request, timeout=timeout_s).stages_freed
+
+    def set_deployment(self, timeout_s: float = 10.0) -> list[str]:
+        """Tell every stage the route's addresses, the only ones it may send to (besides its --peers);
+        returns the stages that refused (a plaintext stage on another machine takes them from --peers)."""
+        request = stage_pb2.SetDeploymentRequest(stages=self.addresses)
+        refused = []
+        for address, stub in zip(self.addresses, self._stubs):
+            try:
+                stub.SetDeployment(request, timeout=timeout_s)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+                    raise
+                refused.append(address)
+        return refused
 
     def stage_infos(self, timeout_s: float = 10.0) -> list[stage_pb2.InfoResponse]:
         return [stub.Info(stage_pb2.InfoRequest(), timeout=timeout_s) for stub in self._stubs]

@@ -12,7 +12,7 @@ join, or whether a group chains (scheduler), nor sending or answers (engine).
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from concurrent.futures import Future
 
 import numpy as np
@@ -73,7 +73,7 @@ class Prefill:
     """Newly admitted sequences, prefilled together as their own session (in chunks when long)."""
 
     def __init__(self, sequences: list[LiveSequence], pad_token_id: int, chunk_tokens: int, target: Group) -> None:
-        self.session_id = uuid.uuid4().hex
+        self.session_id = secrets.token_hex(16)  # 128 random bits: not guessed, not reused
         self.sequences = sequences
         self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)

@@ -15,7 +15,7 @@ sent, or the side calls (EndSession, Info and StopChain stay on gRPC, pipeline_c
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from collections.abc import Callable
 
 import grpc
@@ -49,8 +49,8 @@ class FirstStageStream(LinkReader):
     def send(self, request: stage_pb2.ForwardRequest) -> StepFuture:
         future = StepFuture()
         with self.lock:
-            if not self.alive:
-                raise StageCallError(grpc.StatusCode.UNAVAILABLE, f"stream to {self.address} is closed")
+            if not self.alive:  # it ended before this send: say why (a stage refusing it says so)
+                raise self._ended_error(self.failure)
             self.pending.add((request.session_id, request.micro_batch_id), future, self, bool(request.reply_to))
         if not self._send(request):  # the reader sees the link fail and fails the future
             self.link.cancel()
@@ -63,11 +63,14 @@ class FirstStageStream(LinkReader):
     def cancel(self) -> None:
         self.link.cancel()
 
-    def _ended(self, failure: Exception | None) -> None:
+    def _ended_error(self, failure: Exception | None) -> StageCallError:
         code = grpc.StatusCode.UNAVAILABLE if failure is None else self.link.status(failure)
-        self.pending.fail(StageCallError(
+        return StageCallError(
             code, f"{self.link.kind} stream to the first stage {self.address} {self.how_it_ended(failure)}",
-            self.address), stream=self)
+            self.address)
+
+    def _ended(self, failure: Exception | None) -> None:
+        self.pending.fail(self._ended_error(failure), stream=self)
 
 
 class ResultsSubscription(LinkReader):
@@ -104,7 +107,7 @@ def open_results_subscription(address: str, stub: stage_pb2_grpc.StageStub, pend
                               *, unix: bool) -> ResultsSubscription:
     """A Results subscription on the last stage at `address` under a new collector id, over its Unix
     socket when `unix` and it takes the connection, else a gRPC Results call on `stub`."""
-    request = stage_pb2.ResultsRequest(collector_id=uuid.uuid4().hex)
+    request = stage_pb2.ResultsRequest(collector_id=secrets.token_hex(16))
     link = UnixLink.connect(address, RESULTS, f"results-{address}") if unix else None
     if link is not None:
         link.send(request)  # the connection's first frame

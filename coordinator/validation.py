@@ -1,7 +1,9 @@
 """Checking a public GenerateRequest and turning it into what the engine runs.
 
-Owns: every rule a request must meet (one input kind, non-empty, token ids inside
-the vocabulary, sane sampling values, limits on new tokens and context), each
+Owns: every rule a request must meet (only fields the API declares, one input kind,
+non-empty, a prompt no longer than the context could hold before it is tokenized, token
+ids inside the model's vocabulary, sane sampling values, limits on new tokens and
+context), each
 failure an `ApiError` carrying the gRPC status code name and a message that says
 what was wrong, checked one field at a time. Nothing here imports grpc.
 
@@ -15,8 +17,12 @@ from dataclasses import dataclass
 
 from coordinator.sampling import SamplingParams
 from coordinator.text import Tokenization
+from protos.unknown_fields import first_unknown_field
 
 DEFAULT_MAX_NEW_TOKENS = 64
+# A prompt longer than the context times this many characters cannot fit, whatever the tokenizer:
+# it is refused before tokenizing, which costs hundreds of bytes of memory per character.
+CHARS_PER_TOKEN_BOUND = 32
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -34,6 +40,11 @@ class ApiError(Exception):
 class Limits:
     max_new_tokens: int  # the most a request may ask for
     max_context: int  # prompt + new tokens
+    vocab_size: int  # token ids lie in [0, vocab_size): the model's vocabulary (its embedding rows)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_context * CHARS_PER_TOKEN_BOUND
 
 
 @dataclass(frozen=True)
@@ -47,14 +58,16 @@ class PreparedRequest:
 
 def prepare(request, tokenization: Tokenization, limits: Limits) -> PreparedRequest:
     """Validate a coordinator_pb2.GenerateRequest field by field, in this order; raises ApiError."""
-    prompt_ids = _prompt_ids(request, tokenization)
+    if (unknown := first_unknown_field(request)) is not None:
+        raise ApiError("INVALID_ARGUMENT", f"the request carries {unknown}; check the client's coordinator.proto")
+    prompt_ids = _prompt_ids(request, tokenization, limits)
     max_new = _max_new_tokens(request, len(prompt_ids), limits)
     sampling = _sampling(request)
     stop = _stop_strings(request)
     return PreparedRequest(prompt_ids, max_new, sampling, stop, request.ignore_eos)
 
 
-def _prompt_ids(request, tokenization: Tokenization) -> list[int]:
+def _prompt_ids(request, tokenization: Tokenization, limits: Limits) -> list[int]:
     """The prompt's token ids from exactly one of prompt, messages or token_ids."""
     given = [name for name, present in (("prompt", bool(request.prompt)), ("messages", len(request.messages) > 0),
                                         ("token_ids", len(request.token_ids) > 0)) if present]
@@ -62,15 +75,28 @@ def _prompt_ids(request, tokenization: Tokenization) -> list[int]:
         raise ApiError("INVALID_ARGUMENT", "the request is empty: set one of prompt, messages or token_ids")
     if len(given) > 1:
         raise ApiError("INVALID_ARGUMENT", f"set only one of prompt, messages or token_ids (got {', '.join(given)})")
+    _check_input_size(request, limits)
     if request.prompt:
         prompt_ids = tokenization.encode_prompt(request.prompt)
     elif request.messages:
         prompt_ids = _chat_ids(request.messages, tokenization)
     else:
-        prompt_ids = _token_ids(request.token_ids, tokenization.vocab_size)
+        prompt_ids = _token_ids(request.token_ids, limits.vocab_size)
     if not prompt_ids:
         raise ApiError("INVALID_ARGUMENT", "the prompt is empty after tokenization")
     return prompt_ids
+
+
+def _check_input_size(request, limits: Limits) -> None:
+    """Refuse an input that cannot fit the context before any of it is tokenized or copied."""
+    if len(request.token_ids) > limits.max_context:
+        raise ApiError("OUT_OF_RANGE", f"token_ids has {len(request.token_ids)} tokens; the model's context is "
+                                       f"{limits.max_context} tokens")
+    chars = len(request.prompt) + sum(len(m.content) + len(m.role) for m in request.messages)
+    if chars > limits.max_prompt_chars:
+        raise ApiError("INVALID_ARGUMENT", f"the prompt has {chars} characters, more than the model's context of "
+                                           f"{limits.max_context} tokens could hold "
+                                           f"(at most {limits.max_prompt_chars})")
 
 
 def _chat_ids(messages, tokenization: Tokenization) -> list[int]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 
-def _host_and_port(address: str) -> tuple[str, str]:
+def host_and_port(address: str) -> tuple[str, str]:
     if address.startswith("["):  # [v6]:port
         host, _, port = address[1:].partition("]")
         return host, port.removeprefix(":")
@@ -25,7 +25,7 @@ def is_loopback(address: str) -> bool:
     """Whether a stage address names this machine by a loopback form (unix sockets included)."""
     if address.startswith(("unix:", "unix-abstract:")):
         return True
-    host = _host_and_port(address)[0]
+    host = host_and_port(address)[0]
     if host == "localhost":
         return True
     try:
@@ -38,5 +38,5 @@ def loopback_port(address: str) -> int | None:
     """The TCP port of a loopback "host:port" address, or None for any other address."""
     if address.startswith(("unix:", "unix-abstract:")) or not is_loopback(address):
         return None
-    port = _host_and_port(address)[1]
+    port = host_and_port(address)[1]
     return int(port) if port.isdigit() and 0 < int(port) < 65536 else None

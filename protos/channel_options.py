@@ -11,9 +11,9 @@ has sent no data, as abuse, and after three such pings closes the connection (GO
 stages have no work) would lose its connection, and the next request fail with UNAVAILABLE. So
 servers accept pings every SERVER_MIN_PING_INTERVAL_MS, below the channels' rate.
 
-Also owns `bind`, the one way a layerline server takes its port: a port it cannot have is an
-OSError with one line saying so, whichever way the installed grpcio reports it (some releases
-return 0, others raise RuntimeError).
+Also owns `bind`, the one way a layerline server takes its port (with TLS credentials or without):
+a port it cannot have is an OSError with one line saying so, whichever way the installed grpcio
+reports it (some releases return 0, others raise RuntimeError).
 
 Does not own: which TCP path gRPC takes (grpc_transport) or any connection.
 """
@@ -25,6 +25,10 @@ import os
 #: Largest message a stage or coordinator sends or receives (LAYERLINE_MAX_MESSAGE_MB overrides).
 MAX_MESSAGE_BYTES = int(os.environ.get("LAYERLINE_MAX_MESSAGE_MB", "256")) * (1 << 20)
 
+
+#: Largest public request (a GenerateRequest) the coordinator takes by default (--max-request-mb):
+#: a prompt that fits any context is far smaller, and gRPC refuses a larger message before it is read.
+DEFAULT_MAX_REQUEST_MB = 4
 
 KEEPALIVE_TIME_MS = 30_000
 SERVER_MIN_PING_INTERVAL_MS = 10_000
@@ -52,10 +56,21 @@ def server_options(max_message_bytes: int = MAX_MESSAGE_BYTES,
             ("grpc.so_reuseport", 0)]
 
 
-def bind(server, host: str, port: int) -> int:
-    """Bind `server` (a grpc.Server) to host:port without TLS; returns the port (chosen when 0)."""
+def api_server_options(max_request_bytes: int) -> list[tuple[str, int]]:
+    """server_options for the public API: requests above `max_request_bytes` are refused with
+    RESOURCE_EXHAUSTED by gRPC (answers keep the shared limit)."""
+    return [(name, max_request_bytes if name == "grpc.max_receive_message_length" else value)
+            for name, value in server_options()]
+
+
+def bind(server, host: str, port: int, credentials=None) -> int:
+    """Bind `server` (a grpc.Server) to host:port, over TLS with `credentials` (grpc.ServerCredentials,
+    made by protos.tls.server_credentials), else plaintext; returns the port (chosen when 0)."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
     except RuntimeError:  # grpcio's "Failed to bind to address"
         bound = 0
     if bound == 0:

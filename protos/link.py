@@ -63,6 +63,7 @@ class LinkReader:
         self.link = link
         self.address = address
         self.alive = True
+        self.failure: Exception | None = None  # what ended the link, once it has (None: it ended cleanly)
         self.lock = threading.Lock()  # held where a check of `alive` and what follows must not interleave with the end
         self._on_answer = on_answer
 
@@ -87,6 +88,6 @@ class LinkReader:
             failure = err
         finally:
             with self.lock:
-                self.alive = False
+                self.alive, self.failure = False, failure
             self.link.release()
             self._ended(failure)

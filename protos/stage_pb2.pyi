@@ -242,3 +242,15 @@ class InfoResponse(_message.Message):
     protocol_version: int
     weights_manifest_id: str
     def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_head: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., rss_bytes: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., attention: _Optional[str] = ..., colocated_stages: _Optional[int] = ..., protocol_version: _Optional[int] = ..., weights_manifest_id: _Optional[str] = ...) -> None: ...
+
+class SetDeploymentRequest(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stages: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetDeploymentResponse(_message.Message):
+    __slots__ = ("peers",)
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    peers: int
+    def __init__(self, peers: _Optional[int] = ...) -> None: ...

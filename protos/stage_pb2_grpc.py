@@ -60,6 +60,11 @@ class StageStub:
                 request_serializer=protos_dot_stage__pb2.StopChainRequest.SerializeToString,
                 response_deserializer=protos_dot_stage__pb2.StopChainResponse.FromString,
                 _registered_method=True)
+        self.SetDeployment = channel.unary_unary(
+                '/layerline.v1.Stage/SetDeployment',
+                request_serializer=protos_dot_stage__pb2.SetDeploymentRequest.SerializeToString,
+                response_deserializer=protos_dot_stage__pb2.SetDeploymentResponse.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -103,6 +108,17 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetDeployment(self, request, context):
+        """Sent by the coordinator once its stages check out: the addresses of the
+        deployment's stages, which this stage may then send to (routes, chain
+        routes, EndSession routes). Accepted from a peer with a client
+        certificate the stage's CA verified, or over loopback; anything else is
+        PERMISSION_DENIED (such a stage takes its peers from --peers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +146,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.StopChain,
                     request_deserializer=protos_dot_stage__pb2.StopChainRequest.FromString,
                     response_serializer=protos_dot_stage__pb2.StopChainResponse.SerializeToString,
+            ),
+            'SetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetDeployment,
+                    request_deserializer=protos_dot_stage__pb2.SetDeploymentRequest.FromString,
+                    response_serializer=protos_dot_stage__pb2.SetDeploymentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +289,33 @@ class Stage:
             '/layerline.v1.Stage/StopChain',
             protos_dot_stage__pb2.StopChainRequest.SerializeToString,
             protos_dot_stage__pb2.StopChainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Stage/SetDeployment',
+            protos_dot_stage__pb2.SetDeploymentRequest.SerializeToString,
+            protos_dot_stage__pb2.SetDeploymentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,9 +4,11 @@ Owns: what a stage's Unix socket is called (an abstract name made from the stage
 is scoped to the network namespace exactly as a loopback port is), how a connection says what it
 is (one byte: FORWARD, a stream of micro-batches like a gRPC Forward stream; RESULTS, a Results
 subscription whose first frame is the ResultsRequest), the stage's one-byte answer (ACCEPTED, or
-REFUSED when its stream slots are all taken), the frames that follow (a 4-byte little-endian
+REFUSED when its stream slots are all taken or the peer is another user), the frames that follow (a 4-byte little-endian
 length, then the protobuf bytes of the same messages the gRPC calls carry), `FrameWriter` (sends
-frames without blocking its caller) and `connect`. Used by both sides: the stage's listener
+frames without blocking its caller), `connect` and who may connect (`same_user`: an abstract
+socket has no file and so no permissions; the stage takes processes of its own user, and root,
+which could read its TLS key anyway). Used by both sides: the stage's listener
 (stage_server/unix_listener.py) and the link either side sends through (protos/unix_link.py).
 
 Does not own: what is done with the messages, or deciding when to use the socket (the callers of
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import struct
 import sys
@@ -43,6 +46,18 @@ def socket_name(port: int) -> str:
 
 
 _LENGTH = struct.Struct("<I")
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(connection: socket.socket) -> int:
+    """The user id of the process at the other end of a Unix connection (SO_PEERCRED)."""
+    raw = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size)
+    return _PEER_CREDENTIALS.unpack(raw)[1]
+
+
+def same_user(connection: socket.socket) -> bool:
+    """Whether the peer runs as this process's user or as root."""
+    return peer_uid(connection) in (os.getuid(), 0)
 
 
 def shut_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
@@ -58,12 +73,26 @@ class FrameError(Exception):
     """The peer sent something that is not a frame of this protocol; the connection is dropped."""
 
 
+# A frame's buffer starts at most this large and doubles only once full: a length header alone (up
+# to the message limit) costs the reader this much until the body arrives, and a body twice its size.
+FIRST_READ_BYTES = 1 << 20
+
+
+class UndecodableFrame(FrameError):
+    """A whole frame arrived but its bytes are not the message expected (a gRPC call would end with
+    INVALID_ARGUMENT)."""
+
+
 def _read_exactly(sock: socket.socket, count: int) -> bytearray | None:
-    """`count` bytes, or None if the peer closed the connection before the first of them."""
-    buffer = bytearray(count)
-    view, got = memoryview(buffer), 0
+    """`count` bytes, or None if the peer closed the connection before the first of them. The buffer
+    grows with the bytes that arrive, never from the untrusted `count` alone."""
+    buffer = bytearray(min(count, FIRST_READ_BYTES))
+    got = 0
     while got < count:
-        received = sock.recv_into(view[got:])
+        if got == len(buffer):
+            buffer.extend(bytes(min(count - got, len(buffer))))
+        with memoryview(buffer) as view:
+            received = sock.recv_into(view[got:])
         if received == 0:
             if got == 0:
                 return None
@@ -89,7 +118,7 @@ def read_frames(sock: socket.socket, parse: Callable[[bytes], object],
         try:
             yield parse(bytes(body))
         except Exception as err:  # protobuf's DecodeError, whatever the runtime names it
-            raise FrameError(f"undecodable frame: {err}") from err
+            raise UndecodableFrame(f"a {length}-byte frame is not a valid message ({err})") from err
 
 
 class FrameWriter:

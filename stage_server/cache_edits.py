@@ -81,7 +81,8 @@ class PlannedEdit:
     cache as it was.
     """
 
-    def __init__(self, session, edit, sessions) -> None:
+    def __init__(self, session, edit, sessions, caller=None) -> None:
+        """`caller` (a deployment.Caller) must be allowed to use every session it appends."""
         self.session = session
         batch = session.batch_size
         self.rows: list[int] | None = None
@@ -103,7 +104,7 @@ class PlannedEdit:
         if names and session.tokens_seen == 0:
             raise InvalidRequest(f"cache_edit.append_sessions needs session {session.session_id!r} to hold "
                                  "cached positions first; start it with a prefill, then append in a later step")
-        self.others = [sessions.get(name) for name in names]
+        self.others = [sessions.get(name, caller) for name in names]
         for other in self.others:
             if other.tokens_seen == 0:
                 raise InvalidRequest(f"session {other.session_id!r} has no cached positions to merge yet")

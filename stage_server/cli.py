@@ -15,9 +15,13 @@ import logging
 import sys
 
 from protos.software_versions import add_version_argument
+from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
+from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.step_bounds import add_step_bound_arguments
+from stage_server.stream_slots import add_stream_slot_arguments
 
 
 def _whole_number(text: str, minimum: int, expected: str) -> int:
@@ -52,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
     parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1); a non-loopback one needs --tls-* or --insecure")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -60,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-streams", type=_at_least_one, default=64,
                         help="Forward and Results streams open at once (default 64; a coordinator holds one or "
                              "two per stage); more are refused with RESOURCE_EXHAUSTED")
+    add_stream_slot_arguments(parser)
     parser.add_argument("--max-cache-mb", type=_at_least_one, default=2048,
                         help="KV-cache budget in MiB (default 2048)")
+    add_step_bound_arguments(parser, _at_least_one)
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
     parser.add_argument("--threads", type=int, default=0,
@@ -92,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on (default, Linux): take micro-batches from stages of this machine on a Unix "
                              "socket named after the port, and send to next stages at loopback addresses on "
                              "theirs, instead of gRPC streams (stage_server/unix_listener.py); off: gRPC only")
+    add_tls_arguments(parser)
+    add_insecure_argument(parser)
+    add_peers_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -99,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # before anything loads: a stage that may not listen says so at once
+        tls = hop_tls(args)
+        check_server_listen(args, hops=tls is not None)
+    except OSError as err:
+        print(f"stage-server: error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Held shared through the heavy imports and the weight load, so that a stage starting beside
     # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
@@ -118,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         config = StageServerConfig(
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
-            max_cache_bytes=args.max_cache_mb << 20, session_timeout_s=args.session_timeout,
+            stream_idle_timeout_s=args.stream_idle_timeout,
+            max_cache_bytes=args.max_cache_mb << 20, max_step_tokens=args.max_step_tokens,
+            session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", progress=not args.quiet)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

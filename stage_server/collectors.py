@@ -1,6 +1,7 @@
 """Coordinators subscribed on the last stage for the answers sent straight to them (Results).
 
-Owns: the registry of collectors by id, the subscription each one reads (a gRPC Results call, or a
+Owns: the registry of collectors by id with the identity of each one's subscriber, the subscription
+each one reads (a gRPC Results call, or a
 same-machine connection, unix_listener), and `SendingCollector`, which writes each answer from the
 thread that made it.
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from protos import stage_pb2
+from stage_server.peer_identity import peer_of
 
 _END = object()
 
@@ -41,6 +43,7 @@ class Collectors:
 
     def __init__(self) -> None:
         self._by_id: dict[str, Collector] = {}
+        self._subscribers: dict[str, str] = {}  # collector id -> its subscriber's identity (peer_identity)
         self._lock = threading.Lock()
 
     def get(self, collector_id: str) -> Collector | None:
@@ -49,6 +52,11 @@ class Collectors:
             return None
         with self._lock:
             return self._by_id.get(collector_id)
+
+    def subscriber(self, collector_id: str) -> str | None:
+        """The identity of the peer subscribed as `collector_id`; None when none is."""
+        with self._lock:
+            return self._subscribers.get(collector_id) if collector_id else None
 
     def __contains__(self, collector_id: str) -> bool:
         with self._lock:
@@ -72,6 +80,7 @@ class Collectors:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS,
                               f"collector {request.collector_id!r} is already subscribed here")
             self._by_id[request.collector_id] = collector
+            self._subscribers[request.collector_id] = peer_of(context).identity
         context.add_callback(lambda: answers.put(_END))
         try:
             while (answer := answers.get()) is not _END:
@@ -80,3 +89,4 @@ class Collectors:
             with self._lock:
                 if self._by_id.get(request.collector_id) is collector:
                     del self._by_id[request.collector_id]
+                    del self._subscribers[request.collector_id]

@@ -35,6 +35,10 @@ class ResourceExhausted(StageRequestError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(StageRequestError):
+    code = "PERMISSION_DENIED"
+
+
 class WrongRoute(StageRequestError):
     code = "FAILED_PRECONDITION"
 

@@ -3,7 +3,8 @@
 Owns: reading the stream's requests on a thread of its own and queueing each one's step on the
 compute thread (up to QUEUED_PER_STREAM waiting at a time), the links from this stream to the next
 hops its steps go to (one per address, reopened when one fails), the answers that go back up the
-stream (this stage's own and those its links relay), and which of its micro-batches are still in
+stream (this stage's own and those its links relay), who sent each request (its caller, asked
+anew per request so that a deployment set while the stream is open counts), and which of its micro-batches are still in
 flight on this stage, so that the stage-wide count a shutdown drains stays exact.
 
 Does not own: what a step does (step_runner), the stream slot the stream holds and the stage-wide
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from protos import stage_pb2
 from stage_server.compute_thread import ComputeThread
+from stage_server.deployment import Caller
 from stage_server.step_runner import StepRunner
 from stage_server.step_trace import now_ns
 
@@ -42,13 +44,15 @@ class ForwardStream:
     stage-wide count of such micro-batches."""
 
     def __init__(self, requests: Iterable[stage_pb2.ForwardRequest], context, *, steps: StepRunner,
-                 compute: ComputeThread, open_link: OpenLink, count_in_flight: Callable[[int], None]) -> None:
+                 compute: ComputeThread, open_link: OpenLink, count_in_flight: Callable[[int], None],
+                 caller: Callable[[], Caller]) -> None:
         self._requests = requests
         self._context = context
         self._steps = steps
         self._compute = compute
         self._open_link = open_link
         self._count_in_flight = count_in_flight
+        self._caller = caller  # the upstream peer, as deployment.Caller
         self._answers: queue.Queue = queue.Queue()
         self._links: dict[str, object] = {}  # next hop address -> its link
         self._lock = threading.Lock()
@@ -117,7 +121,7 @@ class ForwardStream:
                 self._count_in_flight(1)
                 with self._lock:
                     self._in_flight[key] = self._in_flight.get(key, 0) + 1
-                step = functools.partial(self._steps.run, request, self._link_to, self._answers.put,
+                step = functools.partial(self._steps.run, request, self._caller(), self._link_to, self._answers.put,
                                          functools.partial(self._done, key), received)
                 if self._steps.loading:  # the compute thread is loading: refuse at once (no torch work)
                     step()

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MAX_CHAIN_STEPS = 1 << 16
 _STOP_MEMORY_S = 600.0  # a StopChain that found no running chain is forgotten after this
+MAX_REMEMBERED_STOPS = 4096  # ... or once this many newer ones wait (a running chain takes its stop within a step)
 
 
 def check_chain_fields(request: stage_pb2.ForwardRequest) -> str | None:
@@ -84,6 +85,9 @@ class GreedyChain:
         now = time.monotonic()
         with self._lock:
             self._stops = {s: t for s, t in self._stops.items() if now - t < _STOP_MEMORY_S}
+            self._stops.pop(session_id, None)
+            if len(self._stops) >= MAX_REMEMBERED_STOPS:  # the oldest goes first (dicts keep insertion order)
+                del self._stops[next(iter(self._stops))]
             self._stops[session_id] = now
 
     def continues(self, request: stage_pb2.ForwardRequest, tokens: list[int]) -> bool:

@@ -24,9 +24,9 @@ from collections.abc import Callable
 import grpc
 
 from protos import stage_pb2, stage_pb2_grpc
-from protos.channel_options import channel_options
 from protos.grpc_link import GrpcLink
 from protos.link import Link, LinkReader
+from protos.tls import TlsFiles, open_channel
 from protos.unix_link import UnixLink
 from protos.unix_socket import FORWARD
 
@@ -36,9 +36,11 @@ RECENT_KEPT = 256  # micro-batches sent towards a reply_to collector that a fail
 
 
 class ChannelPool:
-    """One gRPC channel per address, created on first use and kept."""
+    """One gRPC channel per address, created on first use and kept; over mutual TLS with `tls` (the
+    stage's own certificate, and the CA the next stage's must chain to), plaintext without."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
+        self._tls = tls
         self._channels: dict[str, grpc.Channel] = {}
         self._lock = threading.Lock()
 
@@ -46,7 +48,7 @@ class ChannelPool:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=channel_options())
+                channel = open_channel(address, self._tls)
                 self._channels[address] = channel
             return channel
 

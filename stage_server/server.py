@@ -21,11 +21,15 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from protos import stage_pb2, stage_pb2_grpc, unix_socket
+from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
+from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
+from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
+from protos.tls import TlsFiles, server_credentials
 from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
+from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -33,8 +37,10 @@ from stage_server.sessions import SessionStore
 from stage_server.slice_loader import load_slice
 from stage_server.split_head import SplitHead, install_split_head, parts_for
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import DEFAULT_MAX_STEP_TOKENS, StepBounds
 from stage_server.step_runner import ServedSlice
 from stage_server.step_trace import StepTrace
+from stage_server.stream_slots import DEFAULT_STREAM_IDLE_TIMEOUT_S
 from stage_server.thread_counts import ThreadCounts
 from stage_server.unix_listener import UnixListener
 
@@ -56,7 +62,9 @@ class StageServerConfig:
     device: str = "cpu"
     max_sessions: int = 64
     max_streams: int = 64  # Forward + Results streams open at once (a coordinator holds one or two)
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S  # a silent stream's slot may go to a new one
     max_cache_bytes: int = 2 << 30
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS  # rows × new tokens of one step (stage_server/step_bounds.py)
     session_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -67,7 +75,9 @@ class StageServerConfig:
     attention: str = "auto"  # auto | per-sequence | batched (stage_server/per_sequence_attention.py)
     trace_steps: str = ""  # a file to append per-micro-batch timestamps to (stage_server/step_trace.py)
     local_hops: bool = True  # hops between stages of this machine over a Unix socket (stage_server/unix_listener.py)
+    peers: tuple[str, ...] = ()  # addresses of the deployment's other stages (--peers; stage_server/deployment.py)
     progress: bool = True
+    tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
 
 
 class StageServer:
@@ -96,6 +106,7 @@ class StageServer:
         self._trace: StepTrace | None = None
         self.core_share: CoreShare | None = None  # this stage's slot in the machine's core share
         self._stopped = threading.Event()
+        self._finished = threading.Event()  # stop() is done
 
     def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -104,13 +115,15 @@ class StageServer:
     def start(self) -> None:
         """Bind the port (health NOT_SERVING), load the slice, then report SERVING."""
         cfg = self.config
-        port = bind(self.grpc_server, cfg.host, cfg.port)
+        port = bind(self.grpc_server, cfg.host, cfg.port, server_credentials(cfg.tls) if cfg.tls else None)
         if cfg.trace_steps:  # before serving, so that a bad path fails the start, not the steps
             self._trace = StepTrace(cfg.trace_steps)
         self.service = StageService(f"layers {cfg.layer_start}:{cfg.layer_end} @ {cfg.host}:{port}", self.compute,
-                                    max_streams=cfg.max_streams, trace=self._trace,
-                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED)
-        stage_pb2_grpc.add_StageServicer_to_server(self.service, self.grpc_server)
+                                    max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
+                                    trace=self._trace,
+                                    use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
+                                    deployment=Deployment(cfg.peers))
+        add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
         self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
@@ -138,7 +151,10 @@ class StageServer:
         sessions = SessionStore(make_cache=model.new_cache, bytes_per_token=model.bytes_per_token,
                                 max_sessions=cfg.max_sessions, max_cache_bytes=cfg.max_cache_bytes,
                                 idle_timeout_s=cfg.session_timeout_s)
-        self.service.serve(ServedSlice(model, sessions, threads=threads,
+        bounds = StepBounds.for_stage(max_step_tokens=cfg.max_step_tokens, max_cache_bytes=cfg.max_cache_bytes,
+                                      bytes_per_token=model.bytes_per_token, hidden_size=model.hidden_size,
+                                      takes_token_ids=loaded.is_first)
+        self.service.serve(ServedSlice(model, sessions, bounds, threads=threads,
                                        split_head=self.split_head))
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
@@ -202,28 +218,39 @@ class StageServer:
             if not self.service.wait_idle(self.config.drain_timeout_s):
                 log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
         self._stopped.set()
-        if self.local_hops is not None:
-            self.local_hops.close()
-        self.grpc_server.stop(grace=1.0).wait()
-        if self.service is not None:
-            self.service.close()
-        self.compute.close()
-        if self.core_share is not None:
-            self.core_share.close()
-        if self._trace is not None:
-            self._trace.close()
-        if self.split_head is not None:
-            self.split_head.close()
+        try:
+            if self.local_hops is not None:
+                self.local_hops.close()
+            stop_server(self.grpc_server, grace_s=1.0)
+            if self.service is not None:
+                self.service.close()
+            self.compute.close()
+            if self.core_share is not None:
+                self.core_share.close()
+            if self._trace is not None:
+                self._trace.close()
+            if self.split_head is not None:
+                self.split_head.close()
+        finally:
+            self._finished.set()
 
     def wait(self) -> None:
-        self.grpc_server.wait_for_termination()
+        """Block until `stop()` is done."""
+        self._finished.wait()
 
 
 def run_until_signalled(server: StageServer) -> None:
-    """Start `server`, print a ready line, and drain + stop on SIGTERM or Ctrl-C."""
+    """Start `server`, print a ready line, and drain + stop on SIGTERM or Ctrl-C; then end the process.
+    It ends at most EXIT_DEADLINE_S after the drain whatever gRPC does, and at once on a second signal."""
+    stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        if stopping.is_set():
+            log.info("received %s again: exiting now", signal.Signals(signum).name)
+            exit_now(1)
+        stopping.set()
         log.info("received %s: draining", signal.Signals(signum).name)
+        exit_deadline(server.config.drain_timeout_s + EXIT_DEADLINE_S)
         threading.Thread(target=server.stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -232,3 +259,7 @@ def run_until_signalled(server: StageServer) -> None:
     print(f"stage-server ready on {server.config.host}:{server.port} "
           f"({server.service.name})", file=sys.stderr, flush=True)
     server.wait()
+    # Everything is closed. Python's own exit would wait for threads a stuck gRPC call holds, then
+    # tear the interpreter down (seconds, after a fuzz: gRPC's core waits for name lookups of
+    # unreachable next hops): end the process now instead.
+    exit_now(0)

@@ -1,15 +1,16 @@
-"""The gRPC face of a stage: its Forward, Results, StopChain, EndSession and Info calls.
+"""The gRPC face of a stage: its Forward, Results, StopChain, EndSession, Info and SetDeployment calls.
 
 Owns: the stage's RPCs and the same-machine handlers that mirror Forward and Results
 (`forward_stream`, `results_stream`, handed to unix_listener); the max_streams stream slots every
-stream holds; the stage-wide count of micro-batches in flight and the draining flag, so that a
+stream holds (stream_slots); the stage-wide count of micro-batches in flight and the draining flag, so that a
 shutdown refuses new work and waits for what is in flight; the links to next hops (`open_link`,
-with the stage's gRPC channels); and the parts a stage serves with, built here: the collector
-registry, the greedy chain and the step runner.
+with the stage's gRPC channels, only to addresses of its deployment); and the parts a stage serves
+with, built here: the collector registry, the greedy chain and the step runner.
 
 Does not own: one stream's reading and answering (forward_stream), what a step does
 (step_runner), answers' encoding (answers), the subscriptions (collectors), the math
-(stage_model), the session table (sessions), nor the process's lifecycle (server).
+(stage_model), the session table (sessions), the allow-list and who may use a session
+(deployment), nor the process's lifecycle (server).
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ import psutil
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
 from protos.protocol import PROTOCOL_VERSION
 from protos.software_versions import software_versions
+from protos.tls import TlsFiles
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
+from stage_server.deployment import Deployment
+from stage_server.errors import StageRequestError
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
 from stage_server.next_hop import ChannelPool, open_next_hop
+from stage_server.peer_identity import peer_of
+from stage_server.sessions import check_session_id
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import check_side_request
 from stage_server.step_runner import ServedSlice, StepRunner
 from stage_server.step_trace import StepTrace
+from stage_server.stream_slots import DEFAULT_STREAM_IDLE_TIMEOUT_S, StreamSlot, StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +48,31 @@ log = logging.getLogger(__name__)
 class StageService(stage_pb2_grpc.StageServicer):
     """Serves one slice. Until `serve` hands it the loaded slice, Forward answers UNAVAILABLE."""
 
-    def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64, trace: StepTrace | None = None,
-                 use_local_hops: bool = unix_socket.SUPPORTED) -> None:
+    def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64,
+                 stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S, trace: StepTrace | None = None,
+                 use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None,
+                 deployment: Deployment | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
-        on (compute_thread); `trace`: where step stamps go (--trace-steps); `use_local_hops`: whether
-        next hops on this machine are reached over their Unix socket (next_hop)."""
+        on (compute_thread); `stream_idle_timeout_s`: how long a stream may stay silent before a new
+        stream may take its slot (stream_slots); `trace`: where step stamps go (--trace-steps);
+        `use_local_hops`: whether next hops on this machine are reached over their Unix socket (next_hop);
+        `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None:
+        plaintext); `deployment`: the addresses this stage may send to (none but those SetDeployment
+        names when not given)."""
         self.name = name
         self.max_streams = max_streams
-        self._streams = 0  # Forward and Results streams open now
-        self._streams_lock = threading.Lock()
+        self.stream_slots = StreamSlots(max_streams, stream_idle_timeout_s)  # Forward and Results streams open now
         self._compute = compute
         self._use_local_hops = use_local_hops
-        self._channels = ChannelPool()
+        self._channels = ChannelPool(tls)
+        self.deployment = deployment if deployment is not None else Deployment()
         self._inflight = 0
         self._inflight_changed = threading.Condition()
         self._draining = threading.Event()
         self.collectors = Collectors()
         self._chain = GreedyChain(self.open_link, self.collectors.get)
         self.steps = StepRunner(name, chain=self._chain, collectors=self.collectors, trace=trace,
-                                draining=self._draining)
+                                draining=self._draining, deployment=self.deployment)
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: Forward computes from now on."""
@@ -82,59 +96,72 @@ class StageService(stage_pb2_grpc.StageServicer):
             self._draining.clear()
 
     def open_link(self, address: str, deliver, on_closed):
-        """A link to the next hop at `address`: same-machine socket if it has one, else gRPC."""
+        """A link to the next hop at `address`: same-machine socket if it has one, else gRPC. Steps check
+        their addresses first; this refuses (PermissionDenied) whatever would slip past that."""
+        self.deployment.check_addresses([address], "the next hop")
         return open_next_hop(address, self._channels, deliver, on_closed, unix=self._use_local_hops)
 
     # ---- stream slots --------------------------------------------------------------------
 
-    def reserve_stream_slot(self) -> bool:
-        """Reserve one of max_streams slots for a stream (gRPC or same-machine); False when none is free."""
-        with self._streams_lock:
-            if self._streams >= self.max_streams:
-                return False
-            self._streams += 1
-            return True
+    def reserve_stream_slot(self, end: Callable[[], None]) -> StreamSlot | None:
+        """One of max_streams slots for a stream (gRPC or same-machine) that `end()` ends if its slot is
+        reclaimed (stream_slots.py); None when none is free."""
+        return self.stream_slots.acquire(end)
 
-    def release_stream_slot(self) -> None:
-        with self._streams_lock:
-            self._streams -= 1
+    def release_stream_slot(self, slot: StreamSlot) -> None:
+        self.stream_slots.release(slot)
 
     @contextlib.contextmanager
     def _stream_slot(self, context):
         """Hold one of max_streams slots for a stream's life; refuse the stream when none is free."""
-        if not self.reserve_stream_slot():
+        slot = self.reserve_stream_slot(context.cancel)
+        if slot is None:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"stage {self.name} already serves {self.max_streams} streams (Forward and Results; a "
-                          f"coordinator holds one or two): close some, or restart it with a larger --max-streams")
+                          f"stage {self.name} already serves {self.max_streams} streams active within the last "
+                          f"{self.stream_slots.idle_timeout_s:.0f}s (Forward and Results; a coordinator holds one or "
+                          f"two): close some, or restart it with a larger --max-streams")
         try:
-            yield
+            yield slot
         finally:
-            self.release_stream_slot()
+            self.release_stream_slot(slot)
 
     # ---- Forward and Results -------------------------------------------------------------
 
     def Forward(self, request_iterator, context):
-        with self._stream_slot(context):
-            yield from self.forward_stream(request_iterator, context)
+        with self._stream_slot(context) as slot:
+            yield from slot.watch(self.forward_stream(slot.watch(request_iterator), context))
 
     def forward_stream(self, request_iterator, context):
         """The answers for one upstream stream of micro-batches, whichever way it came (a gRPC
         Forward stream, or a same-machine connection, unix_listener.py)."""
+        peer = peer_of(context)
         return ForwardStream(request_iterator, context, steps=self.steps, compute=self._compute,
-                             open_link=self.open_link, count_in_flight=self._count_in_flight).answers()
+                             open_link=self.open_link, count_in_flight=self._count_in_flight,
+                             caller=lambda: self.deployment.caller(peer)).answers()
 
     def Results(self, request, context):
-        with self._stream_slot(context):
-            yield from self.results_stream(request, context)
+        with self._stream_slot(context) as slot:
+            yield from slot.watch(self.results_stream(request, context))
 
     def results_stream(self, request, context, send: Callable[[stage_pb2.ForwardResponse], bool] | None = None):
         """Answers sent to collector `request.collector_id`, whichever way the subscription came (a
         gRPC Results call, or a same-machine connection whose frame writer is `send`; collectors.py)."""
+        _refuse_bad(context, check_side_request, request)
         return self.collectors.subscribe(request, context, send)
 
     def StopChain(self, request, context):
-        if not request.session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        """Accepted from a peer that may use the session, or from the subscriber of the collector its
+        answers go to (the coordinator; the session here was opened by the stage before)."""
+        _refuse_bad(context, check_side_request, request)
+        _refuse_bad(context, check_session_id, request.session_id)
+        served = self.steps.served
+        session = served.sessions.find(request.session_id) if served is not None else None
+        if session is not None:
+            peer = peer_of(context)
+            if not (self.deployment.caller(peer).may_use(session.owner)
+                    or self.collectors.subscriber(session.answers_to) == peer.identity):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"session {request.session_id!r} belongs to another peer")
         self._chain.stop(request.session_id)
         return stage_pb2.StopChainResponse()
 
@@ -153,11 +180,16 @@ class StageService(stage_pb2_grpc.StageServicer):
     # ---- EndSession and Info ---------------------------------------------------------------
 
     def EndSession(self, request, context):
-        if not request.session_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id is empty")
+        """Ends the session here if the caller may use it, then on the route, all of which must be
+        stages of the deployment (checked before any connection). The route is told only when the
+        session was the caller's here, or the caller is trusted (a stage relaying it)."""
+        _refuse_bad(context, check_side_request, request)
+        _refuse_bad(context, check_session_id, request.session_id)
+        _refuse_bad(context, self.deployment.check_addresses, request.route, "route")
+        caller = self.deployment.caller(peer_of(context))
         served = self.steps.served
-        freed = 1 if served is not None and served.sessions.end(request.session_id) else 0
-        if request.route:
+        freed = 1 if served is not None and _refuse_bad(context, served.sessions.end, request.session_id, caller) else 0
+        if request.route and (freed or caller.trusted):
             stub = stage_pb2_grpc.StageStub(self._channels.get(request.route[0]))
             try:
                 downstream = stub.EndSession(stage_pb2.EndSessionRequest(
@@ -193,8 +225,21 @@ class StageService(stage_pb2_grpc.StageServicer):
                 reply.colocated_stages = served.threads.share.neighbours()
         return reply
 
+    def SetDeployment(self, request, context):
+        peers = _refuse_bad(context, self.deployment.set, request.stages, peer_of(context))
+        log.info("deployment set: this stage sends to %d addresses", peers)
+        return stage_pb2.SetDeploymentResponse(peers=peers)
+
     def close(self) -> None:
         """Close the greedy chain's links and the gRPC channels to next hops."""
         self._chain.close()
         self._channels.close()
+
+
+def _refuse_bad(context, check, *args):
+    """`check(*args)`'s result; a StageRequestError it raises aborts the call with its status code."""
+    try:
+        return check(*args)
+    except StageRequestError as err:
+        context.abort(grpc.StatusCode[err.code], str(err))
 

@@ -1,8 +1,10 @@
-"""KV-cache sessions of one stage: creation, lookup, byte budget, idle expiry.
+"""KV-cache sessions of one stage: creation, lookup, ownership, byte budget, idle expiry.
 
 Owns: the table of live sessions, each a compact cache of this stage's layers for a
-fixed batch of rows, and the limits on how many sessions and cache bytes a stage
-holds. Does not own: what goes into a cache (the stage model writes it) or the wire.
+fixed batch of rows and owned by the peer that opened it, the limits on how many
+sessions and cache bytes a stage holds.
+Does not own: what goes into a cache (the stage model writes it), the wire, nor who
+may act on whose session (deployment.Caller decides; a lookup here asks it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from stage_server.errors import InvalidRequest, ResourceExhausted, SessionNotFound
+from stage_server.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SessionNotFound
+from stage_server.step_bounds import check_id
+
+
+def check_session_id(session_id: str) -> None:
+    """Refuse (InvalidRequest) an empty session id or one longer than step_bounds.MAX_ID_CHARS (the
+    coordinator's are 32 hex characters, 128 random bits)."""
+    if not session_id:
+        raise InvalidRequest("session_id is empty")
+    check_id("session_id", session_id)
+
+
+def _check_owner(session: Session, caller) -> None:
+    """Refuse (PermissionDenied) a caller (deployment.Caller; None: this stage itself) that may not use
+    `session`. The answer does not say who owns it."""
+    if caller is not None and not caller.may_use(session.owner):
+        raise PermissionDenied(f"session {session.session_id!r} belongs to another peer")
 
 
 @dataclass
@@ -26,6 +44,8 @@ class Session:
     reserved_bytes: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: str = ""  # identity of the peer that opened it (peer_identity)
+    answers_to: str = ""  # last stage: the collector its answers go to (whose subscriber may StopChain it)
 
 
 class SessionStore:
@@ -48,25 +68,32 @@ class SessionStore:
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
-    def start(self, session_id: str, batch_size: int) -> Session:
-        """A fresh, empty session; an existing one with this id is replaced (a replay)."""
-        if not session_id:
-            raise InvalidRequest("session_id is empty")
+    def start(self, session_id: str, batch_size: int, caller=None) -> Session:
+        """A fresh, empty session owned by `caller` (a deployment.Caller); an existing one with this id
+        is replaced (a replay) if `caller` may use it."""
+        check_session_id(session_id)
         self.expire_idle()
         with self._lock:
-            old = self._sessions.pop(session_id, None)
+            old = self._sessions.get(session_id)
+            if old is not None:
+                _check_owner(old, caller)
+                del self._sessions[session_id]
             if len(self._sessions) >= self.max_sessions:
                 if old is not None:
                     self._sessions[session_id] = old
                 raise ResourceExhausted(
                     f"this stage already holds {self.max_sessions} sessions (--max-sessions); "
                     "retry later or end idle sessions")
-            session = Session(session_id, self._make_cache(), batch_size, last_used=self._clock())
+            session = Session(session_id, self._make_cache(), batch_size, last_used=self._clock(),
+                              owner=caller.identity if caller is not None else "")
             self._sessions[session_id] = session
             return session
 
-    def get(self, session_id: str) -> Session:
-        """The live session, or SessionNotFound if unknown or expired."""
+    def get(self, session_id: str, caller=None) -> Session:
+        """The live session, or SessionNotFound if unknown or expired (PermissionDenied if `caller`, a
+        deployment.Caller, may not use it). Looking a session up does not keep it alive (`touch` does,
+        once a step has passed its checks): steps that fail let it expire."""
+        check_session_id(session_id)
         self.expire_idle()
         with self._lock:
             session = self._sessions.get(session_id)
@@ -74,8 +101,17 @@ class SessionStore:
                 raise SessionNotFound(
                     f"session {session_id!r} is unknown or expired on this stage; start it again "
                     "with start_session (replay the prefix)")
-            session.last_used = self._clock()
+            _check_owner(session, caller)
             return session
+
+    def touch(self, session: Session) -> None:
+        """`session` is in use: its idle time starts again."""
+        session.last_used = self._clock()
+
+    def find(self, session_id: str) -> Session | None:
+        """The live session, or None; its idle clock is left alone."""
+        with self._lock:
+            return self._sessions.get(session_id)
 
     def reserve(self, session: Session, new_tokens: int) -> None:
         """Account for `new_tokens` more positions of every row, or refuse."""
@@ -84,13 +120,18 @@ class SessionStore:
             if self.cached_bytes_locked() + needed > self.max_cache_bytes:
                 raise ResourceExhausted(
                     f"KV cache budget exhausted: {needed} more bytes would exceed this stage's "
-                    f"{self.max_cache_bytes} (--max-cache-bytes); shorten the request or retry later")
+                    f"{self.max_cache_bytes} (--max-cache-mb); shorten the request or retry later")
             session.reserved_bytes += needed
 
-    def end(self, session_id: str) -> bool:
-        """Free a session; False if it was not here."""
+    def end(self, session_id: str, caller=None) -> bool:
+        """Free a session; False if it was not here (PermissionDenied if `caller` may not use it)."""
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.get(session_id)
+            if session is None:
+                return False
+            _check_owner(session, caller)
+            del self._sessions[session_id]
+            return True
 
     def expire_idle(self) -> int:
         """Drop sessions idle longer than the timeout; returns how many went."""

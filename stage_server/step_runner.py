@@ -1,12 +1,13 @@
 """Running one micro-batch on this stage, from the request to wherever its output goes.
 
-Owns: checking a request against this stage (loading, draining, model fingerprint, route, wire
-codec, chaining fields), decoding its tensors, its session (started, looked up, ended on request,
-never left half made), its cache edit, the thread count and split-head mode of the step, the
-forward itself, and then where the output goes: sent on to the next hop with the size of the hop,
-relayed back as an answer, or answered straight to the coordinator's collector, after sending the
-next greedy step when the chain goes on. Errors become in-band answers here, and each step's
-stamps go to the step trace.
+Owns: checking a request against this stage (loading, draining, session id, addresses outside the
+deployment, model fingerprint, route, wire codec, chaining fields), decoding its tensors, its
+session (started, looked up, ended on request, never left half made, used only by a caller that
+may), its cache edit, the thread count and split-head mode of the step, the forward itself, and
+then where the output goes: sent on to the next hop with the size of the hop, relayed back as an
+answer, or answered straight to the coordinator's collector, after sending the next greedy step
+when the chain goes on. Errors become in-band answers here, and each step's stamps go to the step
+trace.
 
 Does not own: reading streams or the order steps run in (forward_stream), the math (stage_model),
 the session table (sessions), the encoding of answers (answers), the links to next hops
@@ -27,12 +28,14 @@ from protos import codec, stage_pb2
 from stage_server.answers import error_response, greedy_ids, logits_response
 from stage_server.cache_edits import PlannedEdit
 from stage_server.collectors import Collector, Collectors
+from stage_server.deployment import Caller, Deployment
 from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.next_hop import unreachable
-from stage_server.sessions import SessionStore
+from stage_server.sessions import Session, SessionStore, check_session_id
 from stage_server.split_head import SplitHead
 from stage_server.stage_model import StageModel
+from stage_server.step_bounds import StepBounds
 from stage_server.step_trace import StepRecord, StepTrace, now_ns
 from stage_server.thread_counts import ThreadCounts
 
@@ -47,6 +50,7 @@ class ServedSlice:
 
     model: StageModel
     sessions: SessionStore
+    bounds: StepBounds  # what one step may carry (step_bounds.py)
     threads: ThreadCounts | None = None  # None: torch's thread count is left alone (not on CPU)
     split_head: SplitHead | None = None  # the last stage's LM head, when split (split_head.py)
 
@@ -56,8 +60,9 @@ class StepRunner:
     refused UNAVAILABLE (the weights are loading); once `draining` is set, so is every new one."""
 
     def __init__(self, name: str, *, chain: GreedyChain, collectors: Collectors, trace: StepTrace | None,
-                 draining: threading.Event) -> None:
+                 draining: threading.Event, deployment: Deployment) -> None:
         self.name = name  # "layers A:B @ host:port", used in error messages
+        self._deployment = deployment  # the addresses a step may go on to
         self._chain = chain
         self._collectors = collectors
         self._trace = trace  # per-micro-batch timestamps (--trace-steps), until a write fails
@@ -73,24 +78,25 @@ class StepRunner:
     def loading(self) -> bool:
         return self.served is None
 
-    def run(self, request: stage_pb2.ForwardRequest, link_to, deliver, done: Callable[[], None],
+    def run(self, request: stage_pb2.ForwardRequest, caller: Caller, link_to, deliver, done: Callable[[], None],
             received_ns: int) -> None:
         """Compute one micro-batch, then send it on or answer it; never raises. Runs on the compute
         thread, so that every torch call of the stage, the answer's argmax included, runs there
         (only while the weights load does it run on the stream's reader thread, and then only refuses).
 
-        `link_to(address)` is the stream's link to a next hop; `deliver(answer)` sends an answer (or
-        error) back up the stream, which makes its micro-batch done there; `done()` makes it done
-        without one: a micro-batch whose answer goes to a reply_to collector is done here once sent
-        on or answered, and nothing comes back for it (a message back per hop would cost every
-        token a send and a wake-up on each side while the next stage computes). The link to the
-        next stage still reports it as failed if that stage goes away.
+        `caller` is who sent it (deployment.Caller: whose sessions it may use); `link_to(address)` is
+        the stream's link to a next hop; `deliver(answer)` sends an answer (or error) back up the
+        stream, which makes its micro-batch done there; `done()` makes it done without one: a
+        micro-batch whose answer goes to a reply_to collector is done here once sent on or answered, and
+        nothing comes back for it (a message back per hop would cost every token a send and a wake-up on
+        each side while the next stage computes). The link to the next stage still reports it as failed
+        if that stage goes away.
         With a trace (--trace-steps), the step's stamps are written once it is sent on or answered;
         a forwarded step's `sent` is stamped as it is handed to the link (over a same-machine socket
         the next stage may have it before the write returns)."""
         started, computed, handed, outcome = now_ns(), 0, 0, "failed"
         try:
-            output, positions, mask = self._compute(request)
+            output, positions, mask = self._compute(request, caller)
             computed = now_ns()
             if request.route:
                 activations = codec.encode(output, request.wire_codec)
@@ -110,6 +116,8 @@ class StepRunner:
                     sent.attention_mask.CopyFrom(request.attention_mask)
                 handed = now_ns()
                 if not link_to(request.route[0]).send(sent, sent_bytes):
+                    if request.start_session:  # the session exists nowhere past this stage: none is kept here
+                        self.served.sessions.end(request.session_id)
                     deliver(unreachable(request.route[0], request.session_id, request.micro_batch_id,
                                         "the link failed while sending"))
                 else:
@@ -165,9 +173,10 @@ class StepRunner:
         answer.hop_bytes.extend(request.hop_bytes)
         collector.put(answer)
 
-    def _compute(self, request: stage_pb2.ForwardRequest
+    def _compute(self, request: stage_pb2.ForwardRequest, caller: Caller
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the request's step; returns (output, its position ids, its attention mask or None)."""
+        check_session_id(request.session_id)
         served = self.served
         if served is None:
             raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
@@ -189,22 +198,31 @@ class StepRunner:
             raise InvalidRequest("a micro-batch needs activations and position_ids")
         if (problem := check_chain_fields(request)) is not None:
             raise InvalidRequest(problem)
-        activations = codec.decode(request.activations)
-        position_ids = codec.decode(request.position_ids)
-        mask = codec.decode(request.attention_mask) if request.HasField("attention_mask") else None
-        if request.start_session:
+        # before anything connects anywhere: a route outside the deployment would make this stage a relay
+        self._deployment.check_addresses(request.route, "route")
+        self._deployment.check_addresses(request.chain_route, "chain_route")
+        served.bounds.check(request)
+        activations = codec.decode(request.activations, max_elements=served.bounds.max_elements("activations"))
+        position_ids = codec.decode(request.position_ids, max_elements=served.bounds.max_elements("position_ids"))
+        mask = codec.decode(request.attention_mask, max_elements=served.bounds.max_elements("attention_mask")) \
+            if request.HasField("attention_mask") else None
+        if request.start_session:  # checked in full against a session not yet stored: a bad step stores nothing
             batch = activations.shape[0] if activations.dim() else 0
-            session = sessions.start(request.session_id, batch)
+            _checked_step(model, sessions, Session(request.session_id, None, batch), request, activations,
+                          position_ids, mask, caller)
+            session = sessions.start(request.session_id, batch, caller)
         else:
-            session = sessions.get(request.session_id)
+            session = sessions.get(request.session_id, caller)
         try:
             with session.lock:
-                edit = PlannedEdit(session, request.cache_edit, sessions) if request.HasField("cache_edit") else None
-                shape = (edit.batch_size, edit.tokens_seen) if edit is not None else None
-                new_tokens = model.check_step(session, activations, position_ids, mask, rows_and_positions=shape)
+                edit, new_tokens = _checked_step(model, sessions, session, request, activations, position_ids, mask,
+                                                 caller)
                 if edit is not None:
                     edit.apply(sessions)
                 sessions.reserve(session, new_tokens)
+                sessions.touch(session)  # only a step that passed every check keeps a session alive
+                if request.reply_to and not request.route:
+                    session.answers_to = request.reply_to
                 if served.threads is not None:
                     served.threads.for_step(activations.shape[0] * new_tokens, request.in_flight)
                 if served.split_head is not None:  # chaining fields: the group has the stages to itself
@@ -223,3 +241,13 @@ class StepRunner:
         if request.end_session:
             sessions.end(request.session_id)
         return output, position_ids, mask
+
+
+def _checked_step(model: StageModel, sessions: SessionStore, session: Session, request: stage_pb2.ForwardRequest,
+                  activations: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, caller: Caller
+                  ) -> tuple[PlannedEdit | None, int]:
+    """The request's cache edit planned against `session` (None without one; `caller` may use every
+    session it appends) and the step's new positions, every check passed; nothing is changed yet."""
+    edit = PlannedEdit(session, request.cache_edit, sessions, caller) if request.HasField("cache_edit") else None
+    shape = (edit.batch_size, edit.tokens_seen) if edit is not None else None
+    return edit, model.check_step(session, activations, position_ids, mask, rows_and_positions=shape)

@@ -21,6 +21,7 @@ of a link, the stage's to its next hop (next_hop.py) or the coordinator's
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import threading
@@ -35,10 +36,15 @@ from protos.unix_socket import (
     RESULTS,
     FrameError,
     FrameWriter,
+    UndecodableFrame,
+    peer_uid,
     read_frames,
+    same_user,
     shut_quietly,
     socket_name,
 )
+from stage_server.answers import error_response
+from stage_server.stream_slots import StreamSlot
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,7 @@ class StreamAborted(Exception):
 
 class _ConnectionContext:
     """The part of a gRPC servicer context the handlers use: callbacks run once when the connection
-    ends, and `abort` refuses it."""
+    ends, `abort` refuses it, and the peer (a process of this machine, with no certificate)."""
 
     def __init__(self) -> None:
         self._callbacks: list[Callable[[], None]] = []
@@ -69,6 +75,12 @@ class _ConnectionContext:
     def abort(self, code, details: str):
         raise StreamAborted(f"{code.name}: {details}")
 
+    def peer(self) -> str:
+        return "unix:"
+
+    def auth_context(self) -> dict:
+        return {}
+
     def ended(self) -> None:
         with self._lock:
             self._ended = True
@@ -81,11 +93,12 @@ class UnixListener:
     """Accepts processes of this machine on `socket_name(port)`. A FORWARD connection is served by
     `forward_stream(requests, context)`, a RESULTS one by `results_stream(request, context, send=...)` (the
     handlers gRPC's Forward and Results calls get); what they yield goes back as frames.
-    `reserve_slot()` -> bool reserves one of the stage's stream slots (False: full, the connection is
-    closed) and `release_slot()` returns it."""
+    `reserve_slot(end)` reserves one of the stage's stream slots for a connection that `end()` ends
+    (stream_slots.py; None: full, the connection is refused) and `release_slot(slot)` returns it."""
 
-    def __init__(self, port: int, forward_stream, results_stream, reserve_slot: Callable[[], bool],
-                 release_slot: Callable[[], None]) -> None:
+    def __init__(self, port: int, forward_stream, results_stream,
+                 reserve_slot: Callable[[Callable[[], None]], StreamSlot | None],
+                 release_slot: Callable[[StreamSlot], None]) -> None:
         self._forward_stream, self._results_stream = forward_stream, results_stream
         self._reserve_slot, self._release_slot = reserve_slot, release_slot
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,36 +124,44 @@ class UnixListener:
                 log.warning("same-machine socket: accept failed (%s); retrying", err)  # e.g. out of descriptors
                 time.sleep(0.1)
                 continue
-            if not self._reserve_slot():
+            if not same_user(connection):  # the socket has no permissions of its own (unix_socket.same_user)
+                log.warning("refused a same-machine connection from user id %d: only this stage's user (or root) "
+                            "may connect", peer_uid(connection))
+                _answer_and_close(connection, REFUSED)
+                continue
+            slot = self._reserve_slot(functools.partial(shut_quietly, connection))
+            if slot is None:
                 log.warning("refused a same-machine connection: every stream slot is taken (--max-streams)")
                 _answer_and_close(connection, REFUSED)
                 continue
             with self._lock:
                 if self._closed:
-                    self._release_slot()
+                    self._release_slot(slot)
                     _answer_and_close(connection, REFUSED)
                     return
-                serving = threading.Thread(target=self._serve, args=(connection,), name="unix-listener-stream",
+                serving = threading.Thread(target=self._serve, args=(connection, slot), name="unix-listener-stream",
                                            daemon=True)
                 self._connections[connection] = serving
             serving.start()
 
-    def _serve(self, connection: socket.socket) -> None:
+    def _serve(self, connection: socket.socket, slot: StreamSlot) -> None:
         writer = FrameWriter(connection, "unix-listener-answers")
         context = _ConnectionContext()
         try:
             connection.sendall(ACCEPTED)
-            for answer in self._answers(connection, context, writer):
+            for answer in slot.watch(self._answers(connection, context, writer, slot)):
                 if not writer.write(answer):
                     break
         except (StreamAborted, FrameError, OSError) as err:
+            if isinstance(err, UndecodableFrame):
+                writer.write(_malformed_answer(err))
             log.warning("dropped a same-machine connection: %s", err)
         finally:
             context.ended()
             writer.close(release=True)
             with self._lock:
                 self._connections.pop(connection, None)
-            self._release_slot()
+            self._release_slot(slot)
 
     def close(self, grace_s: float = 1.0) -> None:
         """Stop accepting, then end every open connection: first only their reading side, so that
@@ -163,12 +184,15 @@ class UnixListener:
         for connection in left:
             shut_quietly(connection)
 
-    def _answers(self, connection: socket.socket, context: _ConnectionContext, writer: FrameWriter) -> Iterator:
+    def _answers(self, connection: socket.socket, context: _ConnectionContext, writer: FrameWriter,
+                 slot: StreamSlot) -> Iterator:
         """What goes back on a connection, by the kind it declared in its first byte (a Results
-        subscription sends its answers through `writer` itself, as they are made)."""
+        subscription sends its answers through `writer` itself, as they are made); every message
+        either way touches the connection's stream slot."""
         kind = connection.recv(1)
         if kind == FORWARD:
-            return self._forward_stream(_logged(read_frames(connection, stage_pb2.ForwardRequest.FromString)), context)
+            requests = read_frames(connection, stage_pb2.ForwardRequest.FromString)
+            return self._forward_stream(slot.watch(_logged(requests, writer)), context)
         if kind == RESULTS:
             frames = read_frames(connection, stage_pb2.ResultsRequest.FromString)
             request = next(frames, None)
@@ -177,7 +201,7 @@ class UnixListener:
             # nothing more comes up a results connection: its end (or anything else) ends the subscription
             threading.Thread(target=_ended_when_read, args=(frames, context), name="unix-listener-results",
                              daemon=True).start()
-            return self._results_stream(request, context, send=writer.write)
+            return self._results_stream(request, context, send=slot.watching(writer.write))
         raise FrameError(f"unknown connection kind {kind!r}" if kind else "closed before saying its kind")
 
 
@@ -197,11 +221,19 @@ def _ended_when_read(frames: Iterator, context: _ConnectionContext) -> None:
     context.ended()
 
 
-def _logged(frames: Iterator) -> Iterator:
-    """The frames of one connection; a malformed one ends the stream with a warning."""
+def _malformed_answer(err: UndecodableFrame) -> stage_pb2.ForwardResponse:
+    """The in-band answer to a frame that does not parse: INVALID_ARGUMENT, as a gRPC call gets."""
+    return error_response(stage_pb2.ForwardRequest(), "INVALID_ARGUMENT", str(err), "")
+
+
+def _logged(frames: Iterator, writer: FrameWriter) -> Iterator:
+    """The frames of one connection; a malformed one ends the stream with a warning (and one that
+    does not parse is answered INVALID_ARGUMENT through `writer`)."""
     try:
         yield from frames
     except FrameError as err:
+        if isinstance(err, UndecodableFrame):
+            writer.write(_malformed_answer(err))
         log.warning("dropped a same-machine upstream: %s", err)
     except OSError as err:
         log.debug("same-machine upstream ended: %s", err)

@@ -59,8 +59,9 @@ def tiny_model(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def running_stages(model_dir: Path, num_stages: int, **config):
-    """Start in-process stage servers on free loopback ports; yields their addresses."""
+def running_stages(model_dir: Path, num_stages: int, *, tell_deployment: bool = True, **config):
+    """Start in-process stage servers on free loopback ports; yields their addresses. With
+    `tell_deployment`, each is told the others (SetDeployment), as a coordinator does."""
     from transformers import AutoConfig
 
     layers = AutoConfig.from_pretrained(model_dir).num_hidden_layers
@@ -71,10 +72,25 @@ def running_stages(model_dir: Path, num_stages: int, **config):
                                                    port=0, progress=False, drain_timeout_s=2.0, **config))
             server.start()
             servers.append(server)
-        yield [f"127.0.0.1:{s.port}" for s in servers], servers
+        addresses = [f"127.0.0.1:{s.port}" for s in servers]
+        if tell_deployment:
+            set_deployment(addresses)
+        yield addresses, servers
     finally:
         for server in servers:
             server.stop()
+
+
+def set_deployment(addresses: list[str]) -> None:
+    """Tell each stage its deployment, as a coordinator does (over loopback, accepted without TLS)."""
+    import grpc
+
+    from protos import stage_pb2, stage_pb2_grpc
+
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            stage_pb2_grpc.StageStub(channel).SetDeployment(stage_pb2.SetDeploymentRequest(stages=addresses),
+                                                            timeout=10)
 
 
 @pytest.fixture
@@ -84,12 +100,13 @@ def stages():
 
 
 @contextlib.contextmanager
-def running_coordinator(model_dir: Path, addresses: list[str], **config):
-    """An in-process coordinator over running stages; yields (address, server)."""
+def running_coordinator(model_dir: Path, addresses: list[str], api_keys=None, **config):
+    """An in-process coordinator over running stages (api_keys: a coordinator.api_keys.ApiKeys);
+    yields (address, server)."""
     from coordinator.app import CoordinatorConfig, CoordinatorServer
 
     server = CoordinatorServer(CoordinatorConfig(stages=tuple(addresses), model_dir=str(model_dir), port=0,
-                                                 stage_wait_s=30, **config))
+                                                 stage_wait_s=30, **config), api_keys=api_keys)
     port = server.start()
     try:
         yield f"127.0.0.1:{port}", server

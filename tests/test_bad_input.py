@@ -158,12 +158,13 @@ def test_oversized_message_is_resource_exhausted(tiny_api, monkeypatch):
                                    request_serializer=lambda m: m.SerializeToString(),
                                    response_deserializer=lambda b: b)
         from protos import coordinator_pb2
-        from protos.channel_options import MAX_MESSAGE_BYTES
-        big = coordinator_pb2.GenerateRequest(prompt="x" * (MAX_MESSAGE_BYTES + 10))
+        from protos.channel_options import DEFAULT_MAX_REQUEST_MB
+        limit = DEFAULT_MAX_REQUEST_MB << 20
+        big = coordinator_pb2.GenerateRequest(prompt="x" * (limit + 10))
         with pytest.raises(grpc.RpcError) as err:
             stub(big, timeout=60)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert str(MAX_MESSAGE_BYTES) in err.value.details() or "larger than max" in err.value.details()
+    assert str(limit) in err.value.details() or "larger than max" in err.value.details()
 
 
 # ---- the Coordinator service --------------------------------------------------------------------------

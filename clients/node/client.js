@@ -15,7 +15,10 @@
 //
 // Usage:
 //   node client.js --address 127.0.0.1:50050 --prompt "Hello" \
-//       [--max-new-tokens N] [--mode unary|stream] [--deadline-ms N]
+//       [--max-new-tokens N] [--mode unary|stream] [--deadline-ms N] [--api-key KEY]
+//
+// With --api-key, or else LAYERLINE_API_KEY in the environment, every call carries the
+// metadata "authorization: Bearer KEY" (for a coordinator started with --api-keys).
 //
 // The Go client in ../go takes the same flags and prints the same JSON.
 'use strict';
@@ -28,13 +31,14 @@ const EXIT_USAGE = 64;
 const PROTO_PATH = path.resolve(__dirname, '..', '..', 'protos', 'coordinator.proto');
 
 const USAGE = `usage: client.js --address HOST:PORT --prompt TEXT [--max-new-tokens N]
-                 [--mode unary|stream] [--deadline-ms N]
+                 [--mode unary|stream] [--deadline-ms N] [--api-key KEY]
 
   --address HOST:PORT   the coordinator (plaintext)
   --prompt TEXT         raw prompt text
   --max-new-tokens N    tokens to generate (0: the server default)
   --mode unary|stream   Generate (default) or GenerateStream
   --deadline-ms N       call deadline in milliseconds (0: none)
+  --api-key KEY         sent as 'authorization: Bearer KEY' (default: $LAYERLINE_API_KEY)
 
 Loads ${PROTO_PATH}.`;
 
@@ -53,8 +57,9 @@ function parseInteger(name, value) {
 function parseArgs(argv) {
   const options = {
     address: '', prompt: '', maxNewTokens: 0, mode: 'unary', deadlineMs: 0,
+    apiKey: process.env.LAYERLINE_API_KEY || '',
   };
-  const known = new Set(['address', 'prompt', 'max-new-tokens', 'mode', 'deadline-ms']);
+  const known = new Set(['address', 'prompt', 'max-new-tokens', 'mode', 'deadline-ms', 'api-key']);
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '-h' || arg === '--help') {
@@ -75,6 +80,7 @@ function parseArgs(argv) {
       case 'prompt': options.prompt = value; break;
       case 'max-new-tokens': options.maxNewTokens = parseInteger(name, value); break;
       case 'deadline-ms': options.deadlineMs = parseInteger(name, value); break;
+      case 'api-key': options.apiKey = value; break;
       case 'mode':
         if (value !== 'unary' && value !== 'stream') usageError(`--mode is unary or stream, got ${JSON.stringify(value)}`);
         options.mode = value;
@@ -83,6 +89,11 @@ function parseArgs(argv) {
     }
   }
   if (!options.address) usageError('--address is required');
+  options.apiKey = options.apiKey.trim();
+  // A bearer token's characters; anything else could not travel as a header value.
+  if (options.apiKey && !/^[A-Za-z0-9\-._~+/=]+$/.test(options.apiKey)) {
+    usageError('the API key (--api-key or LAYERLINE_API_KEY) has characters a bearer token cannot have');
+  }
   return options;
 }
 
@@ -115,6 +126,8 @@ function main() {
   const Coordinator = loadCoordinator(PROTO_PATH);
   const client = new Coordinator(options.address, grpc.credentials.createInsecure());
   const request = { prompt: options.prompt, max_new_tokens: options.maxNewTokens };
+  const metadata = new grpc.Metadata();
+  if (options.apiKey) metadata.set('authorization', `Bearer ${options.apiKey}`);
   const callOptions = {};
   if (options.deadlineMs > 0) callOptions.deadline = new Date(Date.now() + options.deadlineMs);
   const done = (err) => {
@@ -123,7 +136,7 @@ function main() {
   };
 
   if (options.mode === 'unary') {
-    client.Generate(request, new grpc.Metadata(), callOptions, (err, response) => {
+    client.Generate(request, metadata, callOptions, (err, response) => {
       if (!err) emit(response.text, response.token_ids.map(Number), response.finish_reason);
       done(err);
     });
@@ -142,7 +155,7 @@ function main() {
     emit(text, tokenIds, finishReason);
     done(null);
   };
-  const call = client.GenerateStream(request, new grpc.Metadata(), callOptions);
+  const call = client.GenerateStream(request, metadata, callOptions);
   call.on('data', (message) => {
     text += message.text;
     for (const id of message.token_ids) tokenIds.push(Number(id));
