@@ -1,9 +1,10 @@
 """Assembling a coordinator process: connect to the stages, check them, serve the public API.
 
 Owns: the coordinator's one frozen config, checking that the given stages form one
-complete route through one model (contiguous layers, same fingerprint), and the gRPC
-server with health and reflection. Does not own: request handling (service), generation
-(engine), or what --chain auto resolves to (chain_policy).
+complete route (contiguous layers), and the gRPC server with health and reflection. Does not
+own: request handling (service), generation (engine), what --chain auto resolves to
+(chain_policy), or whether the stages agree on model, weights, protocol and versions
+(stage_agreement).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
+from coordinator.stage_agreement import chain_refusal
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
@@ -57,6 +59,7 @@ class CoordinatorConfig:
     max_new_tokens_limit: int = 4096
     max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20  # larger public requests: RESOURCE_EXHAUSTED (gRPC)
     stage_wait_s: float = 120.0
+    allow_mixed_versions: bool = False  # serve stages of different torch/transformers versions (stage_agreement)
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
 
@@ -84,12 +87,9 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float,
 
 
 def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:
-    """The stages must cover layers 0..N exactly once, in order, all of one model."""
+    """The stages must cover layers 0..N exactly once, in order (of one model: stage_agreement)."""
     expected = 0
     for address, info in zip(addresses, infos):
-        if info.model_fingerprint != infos[0].model_fingerprint:
-            raise PipelineSetupError(f"stage {address} serves another model (fingerprint {info.model_fingerprint}, "
-                                     f"first stage {infos[0].model_fingerprint})")
         if info.layer_start != expected:
             raise PipelineSetupError(f"stage {address} holds layers {info.layer_start}:{info.layer_end} but the "
                                      f"route needs one starting at layer {expected}; list stages in layer order")
@@ -102,7 +102,7 @@ def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
     return [coordinator_pb2.StageInfo(address=a, layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype,
                                       device=i.device, active_sessions=i.active_sessions, attention=i.attention,
                                       compute_threads=i.compute_threads, small_step_threads=i.small_step_threads,
-                                      colocated_stages=i.colocated_stages)
+                                      colocated_stages=i.colocated_stages, versions=dict(i.versions))
             for a, i in zip(addresses, infos)]
 
 
@@ -131,6 +131,9 @@ class CoordinatorServer:
         self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
         infos = wait_for_stages(config.stages, config.stage_wait_s, config.stage_tls)
+        refusal = chain_refusal(config.stages, infos, allow_mixed_versions=config.allow_mixed_versions)
+        if refusal:
+            raise PipelineSetupError(refusal)
         check_route(config.stages, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
@@ -150,7 +153,8 @@ class CoordinatorServer:
                         vocab_size=infos[-1].vocab_size)
         info = coordinator_pb2.ModelInfo(
             model_name=config.model_name or config.model_dir, model_type=infos[0].model_type,
-            model_fingerprint=infos[0].model_fingerprint, num_layers=infos[0].num_layers,
+            model_fingerprint=infos[0].model_fingerprint, weights_manifest_id=infos[0].weights_manifest_id,
+            num_layers=infos[0].num_layers,
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
             compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
             has_chat_template=self.tokenization.has_chat_template)

@@ -31,12 +31,14 @@ from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
+from coordinator.stage_agreement import add_mixed_versions_argument
 from protos import codec, coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
 from protos.model_files.resolve import resolve_model
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
+from protos.software_versions import add_version_argument
 
 FINISH_NAMES = {v: k for k, v in coordinator_pb2.FinishReason.items()}
 
@@ -113,6 +115,7 @@ def _add_request_limit(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
     parser.add_argument("--log-level", default="WARNING")
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     fetch = commands.add_parser("fetch-model", help="download and convert a known model once")
@@ -128,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_keys_argument(serve)
     _add_request_limit(serve)
     _add_pipeline_arguments(serve)
+    add_mixed_versions_argument(serve)
     tls_arguments.add_server_tls_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_keys_argument(launch)
     _add_request_limit(launch)
     _add_pipeline_arguments(launch)
+    add_mixed_versions_argument(launch)
     tls_arguments.add_server_tls_arguments(launch)
     _add_generation_arguments(launch, required=False)
     launch.epilog = "With --prompt or --chat: generate once, print, and stop everything. Without: serve until Ctrl-C."
@@ -242,7 +247,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                                  max_batch_rows=args.max_batch_rows, max_cache_positions=args.max_cache_positions,
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
-                             max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20, **tls)
+                             max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
+                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False), **tls)
 
 
 def cmd_serve(args) -> int:

@@ -83,7 +83,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_type", "model_fingerprint", "num_layers", "vocab_size", "max_context", "max_new_tokens_limit", "compression", "stages", "has_chat_template", "batching")
+    __slots__ = ("model_name", "model_type", "model_fingerprint", "num_layers", "vocab_size", "max_context", "max_new_tokens_limit", "compression", "stages", "has_chat_template", "batching", "weights_manifest_id")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class ModelInfo(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_type: str
     model_fingerprint: str
@@ -106,7 +107,8 @@ class ModelInfo(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     has_chat_template: bool
     batching: BatchingState
-    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ...) -> None: ...
+    weights_manifest_id: str
+    def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ..., weights_manifest_id: _Optional[str] = ...) -> None: ...
 
 class BatchingState(_message.Message):
     __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes", "prefills")
@@ -135,7 +137,14 @@ class BatchingState(_message.Message):
     def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages")
+    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages", "versions")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +155,7 @@ class StageInfo(_message.Message):
     COMPUTE_THREADS_FIELD_NUMBER: _ClassVar[int]
     SMALL_STEP_THREADS_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_STAGES_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
@@ -156,4 +166,5 @@ class StageInfo(_message.Message):
     compute_threads: int
     small_step_threads: int
     colocated_stages: int
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ...) -> None: ...
+    versions: _containers.ScalarMap[str, str]
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...

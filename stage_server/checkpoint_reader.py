@@ -177,12 +177,21 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str, dtype: torch.dtype | None = None, *, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    def converts(self, name: str, dtype: torch.dtype | None) -> bool:
+        """Whether `read(name, dtype)` converts the tensor (else it returns the file's bytes as they are,
+        on a little-endian machine)."""
+        source = self.entries[name].dtype
+        return dtype is not None and dtype != source and source.is_floating_point and dtype.is_floating_point
+
+    def read(self, name: str, dtype: torch.dtype | None = None, *, chunk_bytes: int = CHUNK_BYTES,
+             hasher=None) -> torch.Tensor:
         """The tensor `name`, in memory this call allocates and the caller owns.
 
         With `dtype`, a floating-point tensor is converted to it (if it differs) `chunk_bytes` of the
         source at a time, so only the result and one chunk are ever held; chunk_bytes=0 reads the
-        whole tensor, then converts. Integer and bool tensors keep their dtype.
+        whole tensor, then converts. Integer and bool tensors keep their dtype. `hasher` (a hashlib
+        object) is fed the tensor's bytes as the file holds them, as they are read: checking them
+        against the weights manifest costs no second pass over the file.
         """
         if self._handle is None:
             raise RuntimeError("SafetensorsReader.read outside `with`")
@@ -190,11 +199,9 @@ class SafetensorsReader:
         if entry is None:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         source = entry.dtype
-        convert = (dtype is not None and dtype != source and source.is_floating_point
-                   and dtype.is_floating_point)
-        if not convert:
+        if not self.converts(name, dtype):
             raw = torch.empty(entry.nbytes, dtype=torch.uint8)
-            self._read_into(raw, entry.offset, source.itemsize)
+            self._read_into(raw, entry.offset, source.itemsize, hasher)
             return raw.view(source).reshape(entry.shape)
         result = torch.empty(entry.shape, dtype=dtype)
         flat, item = result.view(-1), source.itemsize
@@ -203,7 +210,7 @@ class SafetensorsReader:
         for first in range(0, entry.numel, per_chunk):
             count = min(per_chunk, entry.numel - first)
             piece = scratch[:count * item]
-            self._read_into(piece, entry.offset + first * item, item)
+            self._read_into(piece, entry.offset + first * item, item, hasher)
             flat[first:first + count].copy_(piece.view(source))
             del piece
         del scratch
@@ -231,8 +238,8 @@ class SafetensorsReader:
                 pass
             self._scratch_map = None
 
-    def _read_into(self, buffer: torch.Tensor, offset: int, itemsize: int) -> None:
-        """Fill the contiguous uint8 tensor `buffer` with the file's bytes from `offset`."""
+    def _read_into(self, buffer: torch.Tensor, offset: int, itemsize: int, hasher=None) -> None:
+        """Fill the contiguous uint8 tensor `buffer` with the file's bytes from `offset` (fed to `hasher`)."""
         if buffer.numel() == 0:
             return
         array = buffer.numpy()
@@ -245,5 +252,7 @@ class SafetensorsReader:
                 raise _corrupt(self.path, f"it ends at byte {offset + done}, inside a tensor that needs "
                                           f"{len(view)} bytes from {offset}")
             done += got
+        if hasher is not None:
+            hasher.update(view)
         if sys.byteorder == "big" and itemsize > 1:  # safetensors is little-endian
             array.view(f"u{itemsize}").byteswap(inplace=True)

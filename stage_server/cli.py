@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 
+from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
@@ -51,6 +52,7 @@ def _head_threads(text: str) -> int | str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stage-server", description=__doc__.splitlines()[0])
+    add_version_argument(parser)
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
     parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")

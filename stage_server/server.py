@@ -159,10 +159,10 @@ class StageServer:
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, %s, fingerprint %s", self.service.name,
-                 loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
+        log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, %s, fingerprint %s, weights manifest %s",
+                 self.service.name, loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
                  "lean layers" if getattr(loaded.architecture, "lean", None) is not None
-                 else "transformers' layer forward", loaded.fingerprint)
+                 else "transformers' layer forward", loaded.fingerprint, loaded.weights_manifest_id)
 
     def _thread_counts(self) -> ThreadCounts:
         """Threads for this stage's steps: --threads when given, else every usable core, shared step by

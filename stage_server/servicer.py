@@ -19,12 +19,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from importlib import metadata
 
 import grpc
 import psutil
 
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
+from protos.protocol import PROTOCOL_VERSION
+from protos.software_versions import software_versions
 from protos.tls import TlsFiles
 from stage_server.collectors import Collectors
 from stage_server.compute_thread import ComputeThread
@@ -200,7 +201,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         return stage_pb2.EndSessionResponse(stages_freed=freed)
 
     def Info(self, request, context):
-        reply = stage_pb2.InfoResponse(versions=software_versions(),
+        reply = stage_pb2.InfoResponse(versions=software_versions(), protocol_version=PROTOCOL_VERSION,
                                        rss_bytes=psutil.Process().memory_info().rss)
         served = self.steps.served
         if served is None:
@@ -216,7 +217,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=model.hidden_size, vocab_size=model.vocab_size,
             max_sessions=store.max_sessions, max_cache_bytes=store.max_cache_bytes,
-            micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention))
+            micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention,
+            weights_manifest_id=loaded.weights_manifest_id))
         if served.threads is not None:
             reply.compute_threads, reply.small_step_threads = served.threads.full, served.threads.small_step
             if served.threads.share is not None:
@@ -241,12 +243,3 @@ def _refuse_bad(context, check, *args):
     except StageRequestError as err:
         context.abort(grpc.StatusCode[err.code], str(err))
 
-
-def software_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("layerline", "torch", "transformers", "accelerate", "grpcio"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "unknown"
-    return versions

@@ -4,9 +4,11 @@ Owns: building a weightless skeleton of the *sliced* model with accelerate, choo
 the checkpoint tensors the slice needs (embeddings only on the first stage, final
 norm + head only on the last, tied heads served from the embedding matrix), reading
 exactly those from single-file or sharded safetensors, converting them to the target
-dtype/device one at a time, and the model fingerprint every stage of one model shares.
+dtype/device one at a time, checking each tensor's bytes against the weights manifest as they are
+read, and the model fingerprint every stage of one model shares.
 
-Does not own: running the slice (architectures, stage_model) or the network.
+Does not own: running the slice (architectures, stage_model), making or reading the weights
+manifest (weights_manifest), or the network.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import copy
 import hashlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from stage_server import per_sequence_attention
 from stage_server.architectures import Architecture, architecture_for
 from stage_server.checkpoint_reader import CheckpointFormatError, SafetensorsReader, TensorEntry, read_header
+from stage_server.weights_manifest import ManifestError, SliceCheck, manifest_for
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +57,7 @@ class LoadedSlice:
     device: torch.device
     fingerprint: str
     parameter_bytes: int
+    weights_manifest_id: str = ""  # stage_server/weights_manifest.py: the same on every stage of a chain
     attention: str = "batched"  # "per-sequence" or "batched" (stage_server/per_sequence_attention.py)
     # Set from the fields above once: read on every step, and a Hugging Face config's attribute
     # lookup runs Python code of its own.
@@ -157,6 +162,10 @@ class CheckpointIndex:
                                  "says it does; the checkpoint is incomplete or its index is stale")
         return found
 
+    def layout(self) -> dict[str, dict[str, TensorEntry]]:
+        """Every file of the checkpoint with the tensors it holds (what the weights manifest covers)."""
+        return {file: self.entries(file) for file in sorted(set(self.file_of.values()))}
+
     def find(self, *candidates: str) -> str | None:
         """The first candidate name the checkpoint holds."""
         return next((name for name in candidates if name in self.file_of), None)
@@ -180,8 +189,11 @@ def checkpoint_name_candidates(name: str) -> list[str]:
 
 
 def model_fingerprint(config, index: CheckpointIndex) -> str:
-    """A short hash shared by every stage of one model: config plus tensor names/shapes/dtypes."""
-    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    """A short hash shared by every stage of one model: config plus tensor names/shapes/dtypes. Not the
+    directory the config was read from (transformers keeps it in the config as `_name_or_path`):
+    machines may hold one model at different paths."""
+    described = {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    config_json = json.dumps(described, sort_keys=True, default=str)
     digest = hashlib.sha256(config_json.encode())
     digest.update(index.describe().encode())
     return digest.hexdigest()[:16]
@@ -244,6 +256,10 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
     tied = bool(getattr(config, "tie_word_embeddings", False))
 
     index = CheckpointIndex(model_dir)
+    try:
+        manifest = manifest_for(model_dir, index.layout())
+    except ManifestError as err:
+        raise SliceLoadError(str(err)) from err
     wanted = [name for name, _ in model.named_parameters(remove_duplicate=False)
               if _needed(name, layout, is_first, is_last)]
     # A tied head on a stage that also holds the embedding shares its tensor.
@@ -261,14 +277,22 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         # The reader returns fresh memory already in the target dtype (converted a chunk at a time),
         # which set_module_tensor_to_device then adopts without another copy on CPU.
         try:
-            with SafetensorsReader(model_dir / file, index.entries(file)) as reader:
+            with SafetensorsReader(model_dir / file, index.entries(file)) as reader, SliceCheck(manifest) as check:
                 for name in names:
-                    index.entry(keys[name])  # a clear error if the index names a tensor its file lacks
-                    value = reader.read(keys[name], dtype=torch_dtype)
+                    key = keys[name]
+                    index.entry(key)  # a clear error if the index names a tensor its file lacks
+                    if reader.converts(key, torch_dtype) or sys.byteorder != "little":
+                        digest = check.hasher()
+                        value = reader.read(key, dtype=torch_dtype, hasher=digest)
+                        check.check(file, key, digest)
+                    else:  # the file's bytes as they are: digested on the worker while the next are read
+                        value = reader.read(key, dtype=torch_dtype)
+                        check.check_later(file, key, memoryview(value.reshape(-1).view(torch.uint8).numpy()))
                     set_module_tensor_to_device(model, name, torch_device, value=value, dtype=torch_dtype)
                     del value
                     bar.update(1)
-        except CheckpointFormatError as err:
+                check.finish()
+        except (CheckpointFormatError, ManifestError) as err:
             raise SliceLoadError(str(err)) from err
     bar.close()
     if share_tied:
@@ -280,7 +304,7 @@ def load_slice(model_dir: str | Path, start: int, end: int, *, dtype: str = "aut
         architecture=adapter_class(model, sliced), config=config, sliced_config=sliced,
         layer_start=start, layer_end=end, dtype=torch_dtype, device=torch_device,
         fingerprint=model_fingerprint(config, index), parameter_bytes=parameter_bytes,
-        attention=attention_mode)
+        weights_manifest_id=manifest.id, attention=attention_mode)
 
 
 def _tie_head_to_embedding(model: nn.Module, layout) -> None:
