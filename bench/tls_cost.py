@@ -137,8 +137,11 @@ def main() -> int:
                           "--dtype", args.dtype, "--threads", "1", "--head-threads", "1"]
                 processes.append(ServerProcess(host.namespace, "stage_server.cli", *common, "--port", str(TLS_PORT),
                                                *_flags(certs, host.address), ready="stage-server ready").start())
+                # plaintext from another host cannot tell a stage its deployment: --peers names it
+                plain_peers = ",".join(f"{h.address}:{PLAIN_PORT}" for h in hosts)
                 processes.append(ServerProcess(host.namespace, "stage_server.cli", *common, "--port",
-                                               str(PLAIN_PORT), "--insecure", ready="stage-server ready").start())
+                                               str(PLAIN_PORT), "--insecure", "--peers", plain_peers,
+                                               ready="stage-server ready").start())
             for process in processes:
                 process.wait_ready(600)
             apis, pids = {}, {"mtls": [p.process.pid for p in processes[0::2]],
