@@ -73,9 +73,8 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
-                        help="groups of sequences in flight at once so stages overlap (default 0 = as many as "
-                             "stages can compute at once: one per stage, fewer where stages outnumber their "
-                             "machine's cores)")
+                        help="groups of sequences in flight at once so stages overlap (default 0 = one per "
+                             "machine: a machine's stages compute one after another on all its cores)")
     parser.add_argument("--chain", choices=CHAIN_SETTINGS, default="auto",
                         help="on: the last stage sends greedy groups' next decode steps to the first stage itself; "
                              "off: every step goes through the coordinator; auto (default): on unless every stage "
