@@ -57,8 +57,8 @@ class Engine:
     """Generates for any number of callers through one PipelineClient.
 
     `micro_batches` is how many groups of sequences are in flight at once (one per machine keeps
-    every machine busy during decode: planner.groups_in_flight). `chain`: greedy groups let the last stage send their next
-    steps (greedy chaining), where the pipeline can. `prefill_alone`: one prompt per prefill
+    every machine busy during decode: planner.groups_in_flight). `chain`: greedy groups let the
+    last stage send their next steps (greedy chaining), where the pipeline can. `prefill_alone`: one prompt per prefill
     (running_batch.prefill_batches); None asks the stages (per-sequence attention mode promises
     answers independent of the batch).
     """
