@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -23,7 +22,7 @@ import pytest
 from conftest import running_coordinator, running_stages
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tiny_models import save_tiny_model, save_tiny_tokenizer
-from waiting import eventually
+from waiting import eventually, wait_for_line
 
 from coordinator.api_keys import ApiKeyInterceptor, ApiKeys, KeyFileError, bearer_metadata, parse_key_file
 from coordinator.client import AsyncCoordinatorClient, CoordinatorClient
@@ -316,16 +315,6 @@ def test_serve_refuses_a_key_file_without_keys(keyed_api, tmp_path):
                                                 "write one key per line"]
 
 
-def _wait_for_line(process, needle: str, timeout_s: float) -> list[str]:
-    deadline, seen = time.monotonic() + timeout_s, []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return seen
-    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
 
 
 def _free_port() -> int:
@@ -351,19 +340,19 @@ def test_sighup_reloads_the_keys_of_a_running_serve(keyed_api, tmp_path):
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
     try:
-        seen += _wait_for_line(process, "Ctrl-C to stop", 240)
+        seen += wait_for_line(process, "Ctrl-C to stop", 240)
         assert _answers(address, KEY) == grpc.StatusCode.OK
         assert _answers(address, OTHER) == grpc.StatusCode.UNAUTHENTICATED
 
         path.write_text(f"# rotated\n{OTHER}\n")
         process.send_signal(signal.SIGHUP)
-        seen += _wait_for_line(process, "API keys reloaded", 30)
+        seen += wait_for_line(process, "API keys reloaded", 30)
         assert _answers(address, OTHER) == grpc.StatusCode.OK
         assert _answers(address, KEY) == grpc.StatusCode.UNAUTHENTICATED
 
         path.write_text("not a key\n")
         process.send_signal(signal.SIGHUP)
-        seen += _wait_for_line(process, "API keys not reloaded", 30)
+        seen += wait_for_line(process, "API keys not reloaded", 30)
         assert _answers(address, OTHER) == grpc.StatusCode.OK, "a bad file keeps the keys loaded"
 
         process.send_signal(signal.SIGTERM)

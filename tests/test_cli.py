@@ -14,6 +14,7 @@ import psutil
 import pytest
 from tiny_models import reference_greedy
 from transformers import AutoTokenizer, LlamaConfig
+from waiting import wait_for_line
 
 from protos.model_files.catalog import ModelNotFoundError
 from protos.model_files.resolve import resolve_model
@@ -117,7 +118,7 @@ def test_launch_local_serves_until_sigterm_and_cleans_up(tiny_model):
          "--num-stages", "2", "--port", str(port), "--threads", "1"],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        _wait_for_line(process, "Ctrl-C to stop", TIMEOUT)
+        wait_for_line(process, "Ctrl-C to stop", TIMEOUT)
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) == 2, "two stage processes"
         with CoordinatorClient(f"127.0.0.1:{port}", timeout_s=60) as client:
@@ -139,7 +140,7 @@ def test_stage_server_health_and_sigterm(tiny_model):
                                 "--layers", "0:2", "--port", str(port), "--quiet"],
                                stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        _wait_for_line(process, "stage-server ready", TIMEOUT)
+        wait_for_line(process, "stage-server ready", TIMEOUT)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service="layerline.v1.Stage"), timeout=10)
@@ -161,17 +162,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_line(process, needle: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    seen = []
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line and process.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return
-    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
 
 
 def test_launch_local_checks_its_port_before_starting_any_stage(tiny_model):

@@ -17,13 +17,17 @@ from coordinator.pipeline_client import PipelineClient
 from protos.protocol import PROTOCOL_VERSION
 
 
-def test_stage_info_reports_versions_protocol_device_and_weights(tiny_api):
-    _, addresses, _ = tiny_api
+def _stage_infos(addresses):
     client = PipelineClient(addresses)
     try:
-        infos = client.stage_infos()
+        return client.stage_infos()
     finally:
         client.close()
+
+
+def test_stage_info_reports_versions_protocol_device_and_weights(tiny_api):
+    _, addresses, _ = tiny_api
+    infos = _stage_infos(addresses)
     for info in infos:
         assert info.protocol_version == PROTOCOL_VERSION >= 1
         assert info.versions["python"] == platform.python_version()
@@ -36,11 +40,7 @@ def test_stage_info_reports_versions_protocol_device_and_weights(tiny_api):
 
 def test_coordinator_info_shows_the_weights_and_each_stages_versions(tiny_api):
     address, addresses, _ = tiny_api
-    client = PipelineClient(addresses)
-    try:
-        stage_infos = client.stage_infos()
-    finally:
-        client.close()
+    stage_infos = _stage_infos(addresses)
     with CoordinatorClient(address, timeout_s=30) as coordinator:
         info = coordinator.model_info()
     assert info.weights_manifest_id == stage_infos[0].weights_manifest_id

@@ -1,4 +1,5 @@
-"""Polling for effects that land shortly after a call returns, such as sessions freed on the stages."""
+"""Polling for effects that land shortly after a call returns, such as sessions freed on the stages,
+and for a line a started process writes."""
 
 from __future__ import annotations
 
@@ -25,3 +26,17 @@ def stage_sessions(stage_addresses: list[str]) -> list[int]:
         return [info.active_sessions for info in client.stage_infos()]
     finally:
         client.close()
+
+
+def wait_for_line(process, needle: str, timeout_s: float) -> list[str]:
+    """Read `process`'s stderr until a line holds `needle`; returns the lines read (AssertionError
+    with the last of them if the process ends or the time runs out first)."""
+    deadline, seen = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-20:])}")
