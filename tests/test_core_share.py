@@ -188,6 +188,22 @@ def test_foreign_load_counts_the_cores_other_programs_keep_busy(tmp_path):
     assert load.cores_taken([11, 12]) == 0
 
 
+def test_foreign_load_over_a_long_idle_interval_does_not_count(tmp_path):
+    """A program that kept both cores busy while the stage sat idle for 10 s takes nothing from the
+    stage's next steps; load that goes on is counted a second later."""
+    now = [0.0]
+    ticks = ForeignLoad({0, 1})._ticks_per_s
+    load = ForeignLoad({0, 1}, proc=tmp_path, clock=lambda: now[0])
+    fake_proc(tmp_path, [0, 0], {11: 0})
+    assert load.cores_taken([11]) == 0
+    now[0] = 10.0  # ten seconds of both cores busy with another program, the stage idle
+    fake_proc(tmp_path, [10 * ticks, 10 * ticks], {11: 0})
+    assert load.cores_taken([11]) == 0, "a stale interval only starts the next one"
+    now[0] = 11.0  # it goes on: one more second of both cores busy
+    fake_proc(tmp_path, [11 * ticks, 11 * ticks], {11: 0})
+    assert load.cores_taken([11]) == 2
+
+
 def test_a_share_leaves_out_the_cores_taken_by_a_foreign_program(tmp_path, monkeypatch):
     monkeypatch.setattr(ForeignLoad, "cores_taken", lambda self, pids: 1)
     share = CoreShare(2, tmp_path / "table")
