@@ -169,6 +169,14 @@ def test_every_hop_passes_the_in_flight_count_on(tiny_model, stages, monkeypatch
     assert seen == [1, 1, 1]
 
 
+def _steps_until(load, now, until, pids):
+    """A stage stepping every 0.1 s up to `until`; the last step's answer."""
+    while now[0] < until - 1e-9:
+        now[0] = round(now[0] + 0.1, 6)
+        taken = load.cores_taken(pids)
+    return taken
+
+
 def test_foreign_load_counts_the_cores_other_programs_keep_busy(tmp_path):
     """A busy loop on one of two cores is one core taken; the stages' own time and a light
     coordinator are not; only the CPUs the stage may use count."""
@@ -177,31 +185,33 @@ def test_foreign_load_counts_the_cores_other_programs_keep_busy(tmp_path):
     load = ForeignLoad({0, 1}, proc=tmp_path, clock=lambda: now[0])
     fake_proc(tmp_path, [0, 0, 0], {11: 0, 12: 0})
     assert load.cores_taken([11, 12]) == 0  # the first sample only starts the interval
-    now[0] = 1.0  # a second: the stages used 1.2 cores, a busy loop one more, on cpus 0 and 1
+    assert _steps_until(load, now, 0.9, [11, 12]) == 0
+    # by the end of the second: the stages used 1.2 cores, a busy loop one more, on cpus 0 and 1
     fake_proc(tmp_path, [ticks, int(1.2 * ticks), 5 * ticks], {11: int(0.6 * ticks), 12: int(0.6 * ticks)})
-    assert load.cores_taken([11, 12]) == 1, "cpu 2 is not this stage's, its load does not count"
-    now[0] = 1.5
+    assert _steps_until(load, now, 1.0, [11, 12]) == 1, "cpu 2 is not this stage's, its load does not count"
     fake_proc(tmp_path, [0, 0, 0], {})
-    assert load.cores_taken([11, 12]) == 1, "re-sampled at most once a second"
-    now[0] = 2.0  # the next second: the stages 1.8 cores, a coordinator 0.2
+    assert _steps_until(load, now, 1.5, [11, 12]) == 1, "re-sampled at most once a second"
+    # the next second: the stages 1.8 cores, a coordinator 0.2
     fake_proc(tmp_path, [int(2.1 * ticks), int(2.1 * ticks), 5 * ticks], {11: int(1.5 * ticks), 12: int(1.5 * ticks)})
-    assert load.cores_taken([11, 12]) == 0
+    assert _steps_until(load, now, 2.0, [11, 12]) == 0
 
 
-def test_foreign_load_over_a_long_idle_interval_does_not_count(tmp_path):
+def test_foreign_load_while_the_stage_sat_idle_does_not_count(tmp_path):
     """A program that kept both cores busy while the stage sat idle for 10 s takes nothing from the
-    stage's next steps; load that goes on is counted a second later."""
+    stage's next steps; load that goes on while it steps is counted within a second."""
     now = [0.0]
     ticks = ForeignLoad({0, 1})._ticks_per_s
     load = ForeignLoad({0, 1}, proc=tmp_path, clock=lambda: now[0])
     fake_proc(tmp_path, [0, 0], {11: 0})
-    assert load.cores_taken([11]) == 0
-    now[0] = 10.0  # ten seconds of both cores busy with another program, the stage idle
+    assert _steps_until(load, now, 1.0, [11]) == 0
+    now[0] = 11.0  # ten seconds of both cores busy with another program, the stage idle
     fake_proc(tmp_path, [10 * ticks, 10 * ticks], {11: 0})
-    assert load.cores_taken([11]) == 0, "a stale interval only starts the next one"
-    now[0] = 11.0  # it goes on: one more second of both cores busy
-    fake_proc(tmp_path, [11 * ticks, 11 * ticks], {11: 0})
-    assert load.cores_taken([11]) == 2
+    assert load.cores_taken([11]) == 0, "a step after a pause starts a new interval"
+    fake_proc(tmp_path, [11 * ticks, 11 * ticks], {11: 0})  # it goes on: one more second of both cores
+    assert _steps_until(load, now, 12.0, [11]) == 2
+    now[0] = 13.5  # a pause shorter than two sampling periods, both cores busy through it
+    fake_proc(tmp_path, [int(12.5 * ticks), int(12.5 * ticks)], {11: 0})
+    assert load.cores_taken([11]) == 0, "any pause of the stage's steps starts a new interval"
 
 
 def test_a_share_leaves_out_the_cores_taken_by_a_foreign_program(tmp_path, monkeypatch):
