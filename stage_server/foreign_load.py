@@ -23,9 +23,10 @@ SAMPLE_EVERY_S = 1.0
 # A stage that computed nothing for longer than this starts a new interval at its next step: what
 # other programs did while it sat idle says nothing about the cores its steps will find. Why: a
 # program that kept the cores busy meanwhile, and has stopped, would otherwise cost the stage's next
-# second of steps their cores (a lone request's 4-stage decode right after the unsplit model ran:
-# 0.75 of it, 0.91-0.93 with this rule). A stage that computes sees a step every few tens of ms.
-IDLE_GAP_S = 0.25
+# second of steps their cores (a lone request's 4-stage decode just after the unsplit model ran:
+# 0.75 of it). Not shorter: beside a busy neighbour a stage's steps come a few hundred ms apart, and
+# each of those gaps must not hide the neighbour.
+IDLE_GAP_S = SAMPLE_EVERY_S
 # A core counts as taken once other programs used more than half of it over the interval: a busy loop
 # sharing a core with a stage's thread still gets about half of it, and a coordinator far less.
 SLACK = 0.5
