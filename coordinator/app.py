@@ -64,23 +64,38 @@ class CoordinatorConfig:
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
 
 
-def wait_for_stages(addresses: tuple[str, ...], timeout_s: float,
-                    tls: TlsFiles | None = None) -> list[stage_pb2.InfoResponse]:
-    """Info from every stage once all have loaded; raises PipelineSetupError on timeout."""
+def _not_ready(addresses: tuple[str, ...], states: list) -> list[str]:
+    """'ADDRESS: why' for each stage that cannot serve yet (unreachable, or loading its weights)."""
+    waiting = []
+    for address, state in zip(addresses, states):
+        if isinstance(state, grpc.RpcError):
+            waiting.append(f"{address}: {state.code().name}")
+        elif not state.model_fingerprint:
+            waiting.append(f"{address}: loading its weights")
+    return waiting
+
+
+def wait_for_stages(addresses: tuple[str, ...], timeout_s: float, tls: TlsFiles | None = None,
+                    progress_every_s: float = 10.0) -> list[stage_pb2.InfoResponse]:
+    """Info from every stage once all have loaded. Every `progress_every_s` it logs (WARNING, shown
+    by default) which stages it still waits for and why, so a mistyped address shows at once rather
+    than after the timeout; raises PipelineSetupError naming them on timeout."""
     client = PipelineClient(list(addresses), tls=tls)
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    next_report = started + progress_every_s
     try:
         while True:
-            try:
-                infos = client.stage_infos(timeout_s=5)
-                if all(info.model_fingerprint for info in infos):
-                    return infos
-                waiting = [a for a, i in zip(addresses, infos) if not i.model_fingerprint]
-                reason = f"still loading: {', '.join(waiting)}"
-            except grpc.RpcError as err:
-                reason = f"{err.code().name}: {err.details()}"
-            if time.monotonic() > deadline:
-                raise PipelineSetupError(f"stages not ready after {timeout_s:.0f}s ({reason}); are they running?")
+            states = client.stage_states(timeout_s=5)
+            waiting = _not_ready(addresses, states)
+            if not waiting:
+                return states
+            now = time.monotonic()
+            if now - started > timeout_s:
+                raise PipelineSetupError(f"stages not ready after {timeout_s:.0f}s ({'; '.join(waiting)}): are they "
+                                         "running, and reachable at these addresses?")
+            if now >= next_report:
+                log.warning("waiting for stages (%.0f s of %.0f): %s", now - started, timeout_s, "; ".join(waiting))
+                next_report = now + progress_every_s
             time.sleep(0.5)
     finally:
         client.close()

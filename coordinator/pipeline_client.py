@@ -225,6 +225,17 @@ class PipelineClient:
     def stage_infos(self, timeout_s: float = 10.0) -> list[stage_pb2.InfoResponse]:
         return [stub.Info(stage_pb2.InfoRequest(), timeout=timeout_s) for stub in self._stubs]
 
+    def stage_states(self, timeout_s: float = 5.0) -> list[stage_pb2.InfoResponse | grpc.RpcError]:
+        """Each stage's Info, or the error its call ended with: one stage that does not answer
+        leaves the others' answers readable."""
+        states: list[stage_pb2.InfoResponse | grpc.RpcError] = []
+        for stub in self._stubs:
+            try:
+                states.append(stub.Info(stage_pb2.InfoRequest(), timeout=timeout_s))
+            except grpc.RpcError as err:
+                states.append(err)
+        return states
+
     def close(self) -> None:
         with self._lock:
             if self._stream is not None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_bad_input import code_of, forward_once, valid_prefill
 
 import stage_server.server as server_module
+from coordinator.app import PipelineSetupError, wait_for_stages
 from stage_server.server import StageServer, StageServerConfig
 
 
@@ -56,3 +60,17 @@ def test_draining_refuses_new_work(tiny_model, stages):
         assert code_of(response) == grpc.StatusCode.UNAVAILABLE and "shutting down" in response.error_message
         servers[0].service.draining = False
         assert forward_once(addresses[0], valid_prefill("again", [])).status_code == 0
+
+
+def test_a_coordinator_names_the_stages_it_waits_for_while_it_waits(tiny_model, stages, caplog):
+    """A stage address nobody answers on shows in a progress line within seconds, and the timeout's
+    one-line error names it (and not the stage that answers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{sock.getsockname()[1]}"  # closed again before the wait: nothing listens
+    with stages(tiny_model("llama"), 1) as (addresses, _):
+        with caplog.at_level(logging.WARNING, logger="coordinator.app"), pytest.raises(PipelineSetupError) as raised:
+            wait_for_stages((addresses[0], nobody), timeout_s=3.0, progress_every_s=1.0)
+    assert f"{nobody}: UNAVAILABLE" in str(raised.value) and addresses[0] not in str(raised.value)
+    progress = [r.getMessage() for r in caplog.records if "waiting for stages" in r.getMessage()]
+    assert progress and all(nobody in line and addresses[0] not in line for line in progress)
