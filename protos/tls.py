@@ -16,7 +16,6 @@ port (channel_options.bind takes the credentials made here) or the same-machine 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from protos.addresses import is_loopback_host
 from protos.channel_options import channel_options
 
 
@@ -151,16 +151,6 @@ def open_channel(address: str, tls: TlsFiles | None = None, *, aio: bool = False
     if tls is None:
         return grpc_module.insecure_channel(address, options=options)
     return grpc_module.secure_channel(address, channel_credentials(tls), options=options)
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether listening on `host` keeps a port on this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def check_listen(host: str, *, tls: bool, insecure: bool, tls_flags: str) -> None:

@@ -13,8 +13,9 @@ Does not own: what a peer may do (deployment), nor the TLS handshake (gRPC's cre
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
+
+from protos.addresses import is_loopback_host
 
 THIS_MACHINE = "this machine"
 
@@ -37,15 +38,6 @@ def _host(peer: str) -> str:
     return ""
 
 
-def is_loopback_ip(host: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
-
-
 def _text(values: list[bytes]) -> list[str]:
     return [value.decode("utf-8", "replace").lower() for value in values]
 
@@ -55,7 +47,7 @@ def peer_of(context) -> Peer:
     peer = context.peer() or ""
     auth = context.auth_context() or {}
     host = _host(peer)
-    local = peer.startswith(("unix:", "unix-abstract:")) or is_loopback_ip(host)
+    local = peer.startswith(("unix:", "unix-abstract:")) or is_loopback_host(host)
     subject = b",".join(auth.get("x509_subject", []) or auth.get("x509_common_name", []))
     verified = auth.get("transport_security_type") == [b"ssl"] and bool(subject)
     if local:
