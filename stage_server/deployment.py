@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from protos.addresses import host_and_port
 from stage_server.errors import InvalidRequest, PermissionDenied
 from stage_server.peer_identity import Peer
+from stage_server.step_bounds import MAX_ADDRESS_CHARS
 
 MAX_STAGES = 256  # addresses one SetDeployment may name
 MAX_COORDINATORS = 64  # coordinator identities kept as trusted (the oldest goes first)
-MAX_ADDRESS_CHARS = 300
 
 
 def normalized(address: str) -> str:

@@ -198,10 +198,10 @@ class StepRunner:
             raise InvalidRequest("a micro-batch needs activations and position_ids")
         if (problem := check_chain_fields(request)) is not None:
             raise InvalidRequest(problem)
+        served.bounds.check(request)  # sizes first: the allow-list below walks routes already bounded
         # before anything connects anywhere: a route outside the deployment would make this stage a relay
         self._deployment.check_addresses(request.route, "route")
         self._deployment.check_addresses(request.chain_route, "chain_route")
-        served.bounds.check(request)
         activations = codec.decode(request.activations, max_elements=served.bounds.max_elements("activations"))
         position_ids = codec.decode(request.position_ids, max_elements=served.bounds.max_elements("position_ids"))
         mask = codec.decode(request.attention_mask, max_elements=served.bounds.max_elements("attention_mask")) \
