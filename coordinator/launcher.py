@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from protos.channel_options import cannot_listen
+
 READY_LINE = re.compile(r"stage-server ready on (\S+):(\d+)")
 # A stage listening on every address is dialled on loopback: an address it holds (and one its TLS
 # certificate names; coordinator certs adds the loopback names to every host's).
@@ -41,9 +43,7 @@ def check_ports_free(host: str, ports: list[int]) -> None:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is no hold
                 probe.bind((host, port))
         except OSError as err:
-            raise LaunchError(f"cannot listen on {host}:{port} ({err.strerror or err}): the port is in use by "
-                              "another process, or the address is not one of this machine's; pick another "
-                              "--port or --host") from None
+            raise LaunchError(cannot_listen(host, port, err.strerror or str(err))) from None
 
 
 @dataclass

@@ -74,6 +74,12 @@ def bind(server, host: str, port: int, credentials=None) -> int:
     except RuntimeError:  # grpcio's "Failed to bind to address"
         bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}: the port is in use by another process, or the "
-                      "address is not one of this machine's; pick another --port or --host")
+        raise OSError(cannot_listen(host, port))
     return bound
+
+
+def cannot_listen(host: str, port: int, reason: str = "") -> str:
+    """The one-line error for a port a server cannot take (`reason`: the OS's words, if known)."""
+    because = f" ({reason})" if reason else ""
+    return (f"cannot listen on {host}:{port}{because}: the port is in use by another process, or the address "
+            "is not one of this machine's; pick another --port or --host")
