@@ -137,7 +137,7 @@ class BatchingState(_message.Message):
     def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages", "versions")
+    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages", "versions", "state", "rows", "seen_seconds_ago", "down_reason")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,10 @@ class StageInfo(_message.Message):
     SMALL_STEP_THREADS_FIELD_NUMBER: _ClassVar[int]
     COLOCATED_STAGES_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    DOWN_REASON_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
@@ -167,4 +171,47 @@ class StageInfo(_message.Message):
     small_step_threads: int
     colocated_stages: int
     versions: _containers.ScalarMap[str, str]
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    state: str
+    rows: int
+    seen_seconds_ago: float
+    down_reason: str
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., rows: _Optional[int] = ..., seen_seconds_ago: _Optional[float] = ..., down_reason: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("address", "layer_start", "layer_end", "model_fingerprint", "weights_manifest_id", "protocol_version", "versions", "max_sessions", "draining")
+    class VersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    layer_start: int
+    layer_end: int
+    model_fingerprint: str
+    weights_manifest_id: str
+    protocol_version: int
+    versions: _containers.ScalarMap[str, str]
+    max_sessions: int
+    draining: bool
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., weights_manifest_id: _Optional[str] = ..., protocol_version: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., max_sessions: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("renew_after_ms", "forget_after_ms", "state")
+    RENEW_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    FORGET_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    renew_after_ms: int
+    forget_after_ms: int
+    state: str
+    def __init__(self, renew_after_ms: _Optional[int] = ..., forget_after_ms: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...

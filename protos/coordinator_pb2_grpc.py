@@ -221,3 +221,84 @@ class Coordinator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class RegistryStub:
+    """Stage servers started with --join announce themselves here (coordinator serve --join-port), and
+    renew the announcement every renew_after_ms; the coordinator forgets a joined stage that neither
+    renews nor answers its health probe for forget_after_ms.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/layerline.v1.Registry/Join',
+                request_serializer=protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
+                response_deserializer=protos_dot_coordinator__pb2.JoinResponse.FromString,
+                _registered_method=True)
+
+
+class RegistryServicer:
+    """Stage servers started with --join announce themselves here (coordinator serve --join-port), and
+    renew the announcement every renew_after_ms; the coordinator forgets a joined stage that neither
+    renews nor answers its health probe for forget_after_ms.
+    """
+
+    def Join(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=protos_dot_coordinator__pb2.JoinRequest.FromString,
+                    response_serializer=protos_dot_coordinator__pb2.JoinResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'layerline.v1.Registry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('layerline.v1.Registry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Registry:
+    """Stage servers started with --join announce themselves here (coordinator serve --join-port), and
+    renew the announcement every renew_after_ms; the coordinator forgets a joined stage that neither
+    renews nor answers its health probe for forget_after_ms.
+    """
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/layerline.v1.Registry/Join',
+            protos_dot_coordinator__pb2.JoinRequest.SerializeToString,
+            protos_dot_coordinator__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
