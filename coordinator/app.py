@@ -28,7 +28,7 @@ from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.stage_agreement import chain_refusal
-from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, NoRoute, ServerView, StagePool
+from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, NoRoute, ServerView, StagePool, parse_stages
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
@@ -109,7 +109,7 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float, tls: TlsFiles 
 
 def stage_addresses(stages: tuple[str, ...]) -> tuple[str, ...]:
     """Every server of `stages` (spans whose replicas are joined by "|"), once each, in order."""
-    return tuple(dict.fromkeys(a.strip() for span in stages for a in span.split("|") if a.strip()))
+    return tuple(dict.fromkeys(address for span in parse_stages(",".join(stages)) for address in span))
 
 
 def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:

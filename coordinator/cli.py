@@ -28,6 +28,7 @@ from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
+from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
@@ -175,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls_arguments.add_client_tls_arguments(generate)
     _add_generation_arguments(generate, required=True)
 
-    info = commands.add_parser("info", help="show the model and stages behind a coordinator")
+    info = commands.add_parser("info", help="show the model and stage servers behind a coordinator")
     info.add_argument("--address", required=True)
+    info.add_argument("--json", action="store_true", help="print GetModelInfo as JSON (every field) instead of a table")
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
@@ -324,7 +326,8 @@ def cmd_info(args) -> int:
     from google.protobuf import json_format
 
     with CoordinatorClient(args.address, api_key=args.api_key, tls=tls_arguments.client_tls(args)) as client:
-        print(json_format.MessageToJson(client.model_info()))
+        info = client.model_info()
+    print(json_format.MessageToJson(info, always_print_fields_with_no_presence=True) if args.json else render(info))
     return 0
 
 
