@@ -24,11 +24,12 @@ from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
+from coordinator.route_choice import NoRoute
 from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.stage_agreement import chain_refusal
-from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, NoRoute, ServerView, StagePool, parse_stages
+from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, ServerView, StagePool
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
@@ -105,6 +106,15 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float, tls: TlsFiles 
             time.sleep(0.5)
     finally:
         client.close()
+
+
+def parse_stages(text: str) -> list[list[str]]:
+    """`--stages`: spans in layer order separated by `,`, replicas of a span by `|`."""
+    spans = [[address.strip() for address in span.split("|") if address.strip()] for span in text.split(",")]
+    if not spans or any(not span for span in spans):
+        raise ValueError(f"--stages {text!r}: give HOST:PORT of each span in layer order, separated by ',', "
+                         "and replicas of a span separated by '|'")
+    return spans
 
 
 def stage_addresses(stages: tuple[str, ...]) -> tuple[str, ...]:

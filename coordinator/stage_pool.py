@@ -8,7 +8,8 @@ frozen process included, is down); marking a server down when a call to it fails
 before it is probed again; choosing a route (`choose`): one serving server per span, the spans
 tiling every layer exactly once, fewest hops first, then least load; telling servers the
 deployment's addresses (SetDeployment) whenever one comes (back) into service; and the
-listeners told of a server that went down or started draining.
+listeners told of a server that went down or started draining. The choice itself is
+route_choice's.
 
 Why probes rather than waiting for calls to fail: a frozen stage keeps its TCP connections, so
 no call to it fails until gRPC's keepalive gives up (40 s), and a request's own deadline may be
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.route_choice import Candidate, NoRoute, best_route
 from coordinator.stage_agreement import chain_refusal
 from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_pool import ChannelPool
@@ -40,19 +42,6 @@ WATCH_EVERY_S = 0.2  # how often the watcher looks at probe times and silences
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # a down server is probed again after these, doubling
 DEFAULT_STALL_TIMEOUT_S = 5.0
 FORGET_JOINED_AFTER_S = 30.0  # a joined server neither renewing nor answering this long is forgotten
-
-
-class NoRoute(Exception):
-    """No chain of serving servers covers every layer; the message names the spans without one."""
-
-
-def parse_stages(text: str) -> list[list[str]]:
-    """`--stages`: spans in layer order separated by `,`, replicas of a span by `|`."""
-    spans = [[address.strip() for address in span.split("|") if address.strip()] for span in text.split(",")]
-    if not spans or any(not span for span in spans):
-        raise ValueError(f"--stages {text!r}: give HOST:PORT of each span in layer order, separated by ',', "
-                         "and replicas of a span separated by '|'")
-    return spans
 
 
 @dataclass
@@ -152,49 +141,18 @@ class StagePool:
     # ---- routes --------------------------------------------------------------------------
 
     def choose(self, load: Callable[[str], int] = lambda address: 0) -> tuple[str, ...]:
-        """A route over serving servers: fewest hops, then least load (`load(address)`: the rows this
-        coordinator runs through it; then the sessions it reports). NoRoute names the layers no
-        serving server starts at."""
+        """A route over serving servers (route_choice.best_route): fewest hops, then least load
+        (`load(address)`: the rows this coordinator runs through it; then the sessions it reports)."""
         with self._lock:
-            serving = [s for s in self._servers.values() if s.state == SERVING and s.span is not None]
-            num_layers = self._num_layers_locked()
+            known = [s for s in self._servers.values() if s.span is not None]
+            candidates = [Candidate(s.address, *s.span, serving=s.state == SERVING,
+                                    load=(load(s.address) << 16) + s.info.active_sessions,
+                                    state=s.state + (f" ({s.down_reason})" if s.down_reason else ""))
+                          for s in known]
+            num_layers = known[0].info.num_layers if known else None
         if num_layers is None:
             raise NoRoute("no stage server is serving yet")
-        # best[layer] = (hops, load, route) of the best chain covering layers [0, layer)
-        best: dict[int, tuple[int, int, tuple[str, ...]]] = {0: (0, 0, ())}
-        for start in sorted({s.span[0] for s in serving}):
-            if start not in best:
-                continue
-            hops, weight, route = best[start]
-            for server in serving:
-                if server.span[0] != start or server.span[1] <= start:
-                    continue
-                cost = (load(server.address) << 16) + server.info.active_sessions
-                candidate = (hops + 1, weight + cost, route + (server.address,))
-                end = server.span[1]
-                if end not in best or candidate[:2] < best[end][:2]:
-                    best[end] = candidate
-        if num_layers in best:
-            return best[num_layers][2]
-        raise NoRoute(self._missing_spans(num_layers, best))
-
-    def _num_layers_locked(self) -> int | None:
-        known = [s.info.num_layers for s in self._servers.values() if s.span is not None]
-        return known[0] if known else None
-
-    def _missing_spans(self, num_layers: int, reached: dict) -> str:
-        """One line naming where every chain of serving servers stops, and the servers that could go on."""
-        with self._lock:
-            servers = list(self._servers.values())
-        furthest = max(reached)
-        holders = [s for s in servers if s.span is not None and s.span[0] == furthest]
-        if holders:
-            others = "; ".join(f"{s.describe()}: {s.state}" + (f" ({s.down_reason})" if s.down_reason else "")
-                               for s in holders)
-        else:
-            others = "no known server starts there"
-        return (f"no live stage server for layers {furthest}:{num_layers} of the model ({others}); "
-                "start or restart one, or wait for it to come back")
+        return best_route(candidates, num_layers)
 
     # ---- failures --------------------------------------------------------------------------
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.stage_pool import DOWN, DRAINING, SERVING, NoRoute, StagePool, parse_stages
+from coordinator.app import parse_stages
+from coordinator.route_choice import NoRoute
+from coordinator.stage_pool import DOWN, DRAINING, SERVING, StagePool
 from protos import stage_pb2
 
 
