@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import grpc
 
 from coordinator.pipeline_client import PipelineClient
 from coordinator.stage_errors import StageCallError
-from coordinator.stage_pool import DOWN, StagePool
+from coordinator.stage_pool import DOWN, SERVING, StagePool
 from protos import stage_pb2, stage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCEL
 # The session is gone from a server that still serves (it restarted, or expired the session): replay.
 SESSION_LOST = grpc.StatusCode.NOT_FOUND
 FREE_TIMEOUT_S, FREE_DOWN_TIMEOUT_S = 5.0, 30.0  # EndSession on a live server; on one marked down (may resume)
+LOST_KEPT = 4096  # sessions of routes lost through a down server, freed again when it serves again
 
 
 class Routes:
@@ -45,7 +47,11 @@ class Routes:
         self._client_options = dict(wire_codec=wire_codec, model_fingerprint=model_fingerprint,
                                     direct_results=direct_results, local_hops=local_hops, channels=pool.channels)
         self._clients: dict[tuple[str, ...], PipelineClient] = {}
+        # A frozen server that resumes computes what it had queued, which may open the session anew on the
+        # servers after it: such sessions are freed once more when it serves again.
+        self._lost: deque[tuple[tuple[str, ...], str]] = deque(maxlen=LOST_KEPT)
         self._lock = threading.Lock()
+        pool.subscribe(self._server_changed)
 
     def new_route(self, load: Callable[[str], int]) -> PipelineClient:
         """The route for a new session: serving servers, fewest hops, least loaded (stage_pool.NoRoute if none)."""
@@ -79,12 +85,29 @@ class Routes:
         """End `session_id` on every server of a lost route, each on its own (not along the broken route),
         without waiting: a live server frees it at once; one marked down, if it comes back within
         FREE_DOWN_TIMEOUT_S."""
-        for address in route.addresses:
+        if any(self.pool.state(address) == DOWN for address in route.addresses):
+            with self._lock:
+                self._lost.append((tuple(route.addresses), session_id))
+        self._free(route.addresses, session_id)
+
+    def _free(self, addresses, session_id: str) -> None:
+        for address in addresses:
             timeout_s = FREE_DOWN_TIMEOUT_S if self.pool.state(address) == DOWN else FREE_TIMEOUT_S
             stub = stage_pb2_grpc.StageStub(self.pool.channels.get(address))
             call = stub.EndSession.future(stage_pb2.EndSessionRequest(session_id=session_id), timeout=timeout_s)
             call.add_done_callback(lambda done, address=address: done.exception() and log.debug(
                 "could not free session %s on %s: %s", session_id, address, done.exception()))
+
+    def _server_changed(self, address: str, state: str) -> None:
+        """A server serves again: free once more the sessions of the routes lost through it."""
+        if state != SERVING:
+            return
+        with self._lock:
+            again = [(route, session) for route, session in self._lost if address in route]
+            for entry in again:
+                self._lost.remove(entry)
+        for route, session_id in again:
+            self._free(route, session_id)
 
     def subscribe(self, listener: Callable[[str, str], None]) -> None:
         self.pool.subscribe(listener)

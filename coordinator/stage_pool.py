@@ -82,7 +82,7 @@ class ServerView:
     down_reason: str
 
 
-Listener = Callable[[str, str], None]  # (address, new state) of a server that went down or started draining
+Listener = Callable[[str, str], None]  # (address, new state): down, draining, or serving again
 
 
 class StagePool:
@@ -107,10 +107,6 @@ class StagePool:
 
     # ---- what the pool holds -------------------------------------------------------------
 
-    def addresses(self) -> list[str]:
-        with self._lock:
-            return list(self._servers)
-
     def views(self) -> list[ServerView]:
         """Every server, in layer order (servers whose span is unknown last)."""
         now = time.monotonic()
@@ -134,7 +130,8 @@ class StagePool:
             return all((s := self._servers.get(a)) is not None and s.state == SERVING for a in route)
 
     def subscribe(self, listener: Listener) -> None:
-        """`listener(address, state)` runs (on the pool's threads) when a server goes down or drains."""
+        """`listener(address, state)` runs (on the pool's threads) when a server goes down, drains or serves
+        again."""
         with self._lock:
             self._listeners.append(listener)
 
@@ -348,6 +345,7 @@ class StagePool:
 
     def _bring_in(self, address: str) -> None:
         """Tell every live server the deployment (this one included), then let routes use this one."""
+        serving = False
         try:
             self.tell_deployment()
         finally:
@@ -358,8 +356,11 @@ class StagePool:
                     if server.state == JOINING and server.down_reason == "being told the deployment":
                         server.state, server.down_reason = SERVING, ""
                         server.backoff_s = FIRST_BACKOFF_S
+                        serving = True
                         log.info("stage %s is serving", server.describe())
                 self._changed.notify_all()
+        if serving:
+            self._tell(address, SERVING)
 
     def _refusal_locked(self, address: str, info: stage_pb2.InfoResponse) -> str | None:
         """Why a server must not serve beside the pool's first one (model, weights, protocol, versions)."""
