@@ -123,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     set_openmp_spin()  # before torch is imported (stage_server/compute_thread.py)
     keep_freed_memory(args.heap_keep_mb)  # before anything allocates much (stage_server/heap_reuse.py)
     from protos.model_files.catalog import ModelNotFoundError
-    from protos.model_files.resolve import resolve_model
+    from protos.model_files.fetch import ensure_model
     from stage_server.architectures import UnsupportedArchitectureError
     from stage_server.server import StageServer, StageServerConfig, run_until_signalled
     from stage_server.slice_loader import SliceLoadError, parse_layer_range
 
     try:
         start, end = parse_layer_range(args.layers)
-        model_dir = resolve_model(args.model)
+        model_dir = ensure_model(args.model, progress=not args.quiet)  # a known name not cached yet is fetched
         config = StageServerConfig(
             model_dir=str(model_dir), layer_start=start, layer_end=end, host=args.host, port=args.port,
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
