@@ -57,7 +57,8 @@ class ServedSlice:
 
 class StepRunner:
     """Runs micro-batches for one stage. Until `serve` gives it the loaded slice, every step is
-    refused UNAVAILABLE (the weights are loading); once `draining` is set, so is every new one."""
+    refused UNAVAILABLE (the weights are loading); once `draining` is set, so is every step that
+    starts a session, while the sessions it holds go on stepping until they end."""
 
     def __init__(self, name: str, *, chain: GreedyChain, collectors: Collectors, trace: StepTrace | None,
                  draining: threading.Event, deployment: Deployment) -> None:
@@ -180,8 +181,9 @@ class StepRunner:
         served = self.served
         if served is None:
             raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
-        if self._draining.is_set():
-            raise StageUnavailable(f"stage {self.name} is shutting down")
+        if request.start_session and self._draining.is_set():
+            raise StageUnavailable(f"stage {self.name} is draining: it starts no new session; route it to a "
+                                   "replica of this stage")
         model, sessions = served.model, served.sessions
         loaded = model.loaded
         if request.model_fingerprint and request.model_fingerprint != loaded.fingerprint:
