@@ -209,7 +209,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         _refuse_bad(context, self.deployment.check_addresses, request.route, "route")
         caller = self.deployment.caller(peer_of(context))
         served = self.steps.served
-        freed = 1 if served is not None and _refuse_bad(context, served.sessions.end, request.session_id, caller) else 0
+        freed = 1 if served is not None and _refuse_bad(context, served.sessions.abandon, request.session_id, caller) \
+            else 0
         if request.route and (freed or caller.trusted):
             stub = stage_pb2_grpc.StageStub(self._channels.get(request.route[0]))
             try:

@@ -29,7 +29,7 @@ from stage_server.answers import error_response, greedy_ids, logits_response
 from stage_server.cache_edits import PlannedEdit
 from stage_server.collectors import Collector, Collectors
 from stage_server.deployment import Caller, Deployment
-from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
+from stage_server.errors import InvalidRequest, SessionNotFound, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
 from stage_server.next_hop import unreachable
 from stage_server.sessions import Session, SessionStore, check_session_id
@@ -97,7 +97,7 @@ class StepRunner:
         the next stage may have it before the write returns)."""
         started, computed, handed, outcome = now_ns(), 0, 0, "failed"
         try:
-            output, positions, mask = self._compute(request, caller)
+            output, positions, mask = self._compute(request, caller, received_ns)
             computed = now_ns()
             if request.route:
                 activations = codec.encode(output, request.wire_codec)
@@ -174,13 +174,17 @@ class StepRunner:
         answer.hop_bytes.extend(request.hop_bytes)
         collector.put(answer)
 
-    def _compute(self, request: stage_pb2.ForwardRequest, caller: Caller
+    def _compute(self, request: stage_pb2.ForwardRequest, caller: Caller, received_ns: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the request's step; returns (output, its position ids, its attention mask or None)."""
+        """Run the request's step, which arrived at monotonic `received_ns`; returns (output, its position
+        ids, its attention mask or None)."""
         check_session_id(request.session_id)
         served = self.served
         if served is None:
             raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
+        if served.sessions.abandoned(request.session_id, received_ns, caller):  # checked as it would compute
+            raise SessionNotFound(f"session {request.session_id!r} was ended (EndSession) while this step waited "
+                                  "here; it is not computed")
         if request.start_session and self._draining.is_set():
             raise StageUnavailable(f"stage {self.name} is draining: it starts no new session; route it to a "
                                    "replica of this stage")
