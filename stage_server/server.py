@@ -228,7 +228,7 @@ class StageServer:
         if self.service is not None:
             self.service.draining = True
             if self.registration is not None:
-                self.registration.announce_now()
+                self.registration.announce()
             timeout = self.config.drain_timeout_s
             log.info("draining: %d session(s) held; waiting up to %.0fs for them to end", self.service.sessions_held(),
                      timeout)
