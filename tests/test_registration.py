@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import pytest
-from waiting import eventually
+from waiting import eventually, wait_for_line
 
 from coordinator.certs import make_certificates
 from protos import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
@@ -175,3 +179,24 @@ def test_join_flags_are_checked_before_anything_loads(flags, problem):
         check_join_arguments(parser.parse_args(flags))
     assert "\n" not in str(raised.value)
     check_join_arguments(parser.parse_args(["--join", "c:5", "--host", "0.0.0.0", "--advertise", "10.0.0.2:5"]))
+
+
+def test_a_stage_process_started_with_join_announces_itself_and_its_drain(tiny_model):
+    """The flags reach the stage: `--join` with `--advertise`, then SIGTERM announces the drain."""
+    fake = FakeRegistry(renew_after_ms=60_000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stage_server.cli", "--model", str(tiny_model("llama")), "--layers", "0:4",
+         "--port", "0", "--quiet", "--threads", "1", "--join", fake.address, "--advertise", "127.0.0.1:50999"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        wait_for_line(process, "stage-server ready", 240)
+        assert eventually(lambda: len(fake.requests()) >= 1, True, 10.0)
+        assert fake.requests()[0].address == "127.0.0.1:50999" and not fake.requests()[0].draining
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        assert [r.draining for r in fake.requests()] == [False, True]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        fake.stop()
