@@ -131,6 +131,8 @@ def test_a_chunked_prefill_stops_within_a_chunk_of_its_end(tiny_model, stages):
             busy_until = max(end for _, end in first.calls + second.calls)
         assert len(later) <= 2, f"{len(later)} forwards started after EndSession"
         assert busy_until - ended < 4 * chunk_s + 0.3, f"busy {busy_until - ended:.3f} s after EndSession"
-        assert all(code_of(a) == grpc.StatusCode.NOT_FOUND for a in rest[1:])
+        codes = [code_of(a) for a in rest]  # answers of the two stages interleave: count, not order
+        assert codes.count(grpc.StatusCode.OK) <= 2, codes
+        assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}, codes
         print(f"\nidle {busy_until - ended:.3f} s after EndSession (one chunk: >= {chunk_s} s); "
               f"{len(later)} forward(s) began after it")
