@@ -136,3 +136,24 @@ def test_a_chunked_prefill_stops_within_a_chunk_of_its_end(tiny_model, stages):
         assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND}, codes
         print(f"\nidle {busy_until - ended:.3f} s after EndSession (one chunk: >= {chunk_s} s); "
               f"{len(later)} forward(s) began after it")
+
+
+def test_the_store_remembers_ended_sessions_boundedly_and_only_for_callers_that_may_use_them(monkeypatch):
+    from stage_server import sessions as sessions_module
+    from stage_server.deployment import Caller
+    from stage_server.sessions import SessionStore
+
+    monkeypatch.setattr(sessions_module, "MAX_ABANDONED", 3)
+    store = SessionStore(make_cache=object, bytes_per_token=1)
+    owner, stranger = Caller("owner", trusted=False), Caller("stranger", trusted=False)
+    arrived = time.monotonic_ns()
+    store.start("mine", 1, owner)
+    assert store.abandon("mine", owner) and "mine" not in store
+    assert store.abandoned("mine", arrived, owner), "a step that arrived before the end is not computed"
+    assert not store.abandoned("mine", time.monotonic_ns(), owner), "one that arrives after is (a new start)"
+    store.abandon("theirs", stranger)  # not here: remembered, but only for what the stranger may use
+    assert not store.abandoned("theirs", arrived, owner)
+    for name in ("a", "b", "c"):
+        store.abandon(name, owner)
+    assert not store.abandoned("mine", arrived, owner), "the oldest is forgotten beyond MAX_ABANDONED"
+    assert store.abandoned("c", arrived, owner)
