@@ -245,8 +245,8 @@ class CoordinatorServer:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         stop_server(self.grpc_server, grace_s)
-        self.pool.close()
         self.routes.close()
+        self.pool.close()
 
 
 def _max_context(model_dir: str) -> int:
