@@ -23,7 +23,7 @@ import time
 import grpc
 
 from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
-from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.batch_limits import BatchLimits
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
@@ -31,13 +31,11 @@ from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
-from coordinator.scheduler import BatchLimits
-from coordinator.split_costs import head_cost_in_layers
-from coordinator.stage_agreement import add_mixed_versions_argument
-from protos import codec, coordinator_pb2, tls_arguments
+from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
+from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
+from protos.codec_names import CODEC_NAMES
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
-from protos.model_files.fetch import ensure_model, fetch_model
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
 
@@ -72,7 +70,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_failover_arguments(parser)
-    parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
+    parser.add_argument("--compression", default="none", choices=list(CODEC_NAMES),
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="groups of sequences in flight at once so stages overlap (default 0 = one per "
@@ -239,12 +237,17 @@ def _wait_for_signal() -> None:
 
 
 def cmd_fetch(args) -> int:
+    from protos.model_files.fetch import fetch_model
+
     path = fetch_model(args.name, force=args.force)
     print(path)
     return 0
 
 
-def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls) -> CoordinatorConfig:
+def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls):
+    """The CoordinatorConfig the arguments ask for (app, and with it torch, is imported only here)."""
+    from coordinator.app import CoordinatorConfig
+
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
@@ -258,6 +261,9 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     keys = api_keys_from_args(args)
@@ -276,8 +282,13 @@ def cmd_launch_local(args) -> int:
     keys = api_keys_from_args(args)
     one_shot = args.prompt is not None or args.chat is not None
     tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
-    model_dir = ensure_model(args.model)
     from transformers import AutoConfig
+
+    from coordinator.app import CoordinatorServer
+    from coordinator.split_costs import head_cost_in_layers
+    from protos.model_files.fetch import ensure_model
+
+    model_dir = ensure_model(args.model)
 
     config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
@@ -311,6 +322,9 @@ def cmd_generate(args) -> int:
         return run_generation(args.address, args, tls=tls)
     if not args.model:
         raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0, stage_tls=tls))
