@@ -14,7 +14,6 @@ import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before
 # isort: split
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -35,6 +34,8 @@ from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_a
 from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.codec_names import CODEC_NAMES
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
@@ -113,7 +114,7 @@ def _add_request_limit(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
-    parser.add_argument("--log-level", default="WARNING")
+    add_log_arguments(parser, "WARNING")
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    for subcommand in commands.choices.values():
+        add_log_arguments(subcommand, "WARNING", after=True)
     return parser
 
 
@@ -350,7 +353,7 @@ COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_la
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, CertificateError, OSError,
