@@ -10,6 +10,7 @@ split (planner) or the --chain policy (chain_policy).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
@@ -365,8 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"coordinator: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException:
+        if not quiet_interrupt.interrupted():
+            raise
+        # Ctrl-C before serving (while loading torch or waiting for stages): one line, no traceback
+        print("coordinator: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown (stage processes are already stopped by then)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ do next. Does not own: the stage itself (server.py starts, serves and stops it).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
@@ -15,6 +16,7 @@ import sys
 
 from protos.log_setup import add_log_arguments
 from protos.log_setup import configure as configure_logging
+from protos.shutdown import exit_now
 from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
@@ -124,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BaseException:  # Ctrl-C while starting (later, the server's own handler drains and stops)
+        if not quiet_interrupt.interrupted():
+            raise
+        print("stage-server: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown: threads and libraries half started say nothing
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:  # before anything loads: a stage that may not listen says so at once
         tls = hop_tls(args)

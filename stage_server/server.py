@@ -113,6 +113,7 @@ class StageServer:
         self.registration: Registration | None = None  # with --join, once serving
         self._stopped = threading.Event()
         self._finished = threading.Event()  # stop() is done
+        self.ready = threading.Event()  # loaded and serving
 
     def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -165,6 +166,7 @@ class StageServer:
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
         if cfg.join:
             address = cfg.advertise or f"{cfg.host}:{port}"
             self.registration = Registration(cfg.join, lambda: announcement(self.service, address), cfg.tls)
@@ -267,6 +269,9 @@ def run_until_signalled(server: StageServer) -> None:
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        if not server.ready.is_set():  # still loading: nothing to drain
+            print(f"stage-server: {signal.Signals(signum).name} while starting; exiting", file=sys.stderr, flush=True)
+            exit_now(130)
         if stopping.is_set():
             log.info("received %s again: exiting now", signal.Signals(signum).name)
             exit_now(1)

@@ -23,7 +23,8 @@ def test_top_renders_every_stage_under_tmux(tiny_api):
     with CoordinatorClient(address, timeout_s=30) as client:
         client.generate(prompt="hello", max_new_tokens=4)
     session = f"layerline-top-{uuid.uuid4().hex[:8]}"
-    command = f"COLUMNS=160 LINES=30 {sys.executable} -m coordinator top --address {address} --interval 0.5 --count 6; sleep 30"
+    command = (f"COLUMNS=160 LINES=30 {sys.executable} -m coordinator top --address {address} --interval 0.5 "
+               "--count 6; sleep 30")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "30", "-c", str(ROOT), command],
                    check=True, timeout=30)
     try:
