@@ -16,6 +16,8 @@ import grpc
 
 from coordinator.client import CoordinatorClient
 
+RETRY_PAUSE_S = 0.2  # a looping client's pause after a failed request, so a refusing server is not flooded
+
 
 @dataclass
 class StreamResult:
@@ -131,8 +133,10 @@ class LoopingClients:
 
     def _run(self, index: int, prompt: list[int]) -> None:
         while not self._stopping.is_set() and len(self.results[index]) < self.max_requests:
-            self.results[index].append(stream_one(self.address, prompt, self.max_new_tokens,
-                                                  timeout_s=self.timeout_s, **self.request))
+            result = stream_one(self.address, prompt, self.max_new_tokens, timeout_s=self.timeout_s, **self.request)
+            self.results[index].append(result)
+            if not result.ok:
+                self._stopping.wait(RETRY_PAUSE_S)
 
     def completed(self) -> int:
         return sum(len(r) for r in self.results)

@@ -92,7 +92,7 @@ def _kill_mid_run(cluster: Cluster, prompts, reference, kill: int) -> None:
     cluster.make_whole()
     victim = cluster.all_stages[victim_index]
     streams = Streams(cluster.address, prompts, NEW_TOKENS).start()
-    assert streams.wait_tokens(int(fraction * CLIENTS * NEW_TOKENS)), "the run ended before the kill point"
+    assert streams.wait_tokens(int(fraction * CLIENTS * NEW_TOKENS)), failures(streams.join())
     victim.kill()
     results = streams.join()
     assert failures(results) == []
@@ -120,7 +120,7 @@ def test_a_frozen_replica_is_routed_around_and_returns_after_resuming(tiny_clust
     cluster.make_whole()
     victim = cluster.stages[1][0]
     streams = Streams(cluster.address, prompts, NEW_TOKENS).start()
-    assert streams.wait_tokens(CLIENTS * NEW_TOKENS // 4), "the run ended before the freeze"
+    assert streams.wait_tokens(CLIENTS * NEW_TOKENS // 4), failures(streams.join())
     victim.freeze()
     try:
         noticed_s = cluster.wait_state(victim, "down", FROZEN_NOTICED_S + 4.0)
@@ -144,7 +144,7 @@ def test_a_span_without_servers_fails_fast_and_serves_again_when_one_returns(tin
     coordinator_pid = cluster.coordinator.pid
     span = cluster.spans[1]
     streams = Streams(cluster.address, prompts, NEW_TOKENS).start()
-    assert streams.wait_tokens(CLIENTS * NEW_TOKENS // 4), "the run ended before the kill"
+    assert streams.wait_tokens(CLIENTS * NEW_TOKENS // 4), failures(streams.join())
     killed_at = time.monotonic()
     for stage in cluster.stages[1]:
         stage.kill()
