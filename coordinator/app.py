@@ -1,8 +1,9 @@
 """Assembling a coordinator process: connect to the stages, check them, serve the public API.
 
-Owns: the coordinator's one frozen config, checking that the given stages form one
-complete route (contiguous layers), and the gRPC server with health and reflection. Does not
-own: request handling (service), generation (engine), what --chain auto resolves to
+Owns: the coordinator's one frozen config, waiting for the given stage servers (every replica of
+every span) and checking that they form at least one complete route, and the gRPC server with
+health and reflection. Does not own: request handling (service), generation (engine), the
+servers' states and routes once serving (stage_pool, routes), what --chain auto resolves to
 (chain_policy), or whether the stages agree on model, weights, protocol and versions
 (stage_agreement).
 """
@@ -20,11 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
+from coordinator.failover import MAX_REPLAYS
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
+from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.stage_agreement import chain_refusal
+from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, NoRoute, ServerView, StagePool, parse_stages
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
@@ -45,7 +49,7 @@ class PipelineSetupError(RuntimeError):
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
-    stages: tuple[str, ...]  # host:port of each stage, in layer order
+    stages: tuple[str, ...]  # each span's stage servers in layer order: "host:port", replicas joined by "|"
     model_dir: str  # where the tokenizer is read from
     model_name: str = ""
     host: str = "127.0.0.1"
@@ -59,6 +63,8 @@ class CoordinatorConfig:
     max_new_tokens_limit: int = 4096
     max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20  # larger public requests: RESOURCE_EXHAUSTED (gRPC)
     stage_wait_s: float = 120.0
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # a server silent this long is down (stage_pool)
+    max_replays: int = MAX_REPLAYS  # routes a request may restart on after losing a server (failover)
     allow_mixed_versions: bool = False  # serve stages of different torch/transformers versions (stage_agreement)
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
@@ -101,6 +107,11 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float, tls: TlsFiles 
         client.close()
 
 
+def stage_addresses(stages: tuple[str, ...]) -> tuple[str, ...]:
+    """Every server of `stages` (spans whose replicas are joined by "|"), once each, in order."""
+    return tuple(dict.fromkeys(address for span in parse_stages(",".join(stages)) for address in span))
+
+
 def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse]) -> None:
     """The stages must cover layers 0..N exactly once, in order (of one model: stage_agreement)."""
     expected = 0
@@ -113,12 +124,22 @@ def check_route(addresses: tuple[str, ...], infos: list[stage_pb2.InfoResponse])
         raise PipelineSetupError(f"the stages stop at layer {expected} of {infos[-1].num_layers}: a stage is missing")
 
 
-def stage_infos_to_api(addresses, infos) -> list[coordinator_pb2.StageInfo]:
-    return [coordinator_pb2.StageInfo(address=a, layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype,
-                                      device=i.device, active_sessions=i.active_sessions, attention=i.attention,
-                                      compute_threads=i.compute_threads, small_step_threads=i.small_step_threads,
-                                      colocated_stages=i.colocated_stages, versions=dict(i.versions))
-            for a, i in zip(addresses, infos)]
+def stage_infos_to_api(views: list[ServerView], rows: dict[str, int]) -> list[coordinator_pb2.StageInfo]:
+    """Every server the pool knows, as GetModelInfo shows it: its last Info, state and load."""
+    stages = []
+    for view in views:
+        stage = coordinator_pb2.StageInfo(address=view.address, state=view.state, rows=rows.get(view.address, 0),
+                                          seen_seconds_ago=round(view.seen_seconds_ago, 3),
+                                          down_reason=view.down_reason)
+        i = view.info
+        if i is not None:
+            stage.MergeFrom(coordinator_pb2.StageInfo(
+                layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype, device=i.device,
+                active_sessions=i.active_sessions, attention=i.attention, compute_threads=i.compute_threads,
+                small_step_threads=i.small_step_threads, colocated_stages=i.colocated_stages,
+                versions=dict(i.versions)))
+        stages.append(stage)
+    return stages
 
 
 def server_threads(limits: BatchLimits) -> int:
@@ -145,24 +166,32 @@ class CoordinatorServer:
         self.config = config
         self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
-        infos = wait_for_stages(config.stages, config.stage_wait_s, config.stage_tls)
-        refusal = chain_refusal(config.stages, infos, allow_mixed_versions=config.allow_mixed_versions)
+        addresses = stage_addresses(config.stages)
+        infos = wait_for_stages(addresses, config.stage_wait_s, config.stage_tls)
+        refusal = chain_refusal(addresses, infos, allow_mixed_versions=config.allow_mixed_versions)
         if refusal:
             raise PipelineSetupError(refusal)
-        check_route(config.stages, infos)
+        if len(addresses) == len(config.stages):  # one server a span: the order given must be the layers'
+            check_route(addresses, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
-        self.pipeline = PipelineClient(list(config.stages), wire_codec=wire,
-                                       model_fingerprint=infos[0].model_fingerprint, local_hops=config.local_hops,
-                                       tls=config.stage_tls)
+        self.pool = StagePool(addresses, tls=config.stage_tls, stall_timeout_s=config.stall_timeout_s,
+                              allow_mixed_versions=config.allow_mixed_versions)
+        self.pool.seed(zip(addresses, infos))
         try:
-            refused = self.pipeline.set_deployment()
+            self.pool.choose()
+            refused = self.pool.tell_deployment(raise_errors=True)
+        except NoRoute as err:
+            self.pool.close()
+            raise PipelineSetupError(str(err)) from None
         except grpc.RpcError as err:
-            self.pipeline.close()
+            self.pool.close()
             raise PipelineSetupError(f"could not tell the stages their deployment (SetDeployment): "
                                      f"{err.code().name}: {err.details()}") from None
         for address in refused:
             log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
                         "stages its --peers name", address)
+        self.routes = Routes(self.pool, wire_codec=wire, model_fingerprint=infos[0].model_fingerprint,
+                             local_hops=config.local_hops)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
                         vocab_size=infos[-1].vocab_size)
@@ -171,17 +200,18 @@ class CoordinatorServer:
             model_fingerprint=infos[0].model_fingerprint, weights_manifest_id=infos[0].weights_manifest_id,
             num_layers=infos[0].num_layers,
             vocab_size=infos[-1].vocab_size, max_context=max_context, max_new_tokens_limit=limits.max_new_tokens,
-            compression=config.compression, stages=stage_infos_to_api(config.stages, infos),
+            compression=config.compression, stages=stage_infos_to_api(self.pool.views(), {}),
             has_chat_template=self.tokenization.has_chat_template)
         groups = config.micro_batches or groups_in_flight([(i.compute_threads, i.colocated_stages) for i in infos])
-        chain = chain_greedy_steps(config.chain, config.stages)
+        chain = chain_greedy_steps(config.chain, addresses)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
-        self.engine = Engine(self.pipeline, pad_token_id=self.tokenization.pad_token_id,
+        self.engine = Engine(self.routes, pad_token_id=self.tokenization.pad_token_id,
                              micro_batches=groups, limits=config.batch_limits, chain=chain,
-                             prefill_alone=per_sequence_stages(infos))
+                             prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
+        self.pool.start()
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
-            refresh_stage_info=lambda: stage_infos_to_api(config.stages, self.pipeline.stage_infos(timeout_s=2)),
+            refresh_stage_info=lambda: stage_infos_to_api(self.pool.views(), self.engine.route_loads()),
             batching_state=lambda: batching_state(self.engine, config.batch_limits, groups))
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.batch_limits)),
                                        options=api_server_options(config.max_request_bytes),
@@ -205,7 +235,8 @@ class CoordinatorServer:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         stop_server(self.grpc_server, grace_s)
-        self.pipeline.close()
+        self.pool.close()
+        self.routes.close()
 
 
 def _max_context(model_dir: str) -> int:

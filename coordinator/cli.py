@@ -27,6 +27,8 @@ from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupE
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
+from coordinator.failover import add_failover_arguments
+from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
@@ -70,6 +72,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    add_failover_arguments(parser)
     parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
@@ -122,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
 
     serve = commands.add_parser("serve", help="serve the public API over running stage servers")
-    serve.add_argument("--stages", required=True, help="HOST:PORT of each stage, in layer order, comma separated")
+    serve.add_argument("--stages", required=True,
+                       help="HOST:PORT of each stage, in layer order, comma separated; replicas of a span "
+                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051")
     serve.add_argument("--model", required=True, help="model directory or known name (for the tokenizer)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
@@ -171,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls_arguments.add_client_tls_arguments(generate)
     _add_generation_arguments(generate, required=True)
 
-    info = commands.add_parser("info", help="show the model and stages behind a coordinator")
+    info = commands.add_parser("info", help="show the model and stage servers behind a coordinator")
     info.add_argument("--address", required=True)
+    info.add_argument("--json", action="store_true", help="print GetModelInfo as JSON (every field) instead of a table")
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
@@ -247,7 +253,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                                  max_queue=args.max_queue, prefill_chunk_tokens=args.prefill_chunk),
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
-                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False), **tls)
+                             allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
+                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays, **tls)
 
 
 def cmd_serve(args) -> int:
@@ -258,7 +265,7 @@ def cmd_serve(args) -> int:
     server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
     reload_on_sighup(keys)
     port = server.start()
-    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} stages "
+    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} spans "
           f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
@@ -319,7 +326,8 @@ def cmd_info(args) -> int:
     from google.protobuf import json_format
 
     with CoordinatorClient(args.address, api_key=args.api_key, tls=tls_arguments.client_tls(args)) as client:
-        print(json_format.MessageToJson(client.model_info()))
+        info = client.model_info()
+    print(json_format.MessageToJson(info, always_print_fields_with_no_presence=True) if args.json else render(info))
     return 0
 
 

@@ -7,15 +7,18 @@ session (in chunks when long), merges prefilled rows into their group at its nex
 drops finished or cancelled rows at the step after, and keeps `micro_batches` groups in flight
 so that while one group is in stage k another is in stage k+1. A chained step's answer arrives
 with the next step already sent by the last stage (stage_server/greedy_chain.py): the engine
-mirrors it, and sends StopChain when the group's next step must be its own again.
+mirrors it, and sends StopChain when the group's next step must be its own again. Each group's
+session lives on one route (group_routes); when a route loses a server, its sequences restart
+elsewhere by exact replay (failover), and their callers see a stall.
 
 The loop runs on one thread that starts when work arrives and ends when none is left; answers
-from the stages arrive as events on a queue. A decode step's answer is handled on the thread
-that read it instead, when no scheduling is under way (see `_step_answered`). Either way all
-sampling and bookkeeping happen under one lock, one answer at a time.
+and servers going down arrive as events on a queue. A decode step's answer is handled on the
+thread that read it instead, when no scheduling is under way (see `_step_answered`). Either way
+all sampling and bookkeeping happen under one lock, one answer at a time.
 
 Does not own: the decisions (scheduler), a request's tokens and outcome (sequence), a group's
-cache mirror (running_batch), the wire (pipeline_client), text or gRPC servers.
+cache mirror (running_batch), routes (routes, group_routes), moving sequences off a lost route
+(failover), the wire (pipeline_client), text or gRPC servers.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from coordinator import scheduler
-from coordinator.pipeline_client import PipelineClient, logits_of
+from coordinator.failover import MAX_REPLAYS, Failover
+from coordinator.group_routes import GroupRoutes
+from coordinator.pipeline_client import logits_of
+from coordinator.routes import SingleRoute, end_session
 from coordinator.running_batch import Group, Prefill
 from coordinator.scheduler import BatchingStats, BatchLimits, BatchState
-from coordinator.sequence import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, LiveSequence, SequenceRequest, SequenceResult
+from coordinator.sequence import FINISH_LENGTH, LiveSequence, SequenceRequest, SequenceResult, cancel_all, resolve_all
 
-__all__ = ["BatchLimits", "BatchingStats", "CapacityError", "Engine", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP",
-           "GenerationCancelled", "SequenceRequest", "SequenceResult"]
+__all__ = ["BatchLimits", "BatchingStats", "CapacityError", "Engine", "GenerationCancelled", "SequenceRequest",
+           "SequenceResult"]
 
 log = logging.getLogger(__name__)
 
@@ -49,44 +55,43 @@ class CapacityError(Exception):
     """A request cannot be queued: the queue is full or the request alone exceeds a bound."""
 
 
-def _always() -> bool:
-    return True
-
+_always: Callable[[], bool] = lambda: True  # noqa: E731  (the default keep_going)
 
 class Engine:
-    """Generates for any number of callers through one PipelineClient.
+    """Generates for any number of callers through `routes` (routes.Routes, or one PipelineClient:
+    every session on it, no failover). `micro_batches`: groups in flight at once (one per machine
+    keeps every machine busy: planner.groups_in_flight). `chain`: greedy groups let the last stage
+    send their next steps, where the route can. `prefill_alone`: one prompt per prefill
+    (running_batch.prefill_batches); None asks the stages (per-sequence attention promises answers
+    independent of the batch). `max_replays`: routes a sequence may restart on (failover)."""
 
-    `micro_batches` is how many groups of sequences are in flight at once (one per machine keeps
-    every machine busy during decode: planner.groups_in_flight). `chain`: greedy groups let the
-    last stage send their next steps (greedy chaining), where the pipeline can. `prefill_alone`: one prompt per prefill
-    (running_batch.prefill_batches); None asks the stages (per-sequence attention mode promises
-    answers independent of the batch).
-    """
-
-    def __init__(self, pipeline: PipelineClient, *, pad_token_id: int = 0, micro_batches: int = 1,
-                 limits: BatchLimits | None = None, chain: bool = True, prefill_alone: bool | None = None) -> None:
-        self.pipeline = pipeline
+    def __init__(self, routes, *, pad_token_id: int = 0, micro_batches: int = 1,
+                 limits: BatchLimits | None = None, chain: bool = True, prefill_alone: bool | None = None,
+                 max_replays: int = MAX_REPLAYS) -> None:
+        self.routes = routes if hasattr(routes, "new_route") else SingleRoute(routes)
         if prefill_alone is None:
-            stage_infos = getattr(pipeline, "stage_infos", None)
-            prefill_alone = stage_infos is not None and scheduler.per_sequence_stages(stage_infos())
+            prefill_alone = scheduler.per_sequence_stages(self.routes.stage_infos())
         self.prefill_alone = prefill_alone
-        self.chain = chain and getattr(pipeline, "can_chain", False)
+        self.chain = chain
         self.pad_token_id = pad_token_id
         self.limits = limits or BatchLimits()
         self._state = BatchState([Group() for _ in range(max(1, micro_batches))])
+        self.group_routes = GroupRoutes(self._state, self.routes, max(1, micro_batches))
+        self.failover = Failover(self._state, self.routes, max_replays=max_replays)
         self._events: queue.Queue = queue.Queue()
         self._lock = threading.RLock()  # re-entrant: an on_token callback may submit more work
         self._scheduling = False  # a thread holding the lock is in the loop's work or a handler
         self._thread: threading.Thread | None = None
         self._decode_steps = 0
         self._prefills_started = 0
+        self.routes.subscribe(lambda address, state: self._events.put(("server", address, state)))
 
     # ---- the caller's side ---------------------------------------------------------------
 
     @property
     def hop_bytes(self) -> int:
         """Activation bytes the stages sent each other, over every run."""
-        return self.pipeline.hop_bytes
+        return self.routes.hop_bytes
 
     def submit_all(self, requests: list[SequenceRequest],
                    keep_going: Callable[[], bool] = _always) -> list[Future]:
@@ -114,7 +119,12 @@ class Engine:
     def stats(self) -> BatchingStats:
         with self._lock:
             return scheduler.batching_stats(self._state, decode_steps=self._decode_steps,
-                                            prefills=self._prefills_started, hop_bytes=self.pipeline.hop_bytes)
+                                            prefills=self._prefills_started, hop_bytes=self.routes.hop_bytes)
+
+    def route_loads(self) -> dict[str, int]:
+        """Rows each stage server runs for this engine now."""
+        with self._lock:
+            return scheduler.route_loads(self._state)
 
     def _enqueue(self, sequences: list[LiveSequence]) -> None:
         """Queue sequences together and make sure the loop runs."""
@@ -171,7 +181,11 @@ class Engine:
             self._scheduling = before
 
     def _admit(self) -> None:
-        admission = scheduler.admit(self._state, self.limits, prefill_alone=self.prefill_alone)
+        if not self._state.waiting:
+            return
+        self.group_routes.keep_one_open()
+        admission = scheduler.admit(self._state, self.limits, prefill_alone=self.prefill_alone,
+                                    accepts=self.group_routes.accepts)
         if admission is None:
             return
         waiting = self._state.waiting
@@ -182,17 +196,23 @@ class Engine:
             self._start_prefill(batch, self._state.groups[target])
 
     def _start_prefill(self, sequences: list[LiveSequence], target: Group) -> None:
+        refusal = self.group_routes.assign(target)
+        if refusal is not None:
+            cancel_all(sequences, refusal)
+            return
         prefill = Prefill(sequences, self.pad_token_id, self.limits.prefill_chunk_tokens, target)
         futures = []
         try:
             for i, (start, end) in enumerate(prefill.chunks):
                 last = i == len(prefill.chunks) - 1
-                futures.append(self.pipeline.submit(
+                futures.append(prefill.route.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
                     prefill.sent_mask(end), start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
                     logits_top_k=scheduler.top_k_needed(sequences) if last else 1))
         except Exception as err:
-            _cancel_all(sequences, err)
+            if futures:
+                end_session(prefill.route, prefill.session_id)
+            cancel_all(sequences, err)
             return
         prefill.futures = futures
         self._prefills_started += 1
@@ -207,25 +227,25 @@ class Engine:
         if group.in_flight is not None:
             return
         if not group.empty and scheduler.all_finished(group):
-            self._end_session(group.session_id)
+            end_session(group.route, group.session_id)
             group.reset()
         while group.empty and group.joining:
             prefill = group.joining.pop(0)
             if any(s.finish is None for s in prefill.sequences):
                 group.adopt(prefill)
             else:
-                self._end_session(prefill.session_id)
+                end_session(group.route, prefill.session_id)
         if group.empty:
             return
         edit = group.next_edit()
         tokens, positions, mask = group.step_inputs(self.pad_token_id)
-        credit = scheduler.chain_steps(self._state, group, chain=self.chain)
+        credit = scheduler.chain_steps(self._state, group, chain=self.chain and group.route.can_chain)
         try:
-            future = self.pipeline.submit(group.session_id, tokens, positions, mask, cache_edit=edit,
+            future = group.route.submit(group.session_id, tokens, positions, mask, cache_edit=edit,
                                           logits_top_k=scheduler.top_k_needed(group.rows), chain_steps=credit,
                                           chain_stop_ids=scheduler.chain_stop_ids(group, credit))
         except Exception as err:
-            self._fail_group(group, err)
+            self._group_failed(group, err)
             return
         group.chaining, group.stop_asked = credit > 0, False
         self._expect(group, future)
@@ -261,17 +281,22 @@ class Engine:
         """Stop the group's chain (once), so that its next step is the engine's to shape."""
         if scheduler.chain_to_stop(group):
             group.stop_asked = True
-            self.pipeline.stop_chain(group.session_id)
+            group.route.stop_chain(group.session_id)
 
     # ---- answers from the stages ---------------------------------------------------------
 
-    def _handle(self, kind: str, owner, future: Future) -> None:
+    def _handle(self, kind: str, owner, future) -> None:
         if kind == "prefill":
             self._prefill_done(owner, future)
+        elif kind == "server":
+            if future == "down":
+                self.failover.server_lost(owner)
         else:
             self._step_done(owner, future)
 
     def _prefill_done(self, prefill: Prefill, future: Future) -> None:
+        if prefill not in self._state.prefills:
+            return  # abandoned (its callers went away) or moved off a lost route
         self._state.prefills.remove(prefill)
         prefill.target.incoming -= len(prefill.sequences)
         try:
@@ -279,25 +304,31 @@ class Engine:
                 logits_of(earlier.result())
             logits = logits_of(future.result())
         except Exception as err:
-            _cancel_all(prefill.sequences, err)
-            self._end_session(prefill.session_id)
+            if self.routes.failover(prefill.route, err):
+                self.routes.free_session(prefill.route, prefill.session_id)
+                self.failover.requeue(prefill.sequences, err, prefill.route)
+            else:
+                cancel_all(prefill.sequences, err)
+                end_session(prefill.route, prefill.session_id)
             return
         finished = [s for row, s in enumerate(prefill.sequences) if s.sample(logits, row) and s.notify()]
         if all(s.finish is not None for s in prefill.sequences):
             if not prefill.ends_with_last_chunk:  # else the stages freed it as the last chunk passed
-                self._end_session(prefill.session_id, wait=True)
-            _resolve_all(finished)
+                end_session(prefill.route, prefill.session_id, wait=True)
+            resolve_all(finished)
             return
-        _resolve_all(finished)
+        resolve_all(finished)
         prefill.target.joining.append(prefill)
         self._stop_chain(prefill.target)
 
     def _step_done(self, group: Group, future: Future) -> None:
+        if future is not group.in_flight:
+            return  # a step of a route the group has left (failover)
         group.in_flight = None
         try:
             logits = logits_of(future.result())
         except Exception as err:
-            self._fail_group(group, err)
+            self._group_failed(group, err)
             return
         self._decode_steps += 1
         sampled = [s for row, s in enumerate(group.rows) if s.sample(logits, row)]
@@ -318,9 +349,9 @@ class Engine:
         if scheduler.drained(group):
             # Free the caches before answering, so a caller that gets its last result
             # and looks at the stages finds nothing left behind.
-            self._end_session(group.session_id, wait=True)
+            end_session(group.route, group.session_id, wait=True)
             group.reset()
-        _resolve_all(finished)
+        resolve_all(finished)
 
     # ---- failures and cancellation -------------------------------------------------------
 
@@ -331,56 +362,38 @@ class Engine:
             waiting.remove(sequence)
         unwanted += [s for s in scheduler.decoding(self._state) + scheduler.prefilling(self._state)
                      if s.finish is None and not s.still_wanted()]
-        _cancel_all(unwanted, GenerationCancelled("generation cancelled by the caller"))
+        cancel_all(unwanted, GenerationCancelled("generation cancelled by the caller"))
+        for prefill in scheduler.abandoned(self._state):  # free it now: the stages drop its queued chunks
+            self._state.prefills.remove(prefill)
+            prefill.target.incoming -= len(prefill.sequences)
+            end_session(prefill.route, prefill.session_id)
         for group in self._state.groups:
             if scheduler.has_finished_rows(group):
                 self._stop_chain(group)
 
-    def _fail_group(self, group: Group, err: Exception) -> None:
-        _cancel_all(group.rows, err)
+    def _group_failed(self, group: Group, err: Exception) -> None:
+        """A step of `group` failed: replay its sequences on another route if the route lost a
+        server, else fail them."""
+        if group.route is not None and self.routes.failover(group.route, err):
+            self.failover.group_lost(group, err)
+            self._events.put(None)  # the loop admits them again
+            return
+        cancel_all(group.rows, err)
         if group.session_id is not None:
-            self._end_session(group.session_id)
+            end_session(group.route, group.session_id)
         group.reset()
 
     def _fail_everything(self, err: Exception) -> None:
         state = self._state
-        _cancel_all(list(state.waiting) + scheduler.decoding(state) + scheduler.prefilling(state), err)
+        cancel_all(list(state.waiting) + scheduler.decoding(state) + scheduler.prefilling(state), err)
         state.waiting.clear()
         for group in state.groups:
             if group.session_id is not None:
-                self._end_session(group.session_id)
+                end_session(group.route, group.session_id)
             for prefill in group.joining:
-                self._end_session(prefill.session_id)
-            group.joining = []
-            group.reset()
-            group.in_flight = None
-            group.incoming = 0
+                end_session(group.route, prefill.session_id)
+            group.abandon()
         for prefill in state.prefills:
-            self._end_session(prefill.session_id)
-        state.prefills = []
+            end_session(prefill.route, prefill.session_id)
+        state.prefills.clear()
 
-    def _end_session(self, session_id: str, *, wait: bool = False) -> None:
-        """Free a session on every stage: now (wait=True), or without blocking the loop."""
-        def end() -> None:
-            try:
-                self.pipeline.end_session(session_id, timeout_s=5.0)
-            except Exception as err:  # the stages expire idle sessions anyway
-                log.debug("could not end session %s: %s", session_id, err)
-        if wait:
-            end()
-        else:
-            threading.Thread(target=end, name="end-session", daemon=True).start()
-
-
-# ---- one sequence's outcome ------------------------------------------------------------------
-
-def _resolve_all(finished: list[LiveSequence]) -> None:
-    for sequence in finished:
-        sequence.resolve()
-
-
-def _cancel_all(sequences: list[LiveSequence], error: Exception) -> None:
-    """Cancel every sequence of `sequences` that has not finished."""
-    for sequence in sequences:
-        if sequence.finish is None:
-            sequence.cancel(error)

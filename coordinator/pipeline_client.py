@@ -30,6 +30,7 @@ from coordinator.stage_streams import (
 )
 from coordinator.step_future import StepFuture
 from protos import codec, stage_pb2, stage_pb2_grpc
+from protos.channel_pool import ChannelPool
 from protos.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,19 @@ class PipelineClient:
 
     def __init__(self, addresses: list[str], *, wire_codec: int = stage_pb2.CODEC_NONE,
                  model_fingerprint: str = "", direct_results: bool = True, local_hops: bool = True,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, channels: ChannelPool | None = None) -> None:
         """`local_hops`: reach stages on this machine over their Unix sockets where they have one
         (stage_streams), else gRPC; `tls`: the certificate, key and CA the gRPC channels to the stages
-        use (mutual TLS; the Forward streams and the Results subscription go over them), None: plaintext."""
+        use (mutual TLS; the Forward streams and the Results subscription go over them), None: plaintext;
+        `channels`: a pool the channels come from (shared with other routes, and left open by `close`)."""
         if not addresses:
             raise ValueError("a pipeline needs at least one stage address")
         self.addresses = list(addresses)
         self.wire_codec = wire_codec
         self.model_fingerprint = model_fingerprint
-        self._channels = [open_channel(a, tls) for a in self.addresses]
+        self._own_channels = channels is None
+        self._channels = [open_channel(a, tls) for a in self.addresses] if channels is None else \
+            [channels.get(a) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self.direct_results = direct_results and len(self.addresses) > 1
         self.local_hops = local_hops
@@ -243,8 +247,9 @@ class PipelineClient:
                 self._stream.cancel()
             if self._results is not None:
                 self._results.cancel()
-        for channel in self._channels:
-            channel.close()
+        if self._own_channels:
+            for channel in self._channels:
+                channel.close()
 
 
 def _encoded(values: torch.Tensor | np.ndarray) -> stage_pb2.Tensor:

@@ -85,6 +85,7 @@ class Prefill:
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
         self.target = target  # the group these sequences join once prefilled
+        self.route = target.route  # the stages it is sent to: its group's
         # Every row wants one token: the last chunk frees the session on the stages as it passes,
         # instead of an EndSession round trip between the answer and the caller (~2.4 ms).
         self.ends_with_last_chunk = all(sequence.max_new_tokens <= 1 for sequence in sequences)
@@ -116,6 +117,12 @@ class Group:
         self.in_flight: Future | None = None
         self.chaining = False  # the step in flight may be followed by steps the last stage sends itself
         self.stop_asked = False  # StopChain has been sent for this chain
+        self.route = None  # the stages its session and its joining prefills live on (a PipelineClient)
+
+    @property
+    def idle(self) -> bool:
+        """No session, nobody joining or on the way, no step in flight: free to take a new route."""
+        return self.empty and not self.joining and self.incoming == 0 and self.in_flight is None
 
     @property
     def empty(self) -> bool:
@@ -188,6 +195,15 @@ class Group:
             ones = torch.ones(len(self.rows), self._ones_to_append, dtype=torch.long)
             self.mask = torch.cat([self.mask, ones], dim=1)
             self._ones_to_append = 0
+
+    def abandon(self) -> None:
+        """Forget the session, its joining and incoming prefills and its step in flight (their stages
+        are told apart); the route stays until the caller changes it."""
+        self.reset()
+        self.joining = []
+        self.incoming = 0
+        self.in_flight = None
+        self.chaining = self.stop_asked = False
 
     def reset(self) -> None:
         self.session_id = None

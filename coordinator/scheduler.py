@@ -17,6 +17,7 @@ group's cache mirror (running_batch), or the wire (pipeline_client).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coordinator.running_batch import Group, Prefill, prefill_batches
@@ -108,6 +109,21 @@ def batching_stats(state: BatchState, *, decode_steps: int, prefills: int, hop_b
         decode_steps=decode_steps, prefills=prefills, hop_bytes=hop_bytes)
 
 
+def route_loads(state: BatchState) -> dict[str, int]:
+    """Rows each stage server runs for these groups now (their rows, joining and incoming)."""
+    loads: dict[str, int] = {}
+    for group in state.groups:
+        if group.route is not None:
+            for address in group.route.addresses:
+                loads[address] = loads.get(address, 0) + group.load + group.incoming
+    return loads
+
+
+def abandoned(state: BatchState) -> list[Prefill]:
+    """Prefills on their way whose every sequence has ended (cancelled): nobody waits for them."""
+    return [p for p in state.prefills if all(s.finish is not None for s in p.sequences)]
+
+
 def idle(state: BatchState) -> bool:
     """Nothing queued, on its way or running: the loop may end."""
     return not state.waiting and not state.prefills and all(
@@ -136,7 +152,8 @@ def refusal(state: BatchState, limits: BatchLimits, sequences: list[LiveSequence
     return None
 
 
-def admit(state: BatchState, limits: BatchLimits, *, prefill_alone: bool) -> Admission | None:
+def admit(state: BatchState, limits: BatchLimits, *, prefill_alone: bool,
+          accepts: Callable[[Group], bool] = lambda group: True) -> Admission | None:
     """The next admission round, or None when nobody can be admitted now.
 
     One admission round at a time: requests that arrive while a prefill is on its way wait for it
@@ -154,19 +171,23 @@ def admit(state: BatchState, limits: BatchLimits, *, prefill_alone: bool) -> Adm
         positions += sequence.cache_positions
     if not admitted:
         return None
-    now, later = plan_prefills(spread(admitted, state.groups), limits.prefill_chunk_tokens, alone=prefill_alone)
+    now, later = plan_prefills(spread(admitted, state.groups, accepts), limits.prefill_chunk_tokens,
+                               alone=prefill_alone)
     waits = {id(s) for batch, _ in later for s in batch}
     return Admission(admitted=admitted, requeued=[s for s in admitted if id(s) in waits], prefills=now)
 
 
-def spread(admitted: list[LiveSequence], groups: list[Group]) -> dict[int, list[LiveSequence]]:
-    """Newcomers by the index of the group each joins: the least loaded at each turn, so every
-    group ends up with about as many rows (groups in flight at once only keep every stage busy
-    if each takes about as long)."""
+def spread(admitted: list[LiveSequence], groups: list[Group],
+           accepts: Callable[[Group], bool] = lambda group: True) -> dict[int, list[LiveSequence]]:
+    """Newcomers by the index of the group each joins: the least loaded of those that `accepts` at
+    each turn, so every group ends up with about as many rows (groups in flight at once only keep
+    every stage busy if each takes about as long). A group whose route lost a server or has one
+    draining takes nobody (the engine keeps one that accepts)."""
     shares: dict[int, list[LiveSequence]] = {}
+    open_groups = [i for i, g in enumerate(groups) if accepts(g)]
     loads = [g.load + g.incoming for g in groups]
     for sequence in admitted:
-        target = min(range(len(groups)), key=lambda i: loads[i])
+        target = min(open_groups, key=lambda i: loads[i])
         loads[target] += 1
         shares.setdefault(target, []).append(sequence)
     return shares
@@ -203,8 +224,9 @@ def drained(group: Group) -> bool:
 
 
 def top_k_needed(sequences: list[LiveSequence]) -> int:
-    """1 when every live row decodes greedily (the stage sends only argmaxes), else 0 (all logits)."""
-    return 1 if all(s.greedy for s in sequences if s.finish is None) else 0
+    """1 when every live row decodes greedily or re-feeds known tokens (the stage sends only argmaxes),
+    else 0 (all logits)."""
+    return 1 if all(s.greedy or s.replaying for s in sequences if s.finish is None) else 0
 
 
 def has_the_stages_to_itself(state: BatchState, group: Group) -> bool:
@@ -226,8 +248,9 @@ def runs_alone(state: BatchState, group: Group) -> bool:
 
 def chain_credit(group: Group) -> int:
     """How many steps the last stage may chain after the step about to be sent: until the
-    first row reaches max_new_tokens (0 unless every row decodes greedily)."""
-    if not group.rows or any(not s.greedy or s.finish is not None for s in group.rows):
+    first row reaches max_new_tokens (0 unless every row decodes greedily; a row re-feeding known
+    tokens after a failover is the engine's to feed)."""
+    if not group.rows or any(not s.greedy or s.finish is not None or s.replaying for s in group.rows):
         return 0
     return max(0, min(s.max_new_tokens - len(s.output) for s in group.rows) - 1)
 

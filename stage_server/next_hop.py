@@ -2,8 +2,7 @@
 
 Owns: `NextHop` (per upstream stream and next-hop address, the link micro-batches go on through,
 and the answers relayed back to the upstream stream), `open_next_hop` (over the next stage's
-Unix socket where it has one, else a gRPC Forward stream), `ChannelPool` (one persistent gRPC
-channel per next-hop address, shared by every stream of this stage), and `KeptSends` (what a
+Unix socket where it has one, else a gRPC Forward stream over the stage's ChannelPool), and `KeptSends` (what a
 next hop was sent and may still hear about). When a next hop fails, every micro-batch still
 kept for it is answered with UNAVAILABLE naming the hop (`unreachable`), so the coordinator can
 re-route or replay. A micro-batch whose answer goes to a reply_to collector sends nothing back
@@ -24,39 +23,15 @@ from collections.abc import Callable
 import grpc
 
 from protos import stage_pb2, stage_pb2_grpc
+from protos.channel_pool import ChannelPool
 from protos.grpc_link import GrpcLink
 from protos.link import Link, LinkReader
-from protos.tls import TlsFiles, open_channel
 from protos.unix_link import UnixLink
 from protos.unix_socket import FORWARD
 
 log = logging.getLogger(__name__)
 
 RECENT_KEPT = 256  # micro-batches sent towards a reply_to collector that a failed link reports
-
-
-class ChannelPool:
-    """One gRPC channel per address, created on first use and kept; over mutual TLS with `tls` (the
-    stage's own certificate, and the CA the next stage's must chain to), plaintext without."""
-
-    def __init__(self, tls: TlsFiles | None = None) -> None:
-        self._tls = tls
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
-
-    def get(self, address: str) -> grpc.Channel:
-        with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = open_channel(address, self._tls)
-                self._channels[address] = channel
-            return channel
-
-    def close(self) -> None:
-        with self._lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
 
 
 class KeptSends:

@@ -24,6 +24,7 @@ import grpc
 import psutil
 
 from protos import stage_pb2, stage_pb2_grpc, unix_socket
+from protos.channel_pool import ChannelPool
 from protos.protocol import PROTOCOL_VERSION
 from protos.software_versions import software_versions
 from protos.tls import TlsFiles
@@ -33,7 +34,7 @@ from stage_server.deployment import Deployment
 from stage_server.errors import StageRequestError
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
-from stage_server.next_hop import ChannelPool, open_next_hop
+from stage_server.next_hop import open_next_hop
 from stage_server.peer_identity import peer_of
 from stage_server.sessions import check_session_id
 from stage_server.stage_model import StageModel

@@ -300,7 +300,7 @@ def test_cli_takes_the_key_by_flag_or_environment(keyed_api):
     done = cli("generate", "--address", address, "--prompt", "hi", "--max-new-tokens", "3", "--json",
                "--api-key", KEY)
     assert done.returncode == 0, done.stderr
-    done = cli("info", "--address", address, key_env=KEY)
+    done = cli("info", "--address", address, "--json", key_env=KEY)
     assert done.returncode == 0, done.stderr
     assert '"numLayers": 4' in done.stdout
     done = cli("generate", "--address", address, "--prompt", "hi", "--json")

@@ -250,7 +250,7 @@ def test_generate_and_info_take_the_client_flags(tls_pipeline, certs):
         reply = run("coordinator.cli", "generate", *target, *flags, "--prompt", "Hello there", "--max-new-tokens",
                     "4", "--json")
         assert reply.returncode == 0 and len(json.loads(reply.stdout)["token_ids"]) == 4, reply.stderr
-    info = run("coordinator.cli", "info", "--address", address, *flags)
+    info = run("coordinator.cli", "info", "--address", address, "--json", *flags)
     assert info.returncode == 0 and '"numLayers": 4' in info.stdout, info.stderr
     refused = run("coordinator.cli", "info", "--address", address, "--tls-ca", str(certs / "ca.pem"))
     assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr

@@ -1,0 +1,150 @@
+"""The engine's way to the stages: a route for each new session, and what a failed call means.
+
+Owns: `Routes`, over a StagePool: one PipelineClient per route in use (sharing the pool's gRPC
+channels), handed out by load (`new_route`); whether a route still takes new sessions
+(`accepts`); judging a failed call (`failover`: a dead, frozen or restarted server, after which
+the engine replays the route's sequences elsewhere, or the request's own fault, which fails it)
+and marking the failed server down; freeing a lost route's sessions on each of its servers
+directly (`free_session`), since the chain through the lost one is broken; ending a session along
+its route (`end_session`). And `SingleRoute`, the
+same face over one PipelineClient with no failover (tests, benchmarks).
+
+Does not own: the servers' states and route choice (stage_pool), the calls (pipeline_client), or
+replaying (engine).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from coordinator.pipeline_client import PipelineClient
+from coordinator.stage_errors import StageCallError
+from coordinator.stage_pool import DOWN, StagePool
+from protos import stage_pb2, stage_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# A call failing with these lost its server (gone, reset, frozen past a deadline): replay elsewhere.
+SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.UNKNOWN})
+# The session is gone from a server that still serves (it restarted, or expired the session): replay.
+SESSION_LOST = grpc.StatusCode.NOT_FOUND
+FREE_TIMEOUT_S, FREE_DOWN_TIMEOUT_S = 5.0, 30.0  # EndSession on a live server; on one marked down (may resume)
+
+
+class Routes:
+    """Routes over the servers of a StagePool, each a PipelineClient made on first use and kept."""
+
+    def __init__(self, pool: StagePool, *, wire_codec: int = stage_pb2.CODEC_NONE, model_fingerprint: str = "",
+                 direct_results: bool = True, local_hops: bool = True) -> None:
+        self.pool = pool
+        self._client_options = dict(wire_codec=wire_codec, model_fingerprint=model_fingerprint,
+                                    direct_results=direct_results, local_hops=local_hops, channels=pool.channels)
+        self._clients: dict[tuple[str, ...], PipelineClient] = {}
+        self._lock = threading.Lock()
+
+    def new_route(self, load: Callable[[str], int]) -> PipelineClient:
+        """The route for a new session: serving servers, fewest hops, least loaded (stage_pool.NoRoute if none)."""
+        return self._client(self.pool.choose(load))
+
+    def _client(self, addresses: tuple[str, ...]) -> PipelineClient:
+        with self._lock:
+            client = self._clients.get(addresses)
+            if client is None:
+                client = self._clients[addresses] = PipelineClient(list(addresses), **self._client_options)
+            return client
+
+    def accepts(self, route: PipelineClient) -> bool:
+        """Whether new sessions may still join `route` (every server of it serving, none draining or down)."""
+        return self.pool.accepts(route.addresses)
+
+    def failover(self, route: PipelineClient, error: Exception) -> bool:
+        """Whether `error`, from a call on `route`, lost the route rather than failed the request; marks the
+        server it names (if any, and of the route) down."""
+        if not isinstance(error, StageCallError):
+            return False
+        if error.code == SESSION_LOST:
+            return True
+        if error.code not in SERVER_FAILURES:
+            return False
+        if error.failed_stage in route.addresses:
+            self.pool.failed(error.failed_stage, f"{error.code.name}: {error}")
+        return True
+
+    def free_session(self, route: PipelineClient, session_id: str) -> None:
+        """End `session_id` on every server of a lost route, each on its own (not along the broken route),
+        without waiting: a live server frees it at once; one marked down, if it comes back within
+        FREE_DOWN_TIMEOUT_S."""
+        for address in route.addresses:
+            timeout_s = FREE_DOWN_TIMEOUT_S if self.pool.state(address) == DOWN else FREE_TIMEOUT_S
+            stub = stage_pb2_grpc.StageStub(self.pool.channels.get(address))
+            call = stub.EndSession.future(stage_pb2.EndSessionRequest(session_id=session_id), timeout=timeout_s)
+            call.add_done_callback(lambda done, address=address: done.exception() and log.debug(
+                "could not free session %s on %s: %s", session_id, address, done.exception()))
+
+    def subscribe(self, listener: Callable[[str, str], None]) -> None:
+        self.pool.subscribe(listener)
+
+    def stage_infos(self) -> list[stage_pb2.InfoResponse]:
+        return [info for _, info in self.pool.serving_infos()]
+
+    @property
+    def hop_bytes(self) -> int:
+        with self._lock:
+            return sum(client.hop_bytes for client in self._clients.values())
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+
+def end_session(route: PipelineClient, session_id: str, *, wait: bool = False) -> None:
+    """Free a session on every stage of its route: now (wait=True), or without blocking the caller."""
+    def end() -> None:
+        try:
+            route.end_session(session_id, timeout_s=5.0)
+        except Exception as err:  # the stages expire idle sessions anyway
+            log.debug("could not end session %s: %s", session_id, err)
+    if wait:
+        end()
+    else:
+        threading.Thread(target=end, name="end-session", daemon=True).start()
+
+
+class SingleRoute:
+    """One fixed PipelineClient as Routes: every session on it, no failover."""
+
+    def __init__(self, pipeline: PipelineClient) -> None:
+        self.pipeline = pipeline
+
+    def new_route(self, load: Callable[[str], int]) -> PipelineClient:
+        return self.pipeline
+
+    def accepts(self, route: PipelineClient) -> bool:
+        return True
+
+    def failover(self, route: PipelineClient, error: Exception) -> bool:
+        return False
+
+    def free_session(self, route: PipelineClient, session_id: str) -> None:
+        route.end_session(session_id)
+
+    def subscribe(self, listener: Callable[[str, str], None]) -> None:
+        pass
+
+    def stage_infos(self) -> list[stage_pb2.InfoResponse]:
+        stage_infos = getattr(self.pipeline, "stage_infos", None)
+        return stage_infos() if stage_infos is not None else []
+
+    @property
+    def hop_bytes(self) -> int:
+        return self.pipeline.hop_bytes
+
+    def close(self) -> None:
+        self.pipeline.close()
