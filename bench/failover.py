@@ -6,9 +6,10 @@ Real processes on this machine (tests/failover_cluster.py): 2 spans × 2 replica
 same model. For each model (the tiny test Llama and SmolLM2-135M by default):
 
 - stall: each round, --clients concurrent greedy streams of --new-tokens run once without a failure
-  (the baseline) and once with one replica killed (SIGKILL) a third of the way through (victims in
-  turn; the victim is started again between rounds). A stream that crossed the failover (tokens
-  before and after the kill) saw a stall: its largest gap between consecutive tokens. Reported:
+  (the baseline) and once with one replica killed (SIGKILL) a third of the way through (the one
+  carrying the most sequences, of each span in turn; it is started again between rounds). A stream
+  that crossed the failover (tokens before and after the kill) saw a stall: its largest gap between
+  consecutive tokens. Reported:
   the median and max of those stalls over all rounds, against the median gap between consecutive
   tokens of the baseline runs, with failed requests and whether every token matched the baseline;
 - throughput: --clients concurrent streams on the replicated pipeline and on the chain, in rounds
@@ -73,13 +74,13 @@ def _model(name: str, work_dir: Path) -> tuple[Path, list[list[int]]]:
                        for t in topics * 4]
 
 
-def stall_round(cluster: Cluster, prompts: list[list[int]], new_tokens: int, victim: int) -> dict:
-    """One baseline run and one run with stage `victim` killed a third of the way in."""
+def stall_round(cluster: Cluster, prompts: list[list[int]], new_tokens: int, span: int) -> dict:
+    """One baseline run and one run with the busiest replica of span `span` killed a third of the way in."""
     cluster.make_whole()
     baseline = stream_all(cluster.address, prompts, new_tokens)
-    stage = cluster.all_stages[victim]
     streams = Streams(cluster.address, prompts, new_tokens).start()
     reached = streams.wait_tokens(int(KILL_AT * len(prompts) * new_tokens))
+    stage = cluster.busiest(span)
     killed_at = time.monotonic()
     stage.kill()
     results = streams.join()
@@ -111,7 +112,7 @@ def bench_model(name: str, args, work_dir: Path) -> dict:
             Cluster(model_dir, spans, 1, work_dir / f"{name}-chain", stage_args=stage_args) as chain:
         rounds = []
         for index in range(args.rounds):
-            rounds.append(stall_round(replicated, prompts, args.new_tokens, victim=index % len(replicated.all_stages)))
+            rounds.append(stall_round(replicated, prompts, args.new_tokens, span=index % len(spans)))
             stalls = rounds[-1]["stalls"]
             log(f"{name}: stall round {index + 1}/{args.rounds}: killed {rounds[-1]['victim']}, "
                 f"{len(stalls)} streams crossed, largest stall {max(stalls, default=0):.3f}s, "

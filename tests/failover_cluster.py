@@ -233,6 +233,12 @@ class Cluster:
         """Each stage's state as the coordinator's GetModelInfo reports it (address → state)."""
         return {stage.address: stage.state for stage in self.model_info().stages}
 
+    def busiest(self, span: int) -> StageProcess:
+        """The replica of span `span` that runs the most sequences now (GetModelInfo's rows; the first
+        on a tie): the one whose loss moves the most work."""
+        rows = {stage.address: stage.rows for stage in self.model_info().stages}
+        return max(self.stages[span], key=lambda stage: rows.get(stage.address, 0))
+
     def wait_state(self, stage: StageProcess, state: str, timeout_s: float) -> float:
         """Seconds until GetModelInfo shows `stage` in `state` (AssertionError with the states seen
         if it does not within `timeout_s`)."""
