@@ -24,11 +24,12 @@ from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
+from coordinator.route_choice import NoRoute
 from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
 from coordinator.stage_agreement import chain_refusal
-from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, NoRoute, ServerView, StagePool, parse_stages
+from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, ServerView, StagePool
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
@@ -105,6 +106,15 @@ def wait_for_stages(addresses: tuple[str, ...], timeout_s: float, tls: TlsFiles 
             time.sleep(0.5)
     finally:
         client.close()
+
+
+def parse_stages(text: str) -> list[list[str]]:
+    """`--stages`: spans in layer order separated by `,`, replicas of a span by `|`."""
+    spans = [[address.strip() for address in span.split("|") if address.strip()] for span in text.split(",")]
+    if not spans or any(not span for span in spans):
+        raise ValueError(f"--stages {text!r}: give HOST:PORT of each span in layer order, separated by ',', "
+                         "and replicas of a span separated by '|'")
+    return spans
 
 
 def stage_addresses(stages: tuple[str, ...]) -> tuple[str, ...]:
@@ -190,8 +200,6 @@ class CoordinatorServer:
         for address in refused:
             log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
                         "stages its --peers name", address)
-        self.routes = Routes(self.pool, wire_codec=wire, model_fingerprint=infos[0].model_fingerprint,
-                             local_hops=config.local_hops)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
                         vocab_size=infos[-1].vocab_size)
@@ -205,6 +213,8 @@ class CoordinatorServer:
         groups = config.micro_batches or groups_in_flight([(i.compute_threads, i.colocated_stages) for i in infos])
         chain = chain_greedy_steps(config.chain, addresses)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
+        self.routes = Routes(self.pool, wire_codec=wire, model_fingerprint=infos[0].model_fingerprint,
+                             local_hops=config.local_hops, chain=chain)
         self.engine = Engine(self.routes, pad_token_id=self.tokenization.pad_token_id,
                              micro_batches=groups, limits=config.batch_limits, chain=chain,
                              prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
@@ -235,8 +245,8 @@ class CoordinatorServer:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         stop_server(self.grpc_server, grace_s)
-        self.pool.close()
         self.routes.close()
+        self.pool.close()
 
 
 def _max_context(model_dir: str) -> int:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import grpc
 
 from coordinator import scheduler
+from coordinator.route_choice import NoRoute
 from coordinator.running_batch import Group
 from coordinator.scheduler import BatchState
 from coordinator.stage_errors import StageCallError
-from coordinator.stage_pool import NoRoute
 
 
 class GroupRoutes:

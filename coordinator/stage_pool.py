@@ -1,21 +1,16 @@
 """The stage servers a coordinator may route through, and which of them can serve now.
 
-Owns: `StagePool`, every known stage server (given with `--stages`, replicas of a span joined by
-`|`, or announced through the Registry with `stage-server --join`) with its span, its state
-(serving, draining, down, joining) and its last Info; the health probe that keeps the states
-true (an Info call to each server every PROBE_EVERY_S; a server silent for `stall_timeout_s`, a
-frozen process included, is down); marking a server down when a call to it fails, with backoff
-before it is probed again; choosing a route (`choose`): one serving server per span, the spans
-tiling every layer exactly once, fewest hops first, then least load; telling servers the
-deployment's addresses (SetDeployment) whenever one comes (back) into service; and the
-listeners told of a server that went down or started draining.
-
-Why probes rather than waiting for calls to fail: a frozen stage keeps its TCP connections, so
-no call to it fails until gRPC's keepalive gives up (40 s), and a request's own deadline may be
-later still.
+Owns: `StagePool`, every known stage server (`--stages`, replicas joined by `|`, or announced with
+`stage-server --join`) with its span, last Info and state (serving, draining, down, joining); the
+health probe that keeps states true (an Info call every PROBE_EVERY_S; a server silent for
+`stall_timeout_s`, frozen or not, is down); marking servers down on failed calls, with backoff
+before the next probe; routes over the serving ones (`choose`, by route_choice); telling servers
+the deployment (SetDeployment) when one comes (back) into service; and telling listeners of a
+server that went down, drains or serves again. Why probes rather than failed calls: a frozen
+stage keeps its TCP connections, so no call fails until gRPC's keepalive gives up (40 s).
 
 Does not own: the calls a route carries (pipeline_client), what happens to the sessions of a
-lost server (routes, engine), or whether servers agree on the model (stage_agreement, asked here).
+lost server (routes, failover), or whether servers agree on the model (stage_agreement).
 """
 
 from __future__ import annotations
@@ -28,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from coordinator.route_choice import Candidate, NoRoute, best_route
 from coordinator.stage_agreement import chain_refusal
 from protos import stage_pb2, stage_pb2_grpc
 from protos.channel_pool import ChannelPool
@@ -40,19 +36,6 @@ WATCH_EVERY_S = 0.2  # how often the watcher looks at probe times and silences
 FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # a down server is probed again after these, doubling
 DEFAULT_STALL_TIMEOUT_S = 5.0
 FORGET_JOINED_AFTER_S = 30.0  # a joined server neither renewing nor answering this long is forgotten
-
-
-class NoRoute(Exception):
-    """No chain of serving servers covers every layer; the message names the spans without one."""
-
-
-def parse_stages(text: str) -> list[list[str]]:
-    """`--stages`: spans in layer order separated by `,`, replicas of a span by `|`."""
-    spans = [[address.strip() for address in span.split("|") if address.strip()] for span in text.split(",")]
-    if not spans or any(not span for span in spans):
-        raise ValueError(f"--stages {text!r}: give HOST:PORT of each span in layer order, separated by ',', "
-                         "and replicas of a span separated by '|'")
-    return spans
 
 
 @dataclass
@@ -93,21 +76,20 @@ class ServerView:
     down_reason: str
 
 
-Listener = Callable[[str, str], None]  # (address, new state) of a server that went down or started draining
+Listener = Callable[[str, str], None]  # (address, new state): down, draining, or serving again
 
 
 class StagePool:
     """Known stage servers, their states, and routes over them."""
 
     def __init__(self, addresses: Sequence[str], *, tls=None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-                 allow_mixed_versions: bool = False, channels: ChannelPool | None = None) -> None:
+                 allow_mixed_versions: bool = False) -> None:
         """`addresses`: every server given on the command line (any order; spans come from their Info)."""
         if stall_timeout_s <= 0:
             raise ValueError(f"the stall timeout must be positive, got {stall_timeout_s}")
         self.stall_timeout_s = stall_timeout_s
         self.allow_mixed_versions = allow_mixed_versions
-        self.channels = channels or ChannelPool(tls)
-        self._own_channels = channels is None
+        self.channels = ChannelPool(tls)  # routes' calls go over these too
         self._servers: dict[str, Server] = {a: Server(a) for a in dict.fromkeys(addresses)}
         self._reference: tuple[str, stage_pb2.InfoResponse] | None = None  # the first server that served
         self._listeners: list[Listener] = []
@@ -117,10 +99,6 @@ class StagePool:
         self._watcher: threading.Thread | None = None
 
     # ---- what the pool holds -------------------------------------------------------------
-
-    def addresses(self) -> list[str]:
-        with self._lock:
-            return list(self._servers)
 
     def views(self) -> list[ServerView]:
         """Every server, in layer order (servers whose span is unknown last)."""
@@ -145,56 +123,26 @@ class StagePool:
             return all((s := self._servers.get(a)) is not None and s.state == SERVING for a in route)
 
     def subscribe(self, listener: Listener) -> None:
-        """`listener(address, state)` runs (on the pool's threads) when a server goes down or drains."""
+        """`listener(address, state)` runs (on the pool's threads) when a server goes down, drains or serves
+        again."""
         with self._lock:
             self._listeners.append(listener)
 
     # ---- routes --------------------------------------------------------------------------
 
     def choose(self, load: Callable[[str], int] = lambda address: 0) -> tuple[str, ...]:
-        """A route over serving servers: fewest hops, then least load (`load(address)`: the rows this
-        coordinator runs through it; then the sessions it reports). NoRoute names the layers no
-        serving server starts at."""
+        """A route over serving servers (route_choice.best_route): fewest hops, then least load
+        (`load(address)`: the rows this coordinator runs through it; then the sessions it reports)."""
         with self._lock:
-            serving = [s for s in self._servers.values() if s.state == SERVING and s.span is not None]
-            num_layers = self._num_layers_locked()
+            known = [s for s in self._servers.values() if s.span is not None]
+            candidates = [Candidate(s.address, *s.span, serving=s.state == SERVING,
+                                    load=(load(s.address) << 16) + s.info.active_sessions,
+                                    state=s.state + (f" ({s.down_reason})" if s.down_reason else ""))
+                          for s in known]
+            num_layers = known[0].info.num_layers if known else None
         if num_layers is None:
             raise NoRoute("no stage server is serving yet")
-        # best[layer] = (hops, load, route) of the best chain covering layers [0, layer)
-        best: dict[int, tuple[int, int, tuple[str, ...]]] = {0: (0, 0, ())}
-        for start in sorted({s.span[0] for s in serving}):
-            if start not in best:
-                continue
-            hops, weight, route = best[start]
-            for server in serving:
-                if server.span[0] != start or server.span[1] <= start:
-                    continue
-                cost = (load(server.address) << 16) + server.info.active_sessions
-                candidate = (hops + 1, weight + cost, route + (server.address,))
-                end = server.span[1]
-                if end not in best or candidate[:2] < best[end][:2]:
-                    best[end] = candidate
-        if num_layers in best:
-            return best[num_layers][2]
-        raise NoRoute(self._missing_spans(num_layers, best))
-
-    def _num_layers_locked(self) -> int | None:
-        known = [s.info.num_layers for s in self._servers.values() if s.span is not None]
-        return known[0] if known else None
-
-    def _missing_spans(self, num_layers: int, reached: dict) -> str:
-        """One line naming where every chain of serving servers stops, and the servers that could go on."""
-        with self._lock:
-            servers = list(self._servers.values())
-        furthest = max(reached)
-        holders = [s for s in servers if s.span is not None and s.span[0] == furthest]
-        if holders:
-            others = "; ".join(f"{s.describe()}: {s.state}" + (f" ({s.down_reason})" if s.down_reason else "")
-                               for s in holders)
-        else:
-            others = "no known server starts there"
-        return (f"no live stage server for layers {furthest}:{num_layers} of the model ({others}); "
-                "start or restart one, or wait for it to come back")
+        return best_route(candidates, num_layers)
 
     # ---- failures --------------------------------------------------------------------------
 
@@ -206,6 +154,15 @@ class StagePool:
                 return
             self._set_down_locked(server, reason, time.monotonic())
         self._tell(address, DOWN)
+
+    def draining(self, address: str) -> None:
+        """`address` refused a new session because it drains: no new sessions go to it (the probe keeps it so)."""
+        with self._lock:
+            server = self._servers.get(address)
+            if server is None or server.state != SERVING:
+                return
+            server.state = DRAINING
+        self._tell(address, DRAINING)
 
     def _set_down_locked(self, server: Server, reason: str, now: float) -> None:
         log.warning("stage %s is down: %s", server.describe(), reason)
@@ -273,9 +230,8 @@ class StagePool:
             try:
                 return self.choose()
             except NoRoute as missing:
-                now = time.monotonic()
-                waiting = "; ".join(f"{v.address}: {v.down_reason or v.state}" for v in self.views()
-                                    if v.state != SERVING)
+                now, views = time.monotonic(), self.views()
+                waiting = "; ".join(f"{v.address}: {v.down_reason or v.state}" for v in views if v.state != SERVING)
                 if now - started > timeout_s:
                     raise NoRoute(f"stages not ready after {timeout_s:.0f}s ({waiting or missing}): are they running, "
                                   "and reachable at these addresses?") from None
@@ -390,6 +346,7 @@ class StagePool:
 
     def _bring_in(self, address: str) -> None:
         """Tell every live server the deployment (this one included), then let routes use this one."""
+        serving = False
         try:
             self.tell_deployment()
         finally:
@@ -400,8 +357,11 @@ class StagePool:
                     if server.state == JOINING and server.down_reason == "being told the deployment":
                         server.state, server.down_reason = SERVING, ""
                         server.backoff_s = FIRST_BACKOFF_S
+                        serving = True
                         log.info("stage %s is serving", server.describe())
                 self._changed.notify_all()
+        if serving:
+            self._tell(address, SERVING)
 
     def _refusal_locked(self, address: str, info: stage_pb2.InfoResponse) -> str | None:
         """Why a server must not serve beside the pool's first one (model, weights, protocol, versions)."""
@@ -437,5 +397,4 @@ class StagePool:
         self._stopped.set()
         if self._watcher is not None:
             self._watcher.join(timeout=2.0)
-        if self._own_channels:
-            self.channels.close()
+        self.channels.close()

@@ -116,7 +116,7 @@ def test_an_idle_coordinator_keeps_its_streams_while_there_is_room_and_reopens_o
             running_coordinator(model_dir, addresses) as (address, coordinator), \
             CoordinatorClient(address, timeout_s=30) as client:
         assert len(client.generate(prompt="hello", max_new_tokens=3).token_ids) == 3
-        pipeline = coordinator.pipeline
+        pipeline = coordinator.routes.new_route(lambda address: 0)  # the one route of a single chain
         streams = (pipeline._stream, pipeline._results)
         time.sleep(1.5)  # idle past the timeout, with room on every stage: nothing is cut
         assert all(stream.alive for stream in streams)

@@ -158,9 +158,10 @@ def test_both_command_lines_take_the_setting(tiny_model, stages, setting):
     # a served coordinator reaches the stages as told
     with stages(tiny_model("llama"), 2) as (addresses, _), \
             running_coordinator(tiny_model("llama"), addresses, local_hops=setting == "on") as (_, server):
-        server.pipeline._live_stream()
-        server.pipeline._collector_id()
-        kinds = type(server.pipeline._stream.link), type(server.pipeline._results.link)
+        pipeline = server.routes.new_route(lambda address: 0)  # the one route of a single chain
+        pipeline._live_stream()
+        pipeline._collector_id()
+        kinds = type(pipeline._stream.link), type(pipeline._results.link)
     assert kinds == ((UnixLink, UnixLink) if setting == "on" else (GrpcLink, GrpcLink))
 
 
