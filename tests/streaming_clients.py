@@ -16,6 +16,7 @@ import grpc
 
 from coordinator.client import CoordinatorClient
 
+DEADLINE_S = 120.0  # each request's deadline: 16 streams of SmolLM2 and a replay on two shared, busy cores
 RETRY_PAUSE_S = 0.2  # a looping client's pause after a failed request, so a refusing server is not flooded
 
 
@@ -40,7 +41,7 @@ class StreamResult:
         return max((b - a for a, b in zip(stamps, stamps[1:])), default=0.0)
 
 
-def stream_one(address: str, prompt: list[int], max_new_tokens: int, *, timeout_s: float = 60.0,
+def stream_one(address: str, prompt: list[int], max_new_tokens: int, *, timeout_s: float = DEADLINE_S,
                on_tokens=None, **request) -> StreamResult:
     """One GenerateStream call (greedy, `ignore_eos` unless given) with each token's arrival time;
     `on_tokens(count)` is called as tokens arrive."""
@@ -64,7 +65,7 @@ class Streams:
     """Concurrent GenerateStream calls, one thread each, started at once; `wait_tokens` lets a test
     act at a chosen point of the run, `join` returns every request's StreamResult in prompt order."""
 
-    def __init__(self, address: str, prompts: list[list[int]], max_new_tokens: int, *, timeout_s: float = 60.0,
+    def __init__(self, address: str, prompts: list[list[int]], max_new_tokens: int, *, timeout_s: float = DEADLINE_S,
                  **request) -> None:
         self.address, self.max_new_tokens, self.timeout_s, self.request = address, max_new_tokens, timeout_s, request
         self.results: list[StreamResult | None] = [None] * len(prompts)
@@ -118,7 +119,7 @@ class LoopingClients:
     that keeps issuing new requests. `stop()` lets the requests in flight finish and returns every
     request's StreamResult."""
 
-    def __init__(self, address: str, prompts: list[list[int]], max_new_tokens: int, *, timeout_s: float = 60.0,
+    def __init__(self, address: str, prompts: list[list[int]], max_new_tokens: int, *, timeout_s: float = DEADLINE_S,
                  max_requests: int = 1000, **request) -> None:
         self.address, self.max_new_tokens, self.timeout_s, self.request = address, max_new_tokens, timeout_s, request
         self.max_requests = max_requests  # per client: bounds the run whatever happens
@@ -158,5 +159,8 @@ def stream_all(address: str, prompts: list[list[int]], max_new_tokens: int, **kw
 
 
 def failures(results: list[StreamResult]) -> list[str]:
-    """One line per failed request: its index, status code and message."""
-    return [f"#{i}: {r.code.name}: {r.message}" for i, r in enumerate(results) if not r.ok]
+    """One line per failed request: its index, status code and message, the tokens it got and when
+    the last one came and the call ended (seconds after its start)."""
+    return [f"#{i}: {r.code.name}: {r.message} ({len(r.tokens)} tokens, the last at "
+            f"{(r.times[-1] - r.started) if r.times else 0:.1f}s, ended at {r.ended - r.started:.1f}s)"
+            for i, r in enumerate(results) if not r.ok]
