@@ -90,7 +90,7 @@ class Streams:
         finally:
             self._arrived(0)
 
-    def wait_tokens(self, count: int, timeout_s: float = 60.0) -> bool:
+    def wait_tokens(self, count: int, timeout_s: float = DEADLINE_S) -> bool:
         """Until `count` tokens have arrived over all streams (True), or every stream has ended or the
         time runs out (False)."""
         deadline = time.monotonic() + timeout_s
