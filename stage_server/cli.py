@@ -11,9 +11,10 @@ import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before
 
 # isort: split
 import argparse
-import logging
 import sys
 
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
 from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_peers_argument(parser)
     add_join_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser, "INFO")
     return parser
 
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # Held shared through the heavy imports and the weight load, so that a stage starting beside
     # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
     startup_lock = MachineLock()

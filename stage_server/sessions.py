@@ -50,6 +50,7 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: str = ""  # identity of the peer that opened it (peer_identity)
     answers_to: str = ""  # last stage: the collector its answers go to (whose subscriber may StopChain it)
+    ended: bool = False  # freed (EndSession, expiry): a step computing for it stops at its next layer
 
 
 class SessionStore:
@@ -90,6 +91,8 @@ class SessionStore:
                 raise ResourceExhausted(
                     f"this stage already holds {self.max_sessions} sessions (--max-sessions); "
                     "retry later or end idle sessions")
+            if old is not None:
+                old.ended = True  # a step still computing for the replaced session stops
             session = Session(session_id, self._make_cache(), batch_size, last_used=self._clock(),
                               owner=caller.identity if caller is not None else "")
             self._sessions[session_id] = session
@@ -136,6 +139,7 @@ class SessionStore:
             if session is None:
                 return False
             _check_owner(session, caller)
+            session.ended = True
             del self._sessions[session_id]
             return True
 

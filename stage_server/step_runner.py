@@ -111,7 +111,8 @@ class StepRunner:
                     model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
                     reply_to=request.reply_to, chain_steps=request.chain_steps,
                     chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids,
-                    hop_bytes=[*request.hop_bytes, sent_bytes], in_flight=request.in_flight)
+                    hop_bytes=[*request.hop_bytes, sent_bytes], in_flight=request.in_flight,
+                    request_ids=request.request_ids)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -217,6 +218,9 @@ class StepRunner:
             _checked_step(model, sessions, Session(request.session_id, None, batch), request, activations,
                           position_ids, mask, caller)
             session = sessions.start(request.session_id, batch, caller)
+            if request.request_ids:
+                log.info("session %s opened for request(s) %s", request.session_id, ",".join(request.request_ids),
+                         extra={"session_id": request.session_id, "request_ids": list(request.request_ids)})
         else:
             session = sessions.get(request.session_id, caller)
         try:
