@@ -143,7 +143,8 @@ def stage_infos_to_api(views: list[ServerView], rows: dict[str, int]) -> list[co
                 layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype, device=i.device,
                 active_sessions=i.active_sessions, attention=i.attention, compute_threads=i.compute_threads,
                 small_step_threads=i.small_step_threads, colocated_stages=i.colocated_stages,
-                versions=dict(i.versions)))
+                versions=dict(i.versions), rss_bytes=i.rss_bytes, cache_bytes=i.cache_bytes,
+                micro_batches_served=i.micro_batches_served, compute_seconds=i.compute_seconds))
         stages.append(stage)
     return stages
 

@@ -31,6 +31,7 @@ from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
 from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
+from coordinator.top import add_top_command, cmd_top
 from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.codec_names import CODEC_NAMES
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    add_top_command(commands)
     for subcommand in commands.choices.values():
         add_log_arguments(subcommand, "WARNING", after=True)
     return parser
@@ -348,7 +350,7 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs, "top": cmd_top}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.model_info = model_info
         self._refresh_stage_info = refresh_stage_info
         self._batching_state = batching_state
+        self._tokens = 0  # sent to callers since start (GetModelInfo's batching.tokens)
+        self._tokens_lock = threading.Lock()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -57,6 +59,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         def token_seen(token_id: int) -> bool:
             stopped = text.add(token_id)
             record.token()
+            with self._tokens_lock:
+                self._tokens += 1
             if on_token is not None:
                 on_token(token_id)
             return stopped
@@ -160,4 +164,5 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 info.CopyFrom(self.model_info)
         if self._batching_state is not None:
             info.batching.CopyFrom(self._batching_state())
+        info.batching.tokens = self._tokens
         return info

@@ -240,7 +240,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=model.hidden_size, vocab_size=model.vocab_size,
             max_sessions=store.max_sessions, max_cache_bytes=store.max_cache_bytes,
-            micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention,
+            micro_batches_served=self.steps.micro_batches_served, compute_seconds=self.steps.compute_seconds,
+            attention=loaded.attention,
             weights_manifest_id=loaded.weights_manifest_id))
         if served.threads is not None:
             reply.compute_threads, reply.small_step_threads = served.threads.full, served.threads.small_step

@@ -71,6 +71,7 @@ class StepRunner:
         self._draining = draining
         self.served: ServedSlice | None = None
         self.micro_batches_served = 0
+        self.compute_seconds = 0.0  # the forwards' time, for Info
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: compute steps from now on."""
@@ -244,6 +245,7 @@ class StepRunner:
                     if served.threads is not None:
                         served.threads.record(time.perf_counter() - started)
                 self.micro_batches_served += 1
+                self.compute_seconds += time.perf_counter() - started
         except Exception:
             if request.start_session:
                 sessions.end(request.session_id)  # never leave a half-made session behind
