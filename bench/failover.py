@@ -9,9 +9,9 @@ same model. For each model (the tiny test Llama and SmolLM2-135M by default):
   (the baseline) and once with one replica killed (SIGKILL) a third of the way through (the one
   carrying the most sequences, of each span in turn; it is started again between rounds). A stream
   that crossed the failover (tokens before and after the kill) saw a stall: its largest gap between
-  consecutive tokens. Reported:
-  the median and max of those stalls over all rounds, against the median gap between consecutive
-  tokens of the baseline runs, with failed requests and whether every token matched the baseline;
+  consecutive tokens. Reported: the median and max of those stalls over all rounds, against the
+  median gap between consecutive tokens of the baseline runs, with failed requests and whether
+  every token matched the baseline;
 - throughput: --clients concurrent streams on the replicated pipeline and on the chain, in rounds
   that alternate which goes first (interleaved_rounds.py); tokens/s = tokens of all streams ÷ the
   wall time from the first request's start to the last one's end. Reported: medians and the median

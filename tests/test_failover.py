@@ -3,9 +3,9 @@
 A cluster of stage-server processes (tests/failover_cluster.py) serves a model as 2 spans × 2
 replicas behind one `coordinator serve` process; 16 clients stream greedy requests of 32 tokens
 through the public API while a replica is killed (SIGKILL), frozen (SIGSTOP), drained (SIGTERM) or
-every server of a span is lost. Every request that can succeed must, token for token what the same
-requests give on the same cluster without a failure (the reference run made when the cluster
-starts); a span with no server left fails requests UNAVAILABLE with the span named, quickly; and
+every server of a span is lost. Every request that can succeed does, token for token as the same
+requests on the same cluster without a failure (the reference run made when the cluster starts);
+a span with no server left fails requests UNAVAILABLE with the span named, quickly; and
 after each scenario no surviving stage holds a session or KV cache (Info). The kill points are drawn
 from a fixed seed, so a failing run can be replayed.
 """
