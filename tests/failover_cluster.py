@@ -39,6 +39,14 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)}
 
 
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): end when the process that started it ends, even by SIGKILL,
+    so that a test run killed from outside leaves no server behind in its own process group."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _log_tail(path: Path, lines: int = 15) -> str:
     try:
         return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
@@ -73,7 +81,8 @@ class StageProcess:
                    *self.extra_args]
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
-                                            env=_environment(), start_new_session=True)
+                                            env=_environment(), start_new_session=True,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def wait_ready(self, timeout_s: float = READY_S) -> None:
         """Until the process says it is ready (RuntimeError with its log if it ends or the time runs out)."""
@@ -193,7 +202,8 @@ class Cluster:
                    "--model", str(self.model_dir), "--port", str(self.port), *self.coordinator_args]
         with open(self.coordinator_log, "w") as log:
             self.coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
-                                                env=_environment(), start_new_session=True)
+                                                env=_environment(), start_new_session=True,
+                                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.wait_coordinator()
 
     def wait_coordinator(self, timeout_s: float = READY_S) -> None:
