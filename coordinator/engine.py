@@ -209,10 +209,8 @@ class Engine:
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
                     prefill.sent_mask(end), start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
                     logits_top_k=scheduler.top_k_needed(sequences) if last else 1, request_ids=prefill.request_ids))
-        except Exception as err:
-            if futures:
-                end_session(prefill.route, prefill.session_id)
-            cancel_all(sequences, err)
+        except Exception as err:  # the route's first stage is gone, say
+            self.failover.call_failed(sequences, err, prefill.route, prefill.session_id if futures else "")
             return
         prefill.futures = futures
         self._prefills_started += 1
@@ -304,12 +302,7 @@ class Engine:
                 logits_of(earlier.result())
             logits = logits_of(future.result())
         except Exception as err:
-            if self.routes.failover(prefill.route, err):
-                self.routes.free_session(prefill.route, prefill.session_id)
-                self.failover.requeue(prefill.sequences, err, prefill.route)
-            else:
-                cancel_all(prefill.sequences, err)
-                end_session(prefill.route, prefill.session_id)
+            self.failover.call_failed(prefill.sequences, err, prefill.route, prefill.session_id)
             return
         finished = [s for row, s in enumerate(prefill.sequences) if s.sample(logits, row) and s.notify()]
         if all(s.finish is not None for s in prefill.sequences):

@@ -102,6 +102,22 @@ class Failover:
             self.replayed += len(again)
             self.state.waiting.extendleft(reversed(again))
 
+    def call_failed(self, sequences: list[LiveSequence], error: Exception, route, session_id: str = "") -> None:
+        """A call for `sequences` on `route` failed: they restart elsewhere if it lost the route (a
+        server went away), else they fail; either way `session_id` is freed on the route's stages."""
+        from coordinator.routes import end_session  # (it loads torch; the flags above must not)
+
+        if self.routes.failover(route, error):
+            if session_id:
+                self.routes.free_session(route, session_id)
+            self.requeue(sequences, error, route)
+            return
+        for sequence in sequences:
+            if sequence.finish is None:
+                sequence.cancel(error)
+        if session_id:
+            end_session(route, session_id)
+
     def server_lost(self, address: str) -> None:
         """The pool reports `address` down: every group whose route holds it is lost now, even while its
         step is still in flight (a frozen stage answers nothing, ever)."""

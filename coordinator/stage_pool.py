@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SERVING, DRAINING, DOWN, JOINING = "serving", "draining", "down", "joining"
 PROBE_EVERY_S = 1.0  # Info to each serving server this often
 WATCH_EVERY_S = 0.2  # how often the watcher looks at probe times and silences
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # a down server is probed again after these, doubling
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # a down server is probed again after these, doubling (cheap)
 DEFAULT_STALL_TIMEOUT_S = 5.0
 FORGET_JOINED_AFTER_S = 30.0  # a joined server neither renewing nor answering this long is forgotten
 
