@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from coordinator import stage_pool
 from coordinator.caller_host import Resolver, as_ip, host_refusal, resolve
@@ -243,4 +245,18 @@ def join_settings(args: argparse.Namespace, tls: dict) -> dict:
         raise ValueError(f"--join-port {args.join_port}: give a free port from 1 to 65535 other than --port")
     check_listen(args.host, tls=tls["stage_tls"] is not None, insecure=args.insecure,
                  tls_flags="--tls-ca, --tls-cert, --tls-key")
+    if tls["stage_tls"] is not None and not serves_tls(tls["stage_tls"].cert):
+        raise ValueError(f"--tls-cert {args.tls_cert} is a client-only certificate, and with --join-port the "
+                         "coordinator serves the Registry with it: give its host's certificate (coordinator certs "
+                         "--hosts NAME makes NAME.pem, usable by both sides)")
     return {"join_port": args.join_port}
+
+
+def serves_tls(cert_pem: bytes) -> bool:
+    """Whether a certificate may serve TLS (no extended key usage, or one that includes serverAuth)."""
+    certificate = x509.load_pem_x509_certificates(cert_pem)[0]
+    try:
+        usages = certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.SERVER_AUTH in usages

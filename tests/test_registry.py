@@ -6,7 +6,12 @@ once joined stages form a route, with the tokens of one given them."""
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,15 +20,15 @@ import grpc
 import pytest
 from conftest import running_coordinator, running_stages
 from tiny_models import reference_greedy
-from waiting import eventually
+from waiting import eventually, wait_for_line
 
 from coordinator import cli, stage_pool
 from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
 from coordinator.caller_host import host_refusal
 from coordinator.certs import make_certificates
 from coordinator.client import CoordinatorClient
-from coordinator.registry import JoinRefused, JoinServer, Registry, check_request
-from coordinator.stage_pool import StagePool
+from coordinator.registry import JoinRefused, JoinServer, Registry, check_request, joined_route
+from coordinator.stage_pool import NoRoute, StagePool
 from protos import coordinator_pb2, coordinator_pb2_grpc, stage_pb2, stage_pb2_grpc
 from protos.protocol import PROTOCOL_VERSION
 from protos.tls import TlsFiles, open_channel
@@ -312,6 +317,62 @@ def test_the_registry_over_mutual_tls_takes_hosts_the_callers_certificate_names(
         pool.close()
 
 
+def test_a_tls_coordinator_takes_a_joined_stage_over_mutual_tls(tiny_model, tmp_path):
+    """Stages and coordinator with certificates of one CA: a stage joins with its own certificate,
+    is probed over TLS (its certificate names 127.0.0.1) and routed through."""
+    make_certificates(tmp_path, ["node1.example"])
+
+    def files(name: str) -> TlsFiles:
+        return TlsFiles.read(ca=str(tmp_path / "ca.pem"), cert=str(tmp_path / f"{name}.pem"),
+                             key=str(tmp_path / f"{name}-key.pem"))
+
+    model_dir, node = tiny_model("llama"), files("node1.example")
+    with running_stages(model_dir, 2, tls=node, local_hops=False) as (addresses, _):
+        first = stage_info_over(addresses[0], node)
+        replica = StageServer(StageServerConfig(model_dir=str(model_dir), layer_start=first.layer_start,
+                                                layer_end=first.layer_end, port=0, progress=False,
+                                                drain_timeout_s=1.0, tls=node, local_hops=False))
+        replica.start()
+        address = f"127.0.0.1:{replica.port}"
+        try:
+            # The coordinator serves the Registry with its own certificate: a host's, not client.pem.
+            with running_coordinator(model_dir, addresses, join_port=0, stage_tls=node,
+                                     local_hops=False) as (coordinator, server):
+                join_request = coordinator_pb2.JoinRequest(
+                    address=address, layer_start=first.layer_start, layer_end=first.layer_end,
+                    model_fingerprint=first.model_fingerprint, weights_manifest_id=first.weights_manifest_id,
+                    protocol_version=first.protocol_version, versions=dict(first.versions))
+                with open_channel(f"localhost:{server.registry.port}", node) as channel:
+                    assert coordinator_pb2_grpc.RegistryStub(channel).Join(join_request, timeout=10).state == "joining"
+                assert eventually(lambda: listed(coordinator).get(address), "serving") == "serving"
+                server.pool.failed(addresses[0], "out of routes for this test")
+                with CoordinatorClient(coordinator, timeout_s=60) as client:
+                    reply = client.generate(token_ids=PROMPT, max_new_tokens=6, ignore_eos=True)
+                assert list(reply.token_ids) == reference_greedy(model_dir, [PROMPT], 6)[0]
+        finally:
+            replica.stop()
+
+
+def stage_info_over(address: str, tls: TlsFiles) -> stage_pb2.InfoResponse:
+    with open_channel(address, tls) as channel:
+        return stage_pb2_grpc.StageStub(channel).Info(stage_pb2.InfoRequest(), timeout=10)
+
+
+def test_waiting_for_joined_stages_names_them_as_it_goes(caplog):
+    pool = StagePool([])
+    pool.join("127.0.0.1:1")  # nothing listens there
+    pool.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="coordinator.registry"), \
+                pytest.raises(NoRoute, match=r"after 2s: no stage server is serving yet \(joined: 127\.0\.0\.1:1: "
+                                             r"UNAVAILABLE.*stage-server --join 127\.0\.0\.1:9"):
+            joined_route(pool, 2.0, "127.0.0.1:9", progress_every_s=0.5)
+    finally:
+        pool.close()
+    progress = [r.getMessage() for r in caplog.records if "waiting for stages to join" in r.getMessage()]
+    assert len(progress) >= 2 and "at 127.0.0.1:9" in progress[0] and "127.0.0.1:1: UNAVAILABLE" in progress[-1]
+
+
 # ---- a coordinator whose every stage joins ---------------------------------------------------------
 
 def test_a_coordinator_without_stages_serves_once_joined_stages_form_a_route(tiny_model):
@@ -365,11 +426,48 @@ def test_a_coordinator_without_stages_names_what_it_waited_for(tiny_model):
     (["--join-port", "50050"], "--join-port 50050: give a free port from 1 to 65535 other than --port"),
     (["--join-port", "50060", "--host", "10.62.0.1"], "refusing to listen on 10.62.0.1 without TLS: anyone who reaches "
                                                       "the port could use it; give --tls-ca, --tls-cert, --tls-key"),
+    (["--join-port", "50060", "--tls-cert", "{dir}/client.pem", "--tls-key", "{dir}/client-key.pem",
+      "--tls-ca", "{dir}/ca.pem"], "client.pem is a client-only certificate, and with --join-port"),
 ])
 def test_serve_checks_its_join_flags_in_one_line(tiny_model, tmp_path, capsys, flags, message):
     make_certificates(tmp_path, ["node1.example"])  # the public API's TLS: only the join port lacks it
     api = ["--api-tls-cert", str(tmp_path / "node1.example.pem"),
            "--api-tls-key", str(tmp_path / "node1.example-key.pem")]
-    status = cli.main(["serve", "--model", str(tiny_model("llama")), *flags, *api])
+    flags, model_dir = [flag.format(dir=tmp_path) for flag in flags], tiny_model("llama")
+    capsys.readouterr()  # what building the model printed
+    status = cli.main(["serve", "--model", str(model_dir), *flags, *api])
     error = capsys.readouterr().err
     assert status == 2 and message in error and len(error.strip().splitlines()) == 1, error
+
+
+# ---- real processes: coordinator serve --join-port and stage-server --join --------------------------
+
+@pytest.mark.skipif(not (Path(__file__).parent.parent / "stage_server" / "registration.py").exists(),
+                    reason="stage-server --join is not in this tree")
+def test_stage_processes_that_join_a_serve_without_stages_answer_generate(tiny_model):
+    model_dir = tiny_model("llama")
+    port, join_port = free_port(), free_port()
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    coordinator = subprocess.Popen(
+        [sys.executable, "-m", "coordinator.cli", "serve", "--model", str(model_dir), "--port", str(port),
+         "--join-port", str(join_port)], stderr=subprocess.PIPE, text=True, env=environment)
+    stages = [subprocess.Popen(
+        [sys.executable, "-m", "stage_server.cli", "--model", str(model_dir), "--layers", layers, "--port", "0",
+         "--quiet", "--threads", "1", "--join", f"127.0.0.1:{join_port}"],
+        stderr=subprocess.DEVNULL, env=environment) for layers in ("0:2", "2:4")]
+    try:
+        wait_for_line(coordinator, f"stages join at 127.0.0.1:{join_port}", 240)
+        with CoordinatorClient(f"127.0.0.1:{port}", timeout_s=60) as client:
+            reply = client.generate(token_ids=PROMPT, max_new_tokens=8, ignore_eos=True)
+            states = [(stage.layer_start, stage.state) for stage in client.model_info().stages]
+        assert list(reply.token_ids) == reference_greedy(model_dir, [PROMPT], 8)[0]
+        assert states == [(0, "serving"), (2, "serving")]
+    finally:
+        for process in (coordinator, *stages):
+            process.send_signal(signal.SIGTERM)
+        for process in (coordinator, *stages):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
