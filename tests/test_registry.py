@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import running_coordinator, running_stages
+from netns_hosts import namespace_hosts, netns_available
 from tiny_models import reference_greedy
 from waiting import eventually, wait_for_line
 
@@ -371,6 +372,45 @@ def test_waiting_for_joined_stages_names_them_as_it_goes(caplog):
         pool.close()
     progress = [r.getMessage() for r in caplog.records if "waiting for stages to join" in r.getMessage()]
     assert len(progress) >= 2 and "at 127.0.0.1:9" in progress[0] and "127.0.0.1:1: UNAVAILABLE" in progress[-1]
+
+
+JOIN_FROM_HOST = """
+import sys
+import grpc
+from protos import coordinator_pb2, coordinator_pb2_grpc
+from protos.protocol import PROTOCOL_VERSION
+from protos.tls import open_channel
+with open_channel(sys.argv[1]) as channel:
+    for address in sys.argv[2:]:
+        request = coordinator_pb2.JoinRequest(address=address, layer_start=0, layer_end=2, model_fingerprint="f",
+                                              weights_manifest_id="m", protocol_version=PROTOCOL_VERSION)
+        try:
+            print(address, coordinator_pb2_grpc.RegistryStub(channel).Join(request, timeout=10).state)
+        except grpc.RpcError as err:
+            print(address, err.code().name)
+"""
+
+
+@pytest.mark.skipif(bool(netns_available()), reason=netns_available() or "available")
+def test_a_caller_on_another_host_joins_only_its_own_address():
+    """A real caller at 10.62.0.2 (a network namespace): its own address joins, its neighbour's and
+    the coordinator's own loopback are PERMISSION_DENIED."""
+    with namespace_hosts("reg", "10.62.0", 1) as hosts:
+        pool = StagePool([])  # not started: nothing is dialled
+        registry = JoinServer(Registry(pool), "10.62.0.1", 0)
+        port = registry.start()
+        try:
+            result = subprocess.run(
+                ["ip", "netns", "exec", hosts[0].namespace, sys.executable, "-c",
+                 JOIN_FROM_HOST,
+                 f"10.62.0.1:{port}", "10.62.0.2:5000", "10.62.0.3:5000", "127.0.0.1:5000"],
+                capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent)
+            assert result.stdout.split("\n")[:3] == ["10.62.0.2:5000 joining", "10.62.0.3:5000 PERMISSION_DENIED",
+                                                     "127.0.0.1:5000 PERMISSION_DENIED"], result.stderr
+            assert pool.addresses() == ["10.62.0.2:5000"]
+        finally:
+            registry.stop()
+            pool.close()
 
 
 # ---- a coordinator whose every stage joins ---------------------------------------------------------
