@@ -31,6 +31,7 @@ from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
+from coordinator.registry import add_join_arguments, join_settings
 from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
 from coordinator.top import add_top_command, cmd_top
 from protos import coordinator_pb2, tls_arguments
@@ -125,9 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
 
     serve = commands.add_parser("serve", help="serve the public API over running stage servers")
-    serve.add_argument("--stages", required=True,
+    serve.add_argument("--stages",
                        help="HOST:PORT of each stage, in layer order, comma separated; replicas of a span "
-                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051")
+                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051 (optional with --join-port)")
     serve.add_argument("--model", required=True, help="model directory or known name (for the tokenizer)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
     tls_arguments.add_server_tls_arguments(serve)
+    add_join_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -267,17 +269,20 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
+    joins = join_settings(args, tls)
     from coordinator.app import CoordinatorServer
     from protos.model_files.fetch import ensure_model
 
     model_dir = ensure_model(args.model)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or "").split(",") if s.strip()]
     keys = api_keys_from_args(args)
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls, **joins),
+                               api_keys=keys)
     reload_on_sighup(keys)
     port = server.start()
-    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} spans "
-          f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    joins_at = f"; stages join at {args.host}:{server.registry.port}" if server.registry else ""
+    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages) or 'joined'} spans "
+          f"(compression {args.compression}){joins_at}; Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
     server.stop()
