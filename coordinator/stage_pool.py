@@ -100,6 +100,10 @@ class StagePool:
 
     # ---- what the pool holds -------------------------------------------------------------
 
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return list(self._servers)
+
     def views(self) -> list[ServerView]:
         """Every server, in layer order (servers whose span is unknown last)."""
         now = time.monotonic()
@@ -190,17 +194,12 @@ class StagePool:
                 server = self._servers[address] = Server(address, joined=True)
                 log.info("stage %s joined; probing it", address)
             server.renewed_at = now
-            if draining and server.state == SERVING:
-                server.state = DRAINING
-                tell = True
-            else:
-                tell = False
-                if server.state == DOWN and server.probe_at > now:
-                    server.probe_at = now  # it says it is back: look now
+            if server.state == DOWN and server.probe_at > now and not draining:
+                server.probe_at = now  # it says it is back: look now
             state = server.state
-        if tell:
-            self._tell(address, DRAINING)
-        return state
+        if draining:
+            self.draining(address)
+        return DRAINING if draining and state == SERVING else state
 
     # ---- probes ----------------------------------------------------------------------------
 
