@@ -22,6 +22,7 @@ from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
 from coordinator.route_choice import NoRoute
@@ -34,6 +35,7 @@ from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import stop_server
@@ -69,6 +71,7 @@ class CoordinatorConfig:
     allow_mixed_versions: bool = False  # serve stages of different torch/transformers versions (stage_agreement)
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics on a port (coordinator/metrics.py)
 
 
 def _not_ready(addresses: tuple[str, ...], states: list) -> list[str]:
@@ -219,6 +222,7 @@ class CoordinatorServer:
                              micro_batches=groups, limits=config.batch_limits, chain=chain,
                              prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
         self.pool.start()
+        self.metrics = CoordinatorMetrics(self.engine, self.pool, config.metrics)
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(self.pool.views(), self.engine.route_loads()),
@@ -237,6 +241,7 @@ class CoordinatorServer:
         self.port = bind(self.grpc_server, self.config.host, self.config.port,
                          server_credentials(api_tls) if api_tls else None)
         self.grpc_server.start()
+        self.metrics.start(self.config.host)
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -245,6 +250,7 @@ class CoordinatorServer:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         stop_server(self.grpc_server, grace_s)
+        self.metrics.close()
         self.pool.close()
         self.routes.close()
 

@@ -17,6 +17,7 @@ import threading
 import grpc
 
 from coordinator.engine import CapacityError, Engine, GenerationCancelled
+from coordinator.metrics import RequestMeter, grpc_request
 from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.stage_errors import StageCallError
 from coordinator.text import TextStream, Tokenization
@@ -45,14 +46,20 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _prepare(self, request, context) -> PreparedRequest:
+    def _prepare(self, request, context, meter: RequestMeter | None = None) -> PreparedRequest:
         try:
-            return prepare(request, self.tokenization, self.limits)
+            prepared = prepare(request, self.tokenization, self.limits)
         except ApiError as err:
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
+        if meter is not None:
+            meter.prompt(len(prepared.prompt_ids))
+        return prepared
 
-    def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None) -> SequenceResult:
+    def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None,
+             meter: RequestMeter | None = None) -> SequenceResult:
         def token_seen(token_id: int) -> bool:
+            if meter is not None:
+                meter.token()
             stopped = text.add(token_id)
             if on_token is not None:
                 on_token(token_id)
@@ -91,10 +98,18 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     def Generate(self, request, context):
-        prepared = self._prepare(request, context)
+        with grpc_request(context) as meter:
+            return self._generate(request, context, meter)
+
+    def GenerateStream(self, request, context):
+        with grpc_request(context) as meter:
+            yield from self._generate_stream(request, context, meter)
+
+    def _generate(self, request, context, meter: RequestMeter):
+        prepared = self._prepare(request, context, meter)
         text = TextStream(self.tokenization, prepared.stop)
         try:
-            result = self._run(prepared, text, context)
+            result = self._run(prepared, text, context, meter=meter)
         except GenerationCancelled:
             self._abort_stopped(context)
         except Exception as err:
@@ -103,15 +118,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             text=text.text, token_ids=result.token_ids, finish_reason=FINISH_REASONS[result.finish_reason],
             prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
 
-    def GenerateStream(self, request, context):
-        prepared = self._prepare(request, context)
+    def _generate_stream(self, request, context, meter: RequestMeter):
+        prepared = self._prepare(request, context, meter)
         text = TextStream(self.tokenization, prepared.stop)
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
 
         def work() -> None:
             try:
-                outcome["result"] = self._run(prepared, text, context, on_token=events.put)
+                outcome["result"] = self._run(prepared, text, context, on_token=events.put, meter=meter)
             except Exception as err:
                 outcome["error"] = err
             finally:

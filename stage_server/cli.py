@@ -20,6 +20,7 @@ from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import add_metrics_arguments, metrics_endpoint
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
 
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(parser)
     add_insecure_argument(parser)
     add_peers_argument(parser)
+    add_metrics_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--log-level", default="INFO")
     return parser
@@ -139,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             session_timeout_s=args.session_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls,
+            metrics=metrics_endpoint(args))
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

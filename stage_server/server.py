@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
@@ -31,6 +32,7 @@ from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import StageMetrics
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
@@ -78,6 +80,7 @@ class StageServerConfig:
     peers: tuple[str, ...] = ()  # addresses of the deployment's other stages (--peers; stage_server/deployment.py)
     progress: bool = True
     tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics (stage_server/metrics.py)
 
 
 class StageServer:
@@ -100,6 +103,7 @@ class StageServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.compute = ComputeThread()  # all torch work runs on it: load, calibration, steps
         self.service: StageService | None = None  # built in start, once the port (part of its name) is bound
+        self.metrics = StageMetrics(lambda: self.service, config.metrics) if config.metrics is not None else None
         self.port = 0
         self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
         self.split_head: SplitHead | None = None  # the last stage's LM head, when split
@@ -122,9 +126,11 @@ class StageServer:
                                     max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
                                     trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
-                                    deployment=Deployment(cfg.peers))
+                                    deployment=Deployment(cfg.peers), meter=self.metrics)
         add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
         self.grpc_server.start()
+        if self.metrics is not None:
+            self.metrics.start(cfg.host)
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,
@@ -231,6 +237,8 @@ class StageServer:
                 self._trace.close()
             if self.split_head is not None:
                 self.split_head.close()
+            if self.metrics is not None:
+                self.metrics.close()
         finally:
             self._finished.set()
 
