@@ -1,13 +1,13 @@
 """The Prometheus metrics port both command lines offer (`--metrics-port`), and serving a registry on it.
 
-Owns: `MetricsEndpoint` (the port and, when the process has TLS, the files its metrics are served
-with), the flag, and `serve_metrics`: prometheus_client's own HTTP server for one registry on the
-process's --host. The port is exactly as secure as the process's gRPC port: plaintext only where
-the gRPC port may be plaintext (loopback, or --insecure: the command line has checked that
-already); with TLS, HTTPS with the same certificate and key, and client certificates required
-when the gRPC port requires them (a stage's hops: always; the coordinator's API: with
---api-tls-ca). A scraper then needs what a client of that port needs, and no second rule of
-secure listening exists to get wrong.
+Owns: what the pages leave out (the `_created` series), `MetricsEndpoint` (the port and, when the
+process has TLS, the files its metrics are served with), the flag, and `serve_metrics`:
+prometheus_client's own HTTP server for one registry on the process's --host. The port is exactly
+as secure as the process's gRPC port: plaintext only where the gRPC port may be plaintext
+(loopback, or --insecure: the command line has checked that already); with TLS, HTTPS with the
+same certificate and key, and client certificates required when the gRPC port requires them (a
+stage's hops: always; the coordinator's API: with --api-tls-ca). A scraper then needs what a
+client of that port needs, and no second rule of secure listening exists to get wrong.
 
 Does not own: the families (coordinator/metrics.py, stage_server/metrics.py), the TLS files'
 checks (protos/tls.py, done at start by the command line), or the coordinator's HTTP face.
@@ -19,7 +19,13 @@ import argparse
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import disable_created_metrics
+
 log = logging.getLogger(__name__)
+
+# No `_created` series beside every counter and histogram: the text format has no place for them, so
+# prometheus_client sends each as a gauge of its own, doubling the series of every family.
+disable_created_metrics()
 
 SHUTDOWN_TIMEOUT_S = 2.0  # bound on waiting for the server thread at stop
 

@@ -9,13 +9,17 @@ port needs."""
 from __future__ import annotations
 
 import contextlib
+import json
+import re
 import ssl
 import threading
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
+import yaml
 from conftest import running_coordinator, running_stages
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import save_tiny_model, save_tiny_tokenizer
@@ -28,6 +32,7 @@ from protos.metrics_endpoint import MetricsEndpoint
 from protos.tls import TlsFiles
 from stage_server.server import StageServer, StageServerConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
 NEW_TOKENS = [6, 9, 4]
 COORDINATOR_FAMILIES = {
@@ -41,6 +46,16 @@ STAGE_FAMILIES = {
     "layerline_stage_step_seconds", "layerline_stage_hop_seconds", "layerline_stage_sent_bytes",
     "layerline_stage_micro_batches", "layerline_stage_sessions", "layerline_stage_kv_cache_bytes",
     "layerline_stage_stream_slots", "layerline_stage_stream_slots_max", "layerline_stage_serving"}
+
+
+def undocumented(scraped: Scrape) -> list[str]:
+    """Names on the page (a histogram's family name for its series) that docs/metrics.md does not list."""
+    text = (ROOT / "docs" / "metrics.md").read_text()
+    names = set()
+    for sample, _ in scraped.samples:
+        family = re.sub(r"_(bucket|sum|count)$", "", sample)
+        names.add(family if scraped.families.get(family) == "histogram" else sample)
+    return sorted(name for name in names if f"`{name}`" not in text)
 
 
 class Scrape:
@@ -96,6 +111,7 @@ def test_a_workload_shows_in_the_coordinators_and_every_stages_metrics(model_dir
             return after(name, **labels) - before(name, **labels)
 
         assert COORDINATOR_FAMILIES <= set(after.families)
+        assert undocumented(after) == []
         assert grew("layerline_requests_total", api="grpc", code="OK") == 3
         assert grew("layerline_requests_total", api="grpc", code=refused.value.code().name) == 1
         assert grew("layerline_request_duration_seconds_count", api="grpc") == 4
@@ -117,7 +133,7 @@ def test_a_workload_shows_in_the_coordinators_and_every_stages_metrics(model_dir
 
         first, last = (Scrape(stage.metrics.port) for stage in stages)
         for scraped in (first, last):
-            assert STAGE_FAMILIES <= set(scraped.families)
+            assert set(scraped.families) == STAGE_FAMILIES and undocumented(scraped) == []
             assert scraped("layerline_stage_step_seconds_count", kind="prefill") == 3
             assert scraped("layerline_stage_step_seconds_count", kind="decode") == sum(NEW_TOKENS) - 3
             assert scraped("layerline_stage_micro_batches_total", outcome="failed") == 0
@@ -213,3 +229,15 @@ def test_metrics_over_tls_need_a_client_certificate_of_the_stages_ca(model_dir, 
         client = ssl.create_default_context(cafile=ca)
         client.load_cert_chain(str(tmp_path / "client.pem"), str(tmp_path / "client-key.pem"))
         assert Scrape(port, client)("layerline_stage_serving") == 1
+
+
+def test_the_dashboard_and_the_scrape_config_use_the_exported_families():
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "layerline.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    named = {re.sub(r"_(bucket|sum|count|total)$", "", name) for expr in exprs
+             for name in re.findall(r"layerline_[a-z_]+", expr)}
+    assert named == COORDINATOR_FAMILIES | STAGE_FAMILIES  # every family shown, and none that is not exported
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"layerline-coordinator", "layerline-stages"}
+    assert all(job["static_configs"][0]["targets"] for job in jobs.values())
