@@ -240,8 +240,8 @@ class CoordinatorServer:
         api_tls = self.config.api_tls
         self.port = bind(self.grpc_server, self.config.host, self.config.port,
                          server_credentials(api_tls) if api_tls else None)
+        self.metrics.start(self.config.host)  # before serving: a taken metrics port fails the start
         self.grpc_server.start()
-        self.metrics.start(self.config.host)
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port

@@ -53,6 +53,10 @@ DECODE_STEP_ROWS = Histogram("layerline_decode_step_rows", "Rows (sequences) in 
 PREFILL_CHUNKS = Counter("layerline_prefill_chunks", "Prefill chunks scheduled (a long prompt goes in chunks of "
                          "--prefill-chunk tokens)", registry=REGISTRY)
 
+for _family in (TIME_TO_FIRST_TOKEN, TIME_PER_OUTPUT_TOKEN, REQUEST_DURATION, PROMPT_TOKENS, COMPLETION_TOKENS):
+    _family.labels("grpc")  # the gRPC API always serves: its series start at 0, so rates have a start
+REQUESTS.labels("grpc", "OK")
+
 
 def decode_step(rows: int) -> None:
     """A decode step of `rows` rows came back."""

@@ -58,10 +58,11 @@ class StageMetrics:
         self.micro_batches = Counter(
             "layerline_stage_micro_batches", "Micro-batches handled, by outcome (forwarded, answered, failed)",
             ["outcome"], registry=self.registry)
-        for kind in ("prefill", "decode"):
-            self.step_seconds.labels(kind)
-        for outcome in ("forwarded", "answered", "failed"):
-            self.micro_batches.labels(outcome)
+        # children looked up once: a step's measurements then cost no label lookups
+        self._step_by_kind = {kind: self.step_seconds.labels(kind) for kind in ("prefill", "decode")}
+        self._by_outcome = {outcome: self.micro_batches.labels(outcome) for outcome in ("forwarded", "answered",
+                                                                                         "failed")}
+        self._bytes_by_codec = {value: self.sent_bytes.labels(name) for value, name in _CODEC_NAMES.items()}
         self.registry.register(_StageGauges(service))
         self.server: MetricsServer | None = None
 
@@ -69,12 +70,12 @@ class StageMetrics:
              sent_bytes: int, now_ns: int) -> None:
         """A micro-batch is done with here: `outcome` as the step trace says it, stamps in monotonic ns
         (`computed_ns` 0: its forward pass never returned), `sent_bytes` to the next hop (0: none)."""
-        self.micro_batches.labels(outcome).inc()
+        self._by_outcome[outcome].inc()
         if computed_ns:
-            self.step_seconds.labels(step_kind(request)).observe((computed_ns - started_ns) * _NS)
+            self._step_by_kind[step_kind(request)].observe((computed_ns - started_ns) * _NS)
         if outcome == "forwarded":
             self.hop_seconds.observe((now_ns - computed_ns) * _NS)
-            self.sent_bytes.labels(_CODEC_NAMES[request.wire_codec]).inc(sent_bytes)
+            self._bytes_by_codec[request.wire_codec].inc(sent_bytes)
 
     def start(self, host: str) -> None:
         self.server = serve_metrics(self.endpoint, host, self.registry)

@@ -128,9 +128,9 @@ class StageServer:
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
                                     deployment=Deployment(cfg.peers), meter=self.metrics)
         add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
-        self.grpc_server.start()
-        if self.metrics is not None:
+        if self.metrics is not None:  # before serving: a taken metrics port fails the start
             self.metrics.start(cfg.host)
+        self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
         log.info("listening on %s:%d, loading layers %d:%d of %s", cfg.host, self.port,

@@ -241,3 +241,44 @@ def test_the_dashboard_and_the_scrape_config_use_the_exported_families():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == {"layerline-coordinator", "layerline-stages"}
     assert all(job["static_configs"][0]["targets"] for job in jobs.values())
+
+
+def test_a_stream_the_client_leaves_counts_as_cancelled(model_dir):
+    with running_stages(model_dir, 2, local_hops=False) as (addresses, _), \
+            running_coordinator(model_dir, addresses, metrics=MetricsEndpoint(0)) as (address, server):
+        before = Scrape(server.metrics.port)
+        with grpc.insecure_channel(address) as channel:
+            stream = coordinator_pb2_grpc.CoordinatorStub(channel).GenerateStream(request(PROMPTS[0], 200), timeout=60)
+            next(stream)
+            stream.cancel()
+
+        def cancelled() -> float:
+            after = Scrape(server.metrics.port)
+            return after("layerline_requests_total", api="grpc", code="CANCELLED") - \
+                before("layerline_requests_total", api="grpc", code="CANCELLED")
+        assert eventually(cancelled, 1) == 1
+
+
+def test_the_metrics_port_takes_the_tls_files_of_the_port_it_stands_beside():
+    from coordinator.cli import build_parser as coordinator_parser
+    from coordinator.metrics import metrics_endpoint as coordinator_endpoint
+    from stage_server.cli import build_parser as stage_parser
+    from stage_server.metrics import metrics_endpoint as stage_endpoint
+
+    serve = ["serve", "--stages", "127.0.0.1:1", "--model", "m"]
+    assert coordinator_endpoint(coordinator_parser().parse_args(serve)) is None
+    assert coordinator_endpoint(coordinator_parser().parse_args([*serve, "--metrics-port", "9100"])) == \
+        MetricsEndpoint(9100)
+    api_tls = ["--api-tls-cert", "c.pem", "--api-tls-key", "k.pem"]
+    assert coordinator_endpoint(coordinator_parser().parse_args([*serve, "--metrics-port", "0", *api_tls])) == \
+        MetricsEndpoint(0, certfile="c.pem", keyfile="k.pem")
+    assert coordinator_endpoint(coordinator_parser().parse_args(
+        [*serve, "--metrics-port", "0", *api_tls, "--api-tls-ca", "ca.pem"])) == \
+        MetricsEndpoint(0, certfile="c.pem", keyfile="k.pem", client_cafile="ca.pem")
+    stage = ["--model", "m", "--layers", "0:2", "--metrics-port", "9101"]
+    assert stage_endpoint(stage_parser().parse_args(stage)) == MetricsEndpoint(9101)
+    assert stage_endpoint(stage_parser().parse_args(
+        [*stage, "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-ca", "ca.pem"])) == \
+        MetricsEndpoint(9101, certfile="c.pem", keyfile="k.pem", client_cafile="ca.pem")
+    with pytest.raises(SystemExit):
+        stage_parser().parse_args([*stage[:-1], "65536"])
