@@ -3,9 +3,11 @@
 Owns: turning API requests into engine runs and engine results into API replies,
 mapping every failure to a gRPC status (validation → INVALID_ARGUMENT/OUT_OF_RANGE,
 stage failures → their own code with the failing stage named), and stopping the
-work on every stage when the client cancels or its deadline passes.
+work on every stage when the client cancels or its deadline passes; each call's status,
+tokens and times go to a RequestMeter.
 
-Does not own: validation rules (validation), generation (engine), text (text).
+Does not own: validation rules (validation), generation (engine), text (text), the metrics
+(metrics).
 """
 
 from __future__ import annotations
@@ -46,14 +48,11 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _prepare(self, request, context, meter: RequestMeter | None = None) -> PreparedRequest:
+    def _prepare(self, request, context) -> PreparedRequest:
         try:
-            prepared = prepare(request, self.tokenization, self.limits)
+            return prepare(request, self.tokenization, self.limits)
         except ApiError as err:
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
-        if meter is not None:
-            meter.prompt(len(prepared.prompt_ids))
-        return prepared
 
     def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None,
              meter: RequestMeter | None = None) -> SequenceResult:
@@ -106,7 +105,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             yield from self._generate_stream(request, context, meter)
 
     def _generate(self, request, context, meter: RequestMeter):
-        prepared = self._prepare(request, context, meter)
+        prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         try:
             result = self._run(prepared, text, context, meter=meter)
@@ -119,7 +119,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
 
     def _generate_stream(self, request, context, meter: RequestMeter):
-        prepared = self._prepare(request, context, meter)
+        prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}

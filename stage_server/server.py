@@ -3,7 +3,7 @@
 Owns: the gRPC server object, the health service (NOT_SERVING while the weights load, and
 again while draining), reflection, the same-machine listener, the compute thread and what
 loads on it (the slice, its split head and row chunks, the thread-count calibration), the
-session store, the step trace file, the idle-session reaper and SIGTERM handling; it builds
+session store, the step trace file, the metrics port, the idle-session reaper and SIGTERM handling; it builds
 the stage's service once the port is bound and hands it the slice once loaded.
 Does not own: request handling (servicer and the modules it builds) or argument parsing (cli).
 """
