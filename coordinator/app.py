@@ -22,6 +22,7 @@ from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
 from coordinator.registry import JoinServer, Registry, joined_route
@@ -35,6 +36,7 @@ from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import stop_server
@@ -67,6 +69,7 @@ class CoordinatorConfig:
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
     join_port: int | None = None  # serve the Registry (stage-server --join) on host:join_port (0: a free one)
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics on a port (coordinator/metrics.py)
 
 
 def _not_ready(addresses: tuple[str, ...], states: list) -> list[str]:
@@ -224,6 +227,7 @@ class CoordinatorServer:
                              prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
         if config.stages:  # joined stages are probed from the start (_wait_for_joined)
             self.pool.start()
+        self.metrics = CoordinatorMetrics(self.engine, self.pool, config.metrics)
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(self.pool.views(), self.engine.route_loads()),
@@ -269,6 +273,7 @@ class CoordinatorServer:
         api_tls = self.config.api_tls
         self.port = bind(self.grpc_server, self.config.host, self.config.port,
                          server_credentials(api_tls) if api_tls else None)
+        self.metrics.start(self.config.host)  # before serving: a taken metrics port fails the start
         self.grpc_server.start()
         self.pool.subscribe(lambda address, state: self._report_health())
         self._report_health()
@@ -291,6 +296,7 @@ class CoordinatorServer:
         stop_server(self.grpc_server, grace_s)
         if self.registry is not None:
             self.registry.stop()
+        self.metrics.close()
         self.routes.close()
         self.pool.close()
 

@@ -30,6 +30,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
+from coordinator.metrics import add_metrics_arguments, metrics_endpoint
 from coordinator.planner import PlanError, plan_partition
 from coordinator.registry import add_join_arguments, join_settings
 from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mixed_versions_argument(serve)
     tls_arguments.add_server_tls_arguments(serve)
     add_join_arguments(serve)
+    add_metrics_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -264,7 +266,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
                              allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
-                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays, **tls)
+                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays,
+                             metrics=metrics_endpoint(args), **tls)
 
 
 def cmd_serve(args) -> int:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from coordinator import scheduler
+from coordinator import metrics, scheduler
 from coordinator.failover import MAX_REPLAYS, Failover
 from coordinator.group_routes import GroupRoutes
 from coordinator.pipeline_client import logits_of
@@ -324,6 +324,7 @@ class Engine:
             self._group_failed(group, err)
             return
         self._decode_steps += 1
+        metrics.decode_step(len(group.rows))
         sampled = [s for row, s in enumerate(group.rows) if s.sample(logits, row)]
         chained = getattr(future, "next_in_chain", None)
         if chained is not None:  # the last stage sent the next step itself: mirror it and wait for it

@@ -61,6 +61,7 @@ class Failover:
         self.routes = routes
         self.max_replays = max_replays
         self.replayed = 0  # sequences restarted on a new route, over every run
+        self.failovers = 0  # times a lost route's sequences restarted on another, over every run
 
     def group_lost(self, group: Group, error: Exception) -> None:
         """`group`'s route is lost: its rows, its joining prefills and the prefills on their way to it
@@ -100,6 +101,7 @@ class Failover:
             where = " -> ".join(route.addresses) if route is not None else "its route"
             log.warning("route %s lost (%s): replaying %d sequence(s) on another route", where, error, len(again))
             self.replayed += len(again)
+            self.failovers += 1
             self.state.waiting.extendleft(reversed(again))
 
     def call_failed(self, sequences: list[LiveSequence], error: Exception, route, session_id: str = "") -> None:

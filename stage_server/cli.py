@@ -23,6 +23,7 @@ from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import add_metrics_arguments, metrics_endpoint
 from stage_server.registration import add_join_arguments, check_join_arguments
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_insecure_argument(parser)
     add_peers_argument(parser)
     add_join_arguments(parser)
+    add_metrics_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arguments(parser, "INFO")
     return parser
@@ -169,7 +171,8 @@ def _main(argv: list[str] | None) -> int:
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
             local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls,
-            join=args.join, advertise=args.advertise)
+            join=args.join, advertise=args.advertise,
+            metrics=metrics_endpoint(args))
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
