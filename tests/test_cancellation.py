@@ -105,6 +105,12 @@ class _StoppedContext:
     def code(self):  # as grpc.ServicerContext.code(): the status the handler ended the call with
         return self.status
 
+    def invocation_metadata(self):
+        return ()
+
+    def send_initial_metadata(self, metadata):
+        pass
+
     def abort(self, code, details):
         self.status = code
         raise _Aborted(details)
