@@ -30,6 +30,7 @@ from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
+from coordinator.plan_command import add_plan_command, cmd_plan
 from coordinator.planner import PlanError, plan_partition
 from coordinator.scheduler import BatchLimits
 from coordinator.split_costs import head_cost_in_layers
@@ -182,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    add_plan_command(commands)
     return parser
 
 
@@ -332,7 +334,8 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
