@@ -7,8 +7,9 @@ back to the parent). Does not own: which processes are throttled or what is meas
 
 Why a short period: a quota lets a process run at full speed until the period's share is spent.
 With the kernel's default period of 100 ms, a stage that computes a few ms per token and then
-waits for its neighbour never spends its share and is not slowed at all; with a period shorter
-than a step, every step runs at the quota's fraction of a core.
+waits for its neighbour never spends its share and is not slowed at all; with a period about as
+long as a step, every step runs at about the quota's fraction of a core. Not much shorter: each
+period the group waits to be scheduled again, and at 2 ms that wait made half a core a third.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ ROOT = Path("/sys/fs/cgroup")
 
 
 class CpuThrottle:
-    """A cgroup named `name` whose processes get `share` of a CPU, in periods of `period_us`."""
+    """A cgroup named `name` whose processes get `share` of a CPU, in periods of `period_us`, and
+    `weight` times a plain process's claim to it against other work (cpu.shares, cpu.weight): a
+    group competes with the machine's other processes and session groups as one process would,
+    whatever niceness its members have, so a busy machine would slow it below its quota."""
 
-    def __init__(self, name: str, share: float, period_us: int = 2000) -> None:
+    def __init__(self, name: str, share: float, period_us: int = 10000, weight: float = 1.0) -> None:
         if not 0 < share <= 64 or not 1000 <= period_us <= 1_000_000:
             raise ValueError(f"share must lie in (0, 64] CPUs and period_us in [1000, 1000000], got {share}, "
                              f"{period_us}")
@@ -36,12 +40,14 @@ class CpuThrottle:
             self.path = ROOT / name
             self.path.mkdir(exist_ok=True)
             (self.path / "cpu.max").write_text(f"{quota} {period_us}")
+            (self.path / "cpu.weight").write_text(str(max(1, min(10000, round(100 * weight)))))
         else:  # cgroup v1: the cpu controller's own hierarchy
             self.parent = ROOT / "cpu"
             self.path = self.parent / name
             self.path.mkdir(exist_ok=True)
             (self.path / "cpu.cfs_period_us").write_text(str(period_us))
             (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+            (self.path / "cpu.shares").write_text(str(max(2, min(262144, round(1024 * weight)))))
         self.share, self.period_us = share, period_us
 
     def add(self, pid: int) -> None:
