@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from coordinator.planner import PlanError
 
 SPEEDS = ("decode", "prefill")  # which time per token a plan balances
+PROBE_FORMATS = (1,)  # the "probe" field values of the lines this reads (stage_server/probe.py's PROBE_FORMAT)
 _FIELDS = {"decode_layer_s": float, "prefill_token_layer_s": float, "head_cost_layers": float,
            "layer_bytes": int, "embedding_bytes": int, "kv_bytes_per_token_layer": int, "free_bytes": int,
            "num_layers": int}
@@ -55,6 +56,10 @@ class HostProbe:
         """A probe line's object; PlanError naming the field when one is missing or not a number >= 0."""
         if not isinstance(data, dict):
             raise PlanError("a probe is a JSON object, as stage-server --probe prints it")
+        if data.get("probe", PROBE_FORMATS[0]) not in PROBE_FORMATS:
+            raise PlanError(f"probe of {name or data.get('host', '?')} is of format {data.get('probe')!r}, which this "
+                            f"coordinator does not read ({', '.join(map(str, PROBE_FORMATS))}); use one layerline "
+                            "version for both")
         values = {}
         for key, kind in _FIELDS.items():
             value = data.get(key)

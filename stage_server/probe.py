@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-PROBE_FORMAT = 1  # the "probe" field of the line: coordinator plan refuses lines of another format
+PROBE_FORMAT = 1  # the "probe" field of the line: coordinator plan refuses formats it does not read
 PROBE_LAYERS = 2
 CONTEXT_TOKENS = 64  # positions in the cache when a round of decode steps starts
 PREFILL_TOKENS = 128
@@ -119,8 +119,9 @@ def free_memory_bytes(device) -> int:
 
 
 def run_probe(model_dir: str, *, dtype: str = "auto", device: str = "cpu", threads: int = 0,
-              host: str = "") -> dict:
-    """Measure this host for the model in `model_dir`; returns the probe's JSON object."""
+              host: str = "", model_name: str = "") -> dict:
+    """Measure this host for the model in `model_dir` (`model_name`: as the user named it, for the
+    commands a plan prints; default the directory's name); returns the probe's JSON object."""
     import torch
     from transformers import AutoConfig, DynamicCache
 
@@ -180,7 +181,7 @@ def run_probe(model_dir: str, *, dtype: str = "auto", device: str = "cpu", threa
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {
-        "probe": PROBE_FORMAT, "host": host or socket.gethostname(), "model": Path(model_dir).name,
+        "probe": PROBE_FORMAT, "host": host or socket.gethostname(), "model": model_name or Path(model_dir).name,
         "fingerprint": loaded.fingerprint, "num_layers": config.num_hidden_layers, "dtype": str(loaded.dtype)[6:],
         "device": str(loaded.device), "threads": decode_threads if not on_gpu else 0, "prefill_threads": full,
         "decode_layer_s": decode / count, "prefill_token_layer_s": prefill / count / prefill_tokens,
@@ -203,7 +204,8 @@ def main_probe(args: argparse.Namespace) -> int:
 
     try:
         model_dir = ensure_model(args.model, progress=not args.quiet)
-        result = run_probe(str(model_dir), dtype=args.dtype, device=args.device, threads=args.threads)
+        result = run_probe(str(model_dir), dtype=args.dtype, device=args.device, threads=args.threads,
+                           model_name=args.model)
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2

@@ -97,6 +97,8 @@ def test_a_bad_probe_is_refused_naming_the_field(field, value):
     HostProbe.from_json(data, "ok")
     with pytest.raises(PlanError, match=field if value != 0 else "above zero"):
         HostProbe.from_json({**data, field: value}, "h")
+    with pytest.raises(PlanError, match="format 2"):
+        HostProbe.from_json({**data, "probe": 2}, "h")
 
 
 def _probe_file(tmp_path, name: str, **changes) -> str:
@@ -170,6 +172,7 @@ def test_probe_of_a_tiny_model(tiny_model, monkeypatch, capsys):
     model_dir = tiny_model("llama")
     assert stage_server_main(["--probe", "--model", str(model_dir), "--quiet", "--threads", "1"]) == 0
     line = json.loads(capsys.readouterr().out)
+    assert line["model"] == str(model_dir)  # as given: the plan's commands name it so
     assert line["probe"] == probe.PROBE_FORMAT and line["num_layers"] == 4 and line["probed_layers"] == [1, 3]
     assert line["decode_layer_s"] > 0 and line["prefill_token_layer_s"] > 0 and line["free_bytes"] > 0
     assert line["layer_bytes"] > 0 and line["kv_bytes_per_token_layer"] == 2 * 2 * 16 * 4
