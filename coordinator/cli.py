@@ -31,6 +31,7 @@ from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.metrics import add_metrics_arguments, metrics_endpoint
+from coordinator.plan_command import add_plan_command, cmd_plan
 from coordinator.planner import PlanError, plan_partition
 from coordinator.registry import add_join_arguments, join_settings
 from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
     add_top_command(commands)
+    add_plan_command(commands)
     for subcommand in commands.choices.values():
         add_log_arguments(subcommand, "WARNING", after=True)
     return parser
@@ -359,7 +361,7 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs, "top": cmd_top}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs, "top": cmd_top, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

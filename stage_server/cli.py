@@ -24,6 +24,7 @@ from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
 from stage_server.metrics import add_metrics_arguments, metrics_endpoint
+from stage_server.probe import add_probe_argument, main_probe
 from stage_server.registration import add_join_arguments, check_join_arguments
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
-    parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
+    parser.add_argument("--layers", help="layer range START:END (END exclusive), e.g. 0:10 (required unless --probe)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1); a non-loopback one needs --tls-* or --insecure")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_peers_argument(parser)
     add_join_arguments(parser)
     add_metrics_arguments(parser)
+    add_probe_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arguments(parser, "INFO")
     return parser
@@ -138,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.probe and not args.layers:
+        parser.error("the following arguments are required: --layers (or --probe)")
+    if args.probe:  # measures this host and exits: listens on nothing, so no TLS check
+        set_openmp_spin()
+        return main_probe(args)
     try:  # before anything loads: a stage that may not listen says so at once
         tls = hop_tls(args)
         check_server_listen(args, hops=tls is not None)
