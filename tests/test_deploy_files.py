@@ -257,3 +257,13 @@ def test_every_stage_has_a_disruption_budget_and_probes():
         assert {"startupProbe", "readinessProbe", "livenessProbe"} <= container.keys(), path.name
         memory = {k: int(v["memory"].removesuffix("Mi")) for k, v in container["resources"].items()}
         assert 0 < memory["requests"] <= memory["limits"], path.name
+
+
+def test_the_build_context_keeps_what_the_dockerfile_copies():
+    """.dockerignore excludes everything but what it names again; a COPY of anything else would fail
+    the build, which no check here runs."""
+    kept = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    copied = [source for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY ")
+              for source in line.split()[1:-1] if not source.startswith("--")]
+    assert len(copied) >= 5 and [s for s in copied if s.rstrip("/") not in kept] == []
+    assert all((ROOT / source).exists() for source in copied)
