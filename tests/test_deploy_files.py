@@ -267,3 +267,12 @@ def test_the_build_context_keeps_what_the_dockerfile_copies():
               for source in line.split()[1:-1] if not source.startswith("--")]
     assert len(copied) >= 5 and [s for s in copied if s.rstrip("/") not in kept] == []
     assert all((ROOT / source).exists() for source in copied)
+
+
+def test_compose_makes_a_certificate_for_every_file_it_names():
+    text = COMPOSE.read_text()
+    hosts = set(re.search(r"--hosts ([\w,.-]+)", text).group(1).split(","))
+    named = set(re.findall(r"/var/lib/layerline/certs/([\w.-]+?)(?:-key)?\.pem", text)) - {"ca", "client"}
+    assert named and named <= hosts, named - hosts
+    services = set(yaml.safe_load(text)["services"]) - {"certs"}
+    assert services == hosts  # each service is dialled by its name, which its certificate names
