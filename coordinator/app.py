@@ -200,8 +200,6 @@ class CoordinatorServer:
         for address in refused:
             log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
                         "stages its --peers name", address)
-        self.routes = Routes(self.pool, wire_codec=wire, model_fingerprint=infos[0].model_fingerprint,
-                             local_hops=config.local_hops)
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
                         vocab_size=infos[-1].vocab_size)
@@ -215,6 +213,8 @@ class CoordinatorServer:
         groups = config.micro_batches or groups_in_flight([(i.compute_threads, i.colocated_stages) for i in infos])
         chain = chain_greedy_steps(config.chain, addresses)
         log.info("greedy chaining %s (--chain %s)", "on" if chain else "off", config.chain)
+        self.routes = Routes(self.pool, wire_codec=wire, model_fingerprint=infos[0].model_fingerprint,
+                             local_hops=config.local_hops, chain=chain)
         self.engine = Engine(self.routes, pad_token_id=self.tokenization.pad_token_id,
                              micro_batches=groups, limits=config.batch_limits, chain=chain,
                              prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
@@ -245,8 +245,8 @@ class CoordinatorServer:
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         stop_server(self.grpc_server, grace_s)
-        self.pool.close()
         self.routes.close()
+        self.pool.close()
 
 
 def _max_context(model_dir: str) -> int:

@@ -38,7 +38,6 @@ from protos import codec, coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
 from protos.model_files.fetch import ensure_model, fetch_model
-from protos.model_files.resolve import resolve_model
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
 
@@ -259,7 +258,7 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
-    model_dir = resolve_model(args.model)
+    model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     keys = api_keys_from_args(args)
     server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
@@ -312,7 +311,7 @@ def cmd_generate(args) -> int:
         return run_generation(args.address, args, tls=tls)
     if not args.model:
         raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
-    model_dir = resolve_model(args.model)
+    model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0, stage_tls=tls))
     port = server.start()

@@ -374,7 +374,7 @@ class Engine:
     def _group_failed(self, group: Group, err: Exception) -> None:
         """A step of `group` failed: replay its sequences on another route if the route lost a
         server, else fail them."""
-        if group.route is not None and self.routes.failover(group.route, err):
+        if group.route is not None and self.routes.failover(group.route, err, chained=group.chaining):
             self.failover.group_lost(group, err)
             self._events.put(None)  # the loop admits them again
             return

@@ -127,6 +127,9 @@ class PipelineClient:
             [channels.get(a) for a in self.addresses]
         self._stubs = [stage_pb2_grpc.StageStub(c) for c in self._channels]
         self.direct_results = direct_results and len(self.addresses) > 1
+        # Whether the last stage can reach the first one (greedy chaining's hop): routes.Routes checks
+        # it for each route it makes (chain_check) and sets it when the check passes.
+        self.chain_reachable = True
         self.local_hops = local_hops
         self.hop_bytes = 0  # activation bytes the stages sent each other, as they report them
         self._pending = _Pending()
@@ -180,7 +183,7 @@ class PipelineClient:
         if cache_edit is not None:
             request.cache_edit.CopyFrom(cache_edit)
         if chain_steps:
-            if not self.can_chain:
+            if not self.direct_results:
                 raise ValueError("chaining needs answers sent directly by the last stage of 2 or more")
             request.chain_steps = chain_steps
             request.chain_route.extend(self.addresses)
@@ -198,8 +201,9 @@ class PipelineClient:
 
     @property
     def can_chain(self) -> bool:
-        """Whether decode steps may be chained by the last stage (it answers here directly)."""
-        return self.direct_results
+        """Whether decode steps may be chained by the last stage: it answers here directly, and it can
+        reach the first stage."""
+        return self.direct_results and self.chain_reachable
 
     def stop_chain(self, session_id: str, timeout_s: float = 10.0) -> None:
         """Ask the last stage to stop chaining the session's steps; does not wait for the answer."""

@@ -6,7 +6,8 @@ channels), handed out by load (`new_route`); whether a route still takes new ses
 the engine replays the route's sequences elsewhere, or the request's own fault, which fails it)
 and marking the failed server down; freeing a lost route's sessions on each of its servers
 directly (`free_session`), since the chain through the lost one is broken; ending a session along
-its route (`end_session`). And `SingleRoute`, the
+its route (`end_session`); chaining on a route only once its last stage is seen to reach its first
+(chain_check), and no more after a chained step failed to. And `SingleRoute`, the
 same face over one PipelineClient with no failover (tests, benchmarks).
 
 Does not own: the servers' states and route choice (stage_pool), the calls (pipeline_client), or
@@ -22,10 +23,12 @@ from collections.abc import Callable
 
 import grpc
 
+from coordinator.chain_check import CHECK_TIMEOUT_S, chain_works
 from coordinator.pipeline_client import PipelineClient
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, SERVING, StagePool
 from protos import stage_pb2, stage_pb2_grpc
+from protos.protocol import DRAINING_REFUSAL
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +45,11 @@ class Routes:
     """Routes over the servers of a StagePool, each a PipelineClient made on first use and kept."""
 
     def __init__(self, pool: StagePool, *, wire_codec: int = stage_pb2.CODEC_NONE, model_fingerprint: str = "",
-                 direct_results: bool = True, local_hops: bool = True) -> None:
+                 direct_results: bool = True, local_hops: bool = True, chain: bool = False) -> None:
+        """`chain`: greedy chaining is wanted; each route then checks in the background that its last
+        stage reaches its first (chain_check) and chains only once it does."""
         self.pool = pool
+        self.chain = chain
         self._client_options = dict(wire_codec=wire_codec, model_fingerprint=model_fingerprint,
                                     direct_results=direct_results, local_hops=local_hops, channels=pool.channels)
         self._clients: dict[tuple[str, ...], PipelineClient] = {}
@@ -62,21 +68,50 @@ class Routes:
             client = self._clients.get(addresses)
             if client is None:
                 client = self._clients[addresses] = PipelineClient(list(addresses), **self._client_options)
+                if self.chain and client.direct_results:
+                    client.chain_reachable = False
+                    threading.Thread(target=self._check_chain, args=(client,), name="chain-check", daemon=True).start()
             return client
+
+    @staticmethod
+    def _check_chain(client: PipelineClient) -> None:
+        if chain_works(client):
+            client.chain_reachable = True
+        else:
+            log.warning("greedy chaining is off on route %s: its last stage did not reach its first within %.0fs "
+                        "(a firewall or routing between them?); every step goes through the coordinator",
+                        " -> ".join(client.addresses), CHECK_TIMEOUT_S)
+
+    def chain_failed(self, route: PipelineClient, error: Exception) -> bool:
+        """Whether `error`, ending a step the last stage chained, says the last stage lost its way to the
+        first: chaining stops on that route (the first stage itself is not blamed)."""
+        if not (isinstance(error, StageCallError) and error.failed_stage == route.addresses[0]
+                and error.code in SERVER_FAILURES and route.chain_reachable):
+            return False
+        route.chain_reachable = False
+        log.warning("greedy chaining is off on route %s: a chained step did not reach the first stage (%s)",
+                    " -> ".join(route.addresses), error)
+        return True
 
     def accepts(self, route: PipelineClient) -> bool:
         """Whether new sessions may still join `route` (every server of it serving, none draining or down)."""
         return self.pool.accepts(route.addresses)
 
-    def failover(self, route: PipelineClient, error: Exception) -> bool:
+    def failover(self, route: PipelineClient, error: Exception, *, chained: bool = False) -> bool:
         """Whether `error`, from a call on `route`, lost the route rather than failed the request; marks the
-        server it names (if any, and of the route) down."""
+        server it names (if any, and of the route) down, unless it ended a step the last stage chained and
+        names the first stage (`chain_failed`: the hop between them failed, not the first stage)."""
         if not isinstance(error, StageCallError):
             return False
         if error.code == SESSION_LOST:
             return True
         if error.code not in SERVER_FAILURES:
             return False
+        if chained and self.chain_failed(route, error):
+            return True
+        if DRAINING_REFUSAL in str(error) and error.failed_stage in route.addresses:
+            self.pool.draining(error.failed_stage)  # its sessions finish there; new ones go elsewhere
+            return True
         if error.failed_stage in route.addresses:
             self.pool.failed(error.failed_stage, f"{error.code.name}: {error}")
         return True
@@ -152,7 +187,7 @@ class SingleRoute:
     def accepts(self, route: PipelineClient) -> bool:
         return True
 
-    def failover(self, route: PipelineClient, error: Exception) -> bool:
+    def failover(self, route: PipelineClient, error: Exception, *, chained: bool = False) -> bool:
         return False
 
     def free_session(self, route: PipelineClient, session_id: str) -> None:
