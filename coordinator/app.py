@@ -28,7 +28,7 @@ from coordinator.route_choice import NoRoute
 from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
-from coordinator.stage_agreement import chain_refusal
+from coordinator.stage_agreement import PipelineSetupError, chain_refusal
 from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, ServerView, StagePool
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
@@ -42,10 +42,6 @@ from protos.tls import TlsFiles, server_credentials
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 CONTROL_THREADS = 16  # server threads kept for health checks and GetModelInfo beyond every generation
-
-
-class PipelineSetupError(RuntimeError):
-    """The stages cannot serve together; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -231,22 +227,34 @@ class CoordinatorServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
         self.port = 0
+        self._stopping = False
 
     def start(self) -> int:
         api_tls = self.config.api_tls
         self.port = bind(self.grpc_server, self.config.host, self.config.port,
                          server_credentials(api_tls) if api_tls else None)
         self.grpc_server.start()
-        for service in ("", COORDINATOR_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.pool.subscribe(lambda address, state: self._report_health())
+        self._report_health()
         return self.port
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def _report_health(self) -> None:
+        """SERVING while the stage servers form a route, NOT_SERVING when a span has none (or stopping)."""
+        try:
+            serving = not self._stopping and bool(self.pool.choose())
+        except NoRoute as missing:
+            serving = False
+            log.warning("not serving: %s", missing)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", COORDINATOR_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(service, status)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        self._report_health()
         stop_server(self.grpc_server, grace_s)
-        self.pool.close()
         self.routes.close()
+        self.pool.close()
 
 
 def _max_context(model_dir: str) -> int:

@@ -14,7 +14,6 @@ import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before
 # isort: split
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -23,7 +22,7 @@ import time
 import grpc
 
 from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
-from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.batch_limits import BatchLimits
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
@@ -31,13 +30,13 @@ from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
-from coordinator.scheduler import BatchLimits
-from coordinator.split_costs import head_cost_in_layers
-from coordinator.stage_agreement import add_mixed_versions_argument
-from protos import codec, coordinator_pb2, tls_arguments
+from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
+from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
+from protos.codec_names import CODEC_NAMES
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
-from protos.model_files.fetch import ensure_model, fetch_model
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
 
@@ -72,7 +71,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_failover_arguments(parser)
-    parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
+    parser.add_argument("--compression", default="none", choices=list(CODEC_NAMES),
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="groups of sequences in flight at once so stages overlap (default 0 = one per "
@@ -115,7 +114,7 @@ def _add_request_limit(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
-    parser.add_argument("--log-level", default="WARNING")
+    add_log_arguments(parser, "WARNING")
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -181,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    for subcommand in commands.choices.values():
+        add_log_arguments(subcommand, "WARNING", after=True)
     return parser
 
 
@@ -239,12 +240,17 @@ def _wait_for_signal() -> None:
 
 
 def cmd_fetch(args) -> int:
+    from protos.model_files.fetch import fetch_model
+
     path = fetch_model(args.name, force=args.force)
     print(path)
     return 0
 
 
-def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls) -> CoordinatorConfig:
+def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls):
+    """The CoordinatorConfig the arguments ask for (app, and with it torch, is imported only here)."""
+    from coordinator.app import CoordinatorConfig
+
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
@@ -258,6 +264,9 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     keys = api_keys_from_args(args)
@@ -276,8 +285,13 @@ def cmd_launch_local(args) -> int:
     keys = api_keys_from_args(args)
     one_shot = args.prompt is not None or args.chat is not None
     tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
-    model_dir = ensure_model(args.model)
     from transformers import AutoConfig
+
+    from coordinator.app import CoordinatorServer
+    from coordinator.split_costs import head_cost_in_layers
+    from protos.model_files.fetch import ensure_model
+
+    model_dir = ensure_model(args.model)
 
     config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
@@ -311,6 +325,9 @@ def cmd_generate(args) -> int:
         return run_generation(args.address, args, tls=tls)
     if not args.model:
         raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0, stage_tls=tls))
@@ -336,7 +353,7 @@ COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_la
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, CertificateError, OSError,

@@ -208,7 +208,7 @@ class Engine:
                 futures.append(prefill.route.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
                     prefill.sent_mask(end), start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
-                    logits_top_k=scheduler.top_k_needed(sequences) if last else 1))
+                    logits_top_k=scheduler.top_k_needed(sequences) if last else 1, request_ids=prefill.request_ids))
         except Exception as err:
             if futures:
                 end_session(prefill.route, prefill.session_id)

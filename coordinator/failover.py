@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator.running_batch import Group
-from coordinator.scheduler import BatchState
-from coordinator.sequence import LiveSequence
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S
+
+if TYPE_CHECKING:  # imported for their names only: the command line takes this module's flags without torch
+    from coordinator.running_batch import Group
+    from coordinator.scheduler import BatchState
+    from coordinator.sequence import LiveSequence
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from coordinator.pipeline_client import PipelineClient
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, SERVING, StagePool
 from protos import stage_pb2, stage_pb2_grpc
+from protos.protocol import DRAINING_REFUSAL
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ class Routes:
         if error.code not in SERVER_FAILURES:
             return False
         if chained and self.chain_failed(route, error):
+            return True
+        if DRAINING_REFUSAL in str(error) and error.failed_stage in route.addresses:
+            self.pool.draining(error.failed_stage)  # its sessions finish there; new ones go elsewhere
             return True
         if error.failed_stage in route.addresses:
             self.pool.failed(error.failed_stage, f"{error.code.name}: {error}")

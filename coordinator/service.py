@@ -17,6 +17,7 @@ import threading
 import grpc
 
 from coordinator.engine import CapacityError, Engine, GenerationCancelled
+from coordinator.request_log import RequestLog
 from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.stage_errors import StageCallError
 from coordinator.text import TextStream, Tokenization
@@ -51,22 +52,27 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except ApiError as err:
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
-    def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None) -> SequenceResult:
+    def _run(self, prepared: PreparedRequest, text: TextStream, context, record: RequestLog,
+             on_token=None) -> SequenceResult:
         def token_seen(token_id: int) -> bool:
             stopped = text.add(token_id)
+            record.token()
             if on_token is not None:
                 on_token(token_id)
             return stopped
 
+        record.prompt_tokens = len(prepared.prompt_ids)
         request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
                                   frozenset() if prepared.ignore_eos else self.tokenization.eos_token_ids,
-                                  on_token=token_seen)
+                                  on_token=token_seen, request_id=record.request_id)
 
         def keep_going() -> bool:
             remaining = context.time_remaining()
             return context.is_active() and (remaining is None or remaining > 0)
 
-        return self.engine.generate([request], keep_going=keep_going)[0]
+        result = self.engine.generate([request], keep_going=keep_going)[0]
+        record.finished(result)
+        return result
 
     @staticmethod
     def _abort_stopped(context) -> None:
@@ -91,10 +97,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     def Generate(self, request, context):
+        with RequestLog(context, "grpc", "Generate") as record:
+            return self._generate(request, context, record)
+
+    def _generate(self, request, context, record: RequestLog):
         prepared = self._prepare(request, context)
         text = TextStream(self.tokenization, prepared.stop)
         try:
-            result = self._run(prepared, text, context)
+            result = self._run(prepared, text, context, record)
         except GenerationCancelled:
             self._abort_stopped(context)
         except Exception as err:
@@ -104,6 +114,10 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
 
     def GenerateStream(self, request, context):
+        with RequestLog(context, "grpc", "GenerateStream") as record:
+            yield from self._generate_stream(request, context, record)
+
+    def _generate_stream(self, request, context, record: RequestLog):
         prepared = self._prepare(request, context)
         text = TextStream(self.tokenization, prepared.stop)
         events: queue.Queue = queue.Queue()
@@ -111,7 +125,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
         def work() -> None:
             try:
-                outcome["result"] = self._run(prepared, text, context, on_token=events.put)
+                outcome["result"] = self._run(prepared, text, context, record, on_token=events.put)
             except Exception as err:
                 outcome["error"] = err
             finally:

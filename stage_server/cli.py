@@ -11,15 +11,17 @@ import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before
 
 # isort: split
 import argparse
-import logging
 import sys
 
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
 from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.registration import add_join_arguments, check_join_arguments
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
 
@@ -44,6 +46,16 @@ def _at_least_one(text: str) -> int:
 
 def _at_least_zero(text: str) -> int:
     return _whole_number(text, 0, "a whole number >= 0")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 86400, got {text!r}")
+    return value
 
 
 def _head_threads(text: str) -> int | str:
@@ -71,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_bound_arguments(parser, _at_least_one)
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
+    parser.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                        help="on SIGTERM, seconds to let the sessions held end before stopping (default 30); "
+                             "meanwhile the stage takes no new session; a second SIGTERM stops at once")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads, fixed (default: the usable cores, shared step by step with the "
                              "other stages of this machine)")
@@ -102,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(parser)
     add_insecure_argument(parser)
     add_peers_argument(parser)
+    add_join_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser, "INFO")
     return parser
 
 
@@ -112,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     try:  # before anything loads: a stage that may not listen says so at once
         tls = hop_tls(args)
         check_server_listen(args, hops=tls is not None)
-    except OSError as err:
+        check_join_arguments(args)
+    except (OSError, ValueError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # Held shared through the heavy imports and the weight load, so that a stage starting beside
     # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
     startup_lock = MachineLock()
@@ -136,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             stream_idle_timeout_s=args.stream_idle_timeout,
             max_cache_bytes=args.max_cache_mb << 20, max_step_tokens=args.max_step_tokens,
-            session_timeout_s=args.session_timeout,
+            session_timeout_s=args.session_timeout, drain_timeout_s=args.drain_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls,
+            join=args.join, advertise=args.advertise)
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
