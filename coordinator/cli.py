@@ -10,6 +10,7 @@ split (planner) or the --chain policy (chain_policy).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
@@ -29,8 +30,12 @@ from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
+from coordinator.metrics import add_metrics_arguments, metrics_endpoint
+from coordinator.plan_command import add_plan_command, cmd_plan
 from coordinator.planner import PlanError, plan_partition
+from coordinator.registry import add_join_arguments, join_settings
 from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
+from coordinator.top import add_top_command, cmd_top
 from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
 from protos.codec_names import CODEC_NAMES
@@ -123,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
 
     serve = commands.add_parser("serve", help="serve the public API over running stage servers")
-    serve.add_argument("--stages", required=True,
+    serve.add_argument("--stages",
                        help="HOST:PORT of each stage, in layer order, comma separated; replicas of a span "
-                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051")
+                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051 (optional with --join-port)")
     serve.add_argument("--model", required=True, help="model directory or known name (for the tokenizer)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
@@ -135,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
     tls_arguments.add_server_tls_arguments(serve)
+    add_join_arguments(serve)
+    add_metrics_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -180,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    add_top_command(commands)
+    add_plan_command(commands)
     for subcommand in commands.choices.values():
         add_log_arguments(subcommand, "WARNING", after=True)
     return parser
@@ -259,22 +268,26 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
                              allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
-                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays, **tls)
+                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays,
+                             metrics=metrics_endpoint(args), **tls)
 
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
+    joins = join_settings(args, tls)
     from coordinator.app import CoordinatorServer
     from protos.model_files.fetch import ensure_model
 
     model_dir = ensure_model(args.model)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or "").split(",") if s.strip()]
     keys = api_keys_from_args(args)
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls, **joins),
+                               api_keys=keys)
     reload_on_sighup(keys)
     port = server.start()
-    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} spans "
-          f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
+    joins_at = f"; stages join at {args.host}:{server.registry.port}" if server.registry else ""
+    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages) or 'joined'} spans "
+          f"(compression {args.compression}){joins_at}; Ctrl-C to stop", file=sys.stderr, flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
     server.stop()
@@ -348,7 +361,7 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs, "top": cmd_top, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,8 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"coordinator: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException:
+        if not quiet_interrupt.interrupted():
+            raise
+        # Ctrl-C before serving (while loading torch or waiting for stages): one line, no traceback
+        print("coordinator: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown (stage processes are already stopped by then)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from coordinator import metrics
 from coordinator.sequence import LiveSequence
 from protos import stage_pb2
 
@@ -85,6 +86,7 @@ class Prefill:
         rows, length = self.input_ids.shape
         step = max(1, chunk_tokens // rows) if chunk_tokens > 0 else length
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
+        metrics.prefill_chunks(len(self.chunks))
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
         self.target = target  # the group these sequences join once prefilled
         self.route = target.route  # the stages it is sent to: its group's

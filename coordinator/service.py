@@ -3,9 +3,11 @@
 Owns: turning API requests into engine runs and engine results into API replies,
 mapping every failure to a gRPC status (validation → INVALID_ARGUMENT/OUT_OF_RANGE,
 stage failures → their own code with the failing stage named), and stopping the
-work on every stage when the client cancels or its deadline passes.
+work on every stage when the client cancels or its deadline passes; each call's status,
+tokens and times go to a RequestMeter.
 
-Does not own: validation rules (validation), generation (engine), text (text).
+Does not own: validation rules (validation), generation (engine), text (text), the metrics
+(metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 import grpc
 
 from coordinator.engine import CapacityError, Engine, GenerationCancelled
+from coordinator.metrics import RequestMeter, grpc_request
 from coordinator.request_log import RequestLog
 from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.stage_errors import StageCallError
@@ -43,6 +46,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.model_info = model_info
         self._refresh_stage_info = refresh_stage_info
         self._batching_state = batching_state
+        self._tokens = 0  # sent to callers since start (GetModelInfo's batching.tokens)
+        self._tokens_lock = threading.Lock()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -53,10 +58,14 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
     def _run(self, prepared: PreparedRequest, text: TextStream, context, record: RequestLog,
-             on_token=None) -> SequenceResult:
+             on_token=None, meter: RequestMeter | None = None) -> SequenceResult:
         def token_seen(token_id: int) -> bool:
+            if meter is not None:
+                meter.token()
             stopped = text.add(token_id)
             record.token()
+            with self._tokens_lock:
+                self._tokens += 1
             if on_token is not None:
                 on_token(token_id)
             return stopped
@@ -97,14 +106,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     def Generate(self, request, context):
-        with RequestLog(context, "grpc", "Generate") as record:
-            return self._generate(request, context, record)
+        with RequestLog(context, "grpc", "Generate") as record, grpc_request(context) as meter:
+            return self._generate(request, context, record, meter)
 
-    def _generate(self, request, context, record: RequestLog):
+    def _generate(self, request, context, record: RequestLog, meter: RequestMeter):
         prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         try:
-            result = self._run(prepared, text, context, record)
+            result = self._run(prepared, text, context, record, meter=meter)
         except GenerationCancelled:
             self._abort_stopped(context)
         except Exception as err:
@@ -114,18 +124,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
 
     def GenerateStream(self, request, context):
-        with RequestLog(context, "grpc", "GenerateStream") as record:
-            yield from self._generate_stream(request, context, record)
+        with RequestLog(context, "grpc", "GenerateStream") as record, grpc_request(context) as meter:
+            yield from self._generate_stream(request, context, record, meter)
 
-    def _generate_stream(self, request, context, record: RequestLog):
+    def _generate_stream(self, request, context, record: RequestLog, meter: RequestMeter):
         prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
 
         def work() -> None:
             try:
-                outcome["result"] = self._run(prepared, text, context, record, on_token=events.put)
+                outcome["result"] = self._run(prepared, text, context, record, on_token=events.put, meter=meter)
             except Exception as err:
                 outcome["error"] = err
             finally:
@@ -160,4 +171,5 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 info.CopyFrom(self.model_info)
         if self._batching_state is not None:
             info.batching.CopyFrom(self._batching_state())
+        info.batching.tokens = self._tokens
         return info

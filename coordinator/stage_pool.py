@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SERVING, DRAINING, DOWN, JOINING = "serving", "draining", "down", "joining"
 PROBE_EVERY_S = 1.0  # Info to each serving server this often
 WATCH_EVERY_S = 0.2  # how often the watcher looks at probe times and silences
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # a down server is probed again after these, doubling
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # a down server is probed again after these, doubling (cheap)
 DEFAULT_STALL_TIMEOUT_S = 5.0
 FORGET_JOINED_AFTER_S = 30.0  # a joined server neither renewing nor answering this long is forgotten
 
@@ -99,6 +99,10 @@ class StagePool:
         self._watcher: threading.Thread | None = None
 
     # ---- what the pool holds -------------------------------------------------------------
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return list(self._servers)
 
     def views(self) -> list[ServerView]:
         """Every server, in layer order (servers whose span is unknown last)."""
@@ -190,17 +194,12 @@ class StagePool:
                 server = self._servers[address] = Server(address, joined=True)
                 log.info("stage %s joined; probing it", address)
             server.renewed_at = now
-            if draining and server.state == SERVING:
-                server.state = DRAINING
-                tell = True
-            else:
-                tell = False
-                if server.state == DOWN and server.probe_at > now:
-                    server.probe_at = now  # it says it is back: look now
+            if server.state == DOWN and server.probe_at > now and not draining:
+                server.probe_at = now  # it says it is back: look now
             state = server.state
-        if tell:
-            self._tell(address, DRAINING)
-        return state
+        if draining:
+            self.draining(address)
+        return DRAINING if draining and state == SERVING else state
 
     # ---- probes ----------------------------------------------------------------------------
 

@@ -185,7 +185,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "layer_start", "layer_end", "num_layers", "has_embeddings", "has_head", "dtype", "device", "versions", "rss_bytes", "parameter_bytes", "active_sessions", "cache_bytes", "hidden_size", "vocab_size", "max_sessions", "max_cache_bytes", "micro_batches_served", "compute_threads", "small_step_threads", "attention", "colocated_stages", "protocol_version", "weights_manifest_id", "draining")
+    __slots__ = ("model_fingerprint", "model_type", "layer_start", "layer_end", "num_layers", "has_embeddings", "has_head", "dtype", "device", "versions", "rss_bytes", "parameter_bytes", "active_sessions", "cache_bytes", "hidden_size", "vocab_size", "max_sessions", "max_cache_bytes", "micro_batches_served", "compute_threads", "small_step_threads", "attention", "colocated_stages", "protocol_version", "weights_manifest_id", "draining", "compute_seconds")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +219,7 @@ class InfoResponse(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
     layer_start: int
@@ -245,7 +246,8 @@ class InfoResponse(_message.Message):
     protocol_version: int
     weights_manifest_id: str
     draining: bool
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_head: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., rss_bytes: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., attention: _Optional[str] = ..., colocated_stages: _Optional[int] = ..., protocol_version: _Optional[int] = ..., weights_manifest_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_head: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., rss_bytes: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., attention: _Optional[str] = ..., colocated_stages: _Optional[int] = ..., protocol_version: _Optional[int] = ..., weights_manifest_id: _Optional[str] = ..., draining: _Optional[bool] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
     __slots__ = ("stages",)

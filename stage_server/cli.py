@@ -8,6 +8,7 @@ do next. Does not own: the stage itself (server.py starts, serves and stops it).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
@@ -15,12 +16,15 @@ import sys
 
 from protos.log_setup import add_log_arguments
 from protos.log_setup import configure as configure_logging
+from protos.shutdown import exit_now
 from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import add_metrics_arguments, metrics_endpoint
+from stage_server.probe import add_probe_argument, main_probe
 from stage_server.registration import add_join_arguments, check_join_arguments
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
@@ -67,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
-    parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
+    parser.add_argument("--layers", help="layer range START:END (END exclusive), e.g. 0:10 (required unless --probe)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1); a non-loopback one needs --tls-* or --insecure")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
@@ -118,13 +122,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_insecure_argument(parser)
     add_peers_argument(parser)
     add_join_arguments(parser)
+    add_metrics_arguments(parser)
+    add_probe_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_log_arguments(parser, "INFO")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except BaseException:  # Ctrl-C while starting (later, the server's own handler drains and stops)
+        if not quiet_interrupt.interrupted():
+            raise
+        print("stage-server: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown: threads and libraries half started say nothing
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.probe and not args.layers:
+        parser.error("the following arguments are required: --layers (or --probe)")
+    if args.probe:  # measures this host and exits: listens on nothing, so no TLS check
+        set_openmp_spin()
+        return main_probe(args)
     try:  # before anything loads: a stage that may not listen says so at once
         tls = hop_tls(args)
         check_server_listen(args, hops=tls is not None)
@@ -157,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
             local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls,
-            join=args.join, advertise=args.advertise)
+            join=args.join, advertise=args.advertise,
+            metrics=metrics_endpoint(args))
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

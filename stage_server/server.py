@@ -3,7 +3,7 @@
 Owns: the gRPC server object, the health service (NOT_SERVING while the weights load, and
 again while draining), reflection, the same-machine listener, the compute thread and what
 loads on it (the slice, its split head and row chunks, the thread-count calibration), the
-session store, the step trace file, the idle-session reaper, the registration with a coordinator
+session store, the step trace file, the metrics port, the idle-session reaper, the registration with a coordinator
 (--join, registration.py), and SIGTERM handling: a drain that takes no new session and waits for the
 sessions held to end, up to drain_timeout_s; it builds
 the stage's service once the port is bound and hands it the slice once loaded.
@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
@@ -33,6 +34,7 @@ from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import StageMetrics
 from stage_server.registration import Registration, announcement
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
@@ -83,6 +85,7 @@ class StageServerConfig:
     tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
     join: str = ""  # --join: the coordinator whose registry this stage announces itself to (registration.py)
     advertise: str = ""  # --advertise: the address announced; "" = host:port as bound
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics (stage_server/metrics.py)
 
 
 class StageServer:
@@ -105,6 +108,7 @@ class StageServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.compute = ComputeThread()  # all torch work runs on it: load, calibration, steps
         self.service: StageService | None = None  # built in start, once the port (part of its name) is bound
+        self.metrics = StageMetrics(lambda: self.service, config.metrics) if config.metrics is not None else None
         self.port = 0
         self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
         self.split_head: SplitHead | None = None  # the last stage's LM head, when split
@@ -113,6 +117,7 @@ class StageServer:
         self.registration: Registration | None = None  # with --join, once serving
         self._stopped = threading.Event()
         self._finished = threading.Event()  # stop() is done
+        self.ready = threading.Event()  # loaded and serving
 
     def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -128,8 +133,10 @@ class StageServer:
                                     max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
                                     trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
-                                    deployment=Deployment(cfg.peers))
+                                    deployment=Deployment(cfg.peers), meter=self.metrics)
         add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
+        if self.metrics is not None:  # before serving: a taken metrics port fails the start
+            self.metrics.start(cfg.host)
         self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
@@ -165,6 +172,7 @@ class StageServer:
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
         if cfg.join:
             address = cfg.advertise or f"{cfg.host}:{port}"
             self.registration = Registration(cfg.join, lambda: announcement(self.service, address), cfg.tls)
@@ -253,6 +261,8 @@ class StageServer:
                 self._trace.close()
             if self.split_head is not None:
                 self.split_head.close()
+            if self.metrics is not None:
+                self.metrics.close()
         finally:
             self._finished.set()
 
@@ -267,6 +277,9 @@ def run_until_signalled(server: StageServer) -> None:
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        if not server.ready.is_set():  # still loading: nothing to drain
+            print(f"stage-server: {signal.Signals(signum).name} while starting; exiting", file=sys.stderr, flush=True)
+            exit_now(130)
         if stopping.is_set():
             log.info("received %s again: exiting now", signal.Signals(signum).name)
             exit_now(1)

@@ -35,6 +35,7 @@ from stage_server.deployment import Deployment
 from stage_server.errors import StageRequestError
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
+from stage_server.metrics import StageMetrics
 from stage_server.next_hop import open_next_hop
 from stage_server.peer_identity import peer_of
 from stage_server.sessions import check_session_id
@@ -53,14 +54,14 @@ class StageService(stage_pb2_grpc.StageServicer):
     def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64,
                  stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S, trace: StepTrace | None = None,
                  use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None,
-                 deployment: Deployment | None = None) -> None:
+                 deployment: Deployment | None = None, meter: StageMetrics | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
         on (compute_thread); `stream_idle_timeout_s`: how long a stream may stay silent before a new
         stream may take its slot (stream_slots); `trace`: where step stamps go (--trace-steps);
         `use_local_hops`: whether next hops on this machine are reached over their Unix socket (next_hop);
         `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None:
         plaintext); `deployment`: the addresses this stage may send to (none but those SetDeployment
-        names when not given)."""
+        names when not given); `meter`: the stage's metrics (--metrics-port; stage_server/metrics.py)."""
         self.name = name
         self.max_streams = max_streams
         self.stream_slots = StreamSlots(max_streams, stream_idle_timeout_s)  # Forward and Results streams open now
@@ -74,7 +75,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.collectors = Collectors()
         self._chain = GreedyChain(self.open_link, self.collectors.get)
         self.steps = StepRunner(name, chain=self._chain, collectors=self.collectors, trace=trace,
-                                draining=self._draining, deployment=self.deployment)
+                                draining=self._draining, deployment=self.deployment, meter=meter)
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: Forward computes from now on."""
@@ -240,7 +241,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=model.hidden_size, vocab_size=model.vocab_size,
             max_sessions=store.max_sessions, max_cache_bytes=store.max_cache_bytes,
-            micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention,
+            micro_batches_served=self.steps.micro_batches_served, compute_seconds=self.steps.compute_seconds,
+            attention=loaded.attention,
             weights_manifest_id=loaded.weights_manifest_id))
         if served.threads is not None:
             reply.compute_threads, reply.small_step_threads = served.threads.full, served.threads.small_step

@@ -32,6 +32,7 @@ from stage_server.collectors import Collector, Collectors
 from stage_server.deployment import Caller, Deployment
 from stage_server.errors import InvalidRequest, SessionNotFound, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
+from stage_server.metrics import StageMetrics, Unmetered
 from stage_server.next_hop import unreachable
 from stage_server.sessions import Session, SessionStore, check_session_id
 from stage_server.split_head import SplitHead
@@ -62,15 +63,17 @@ class StepRunner:
     starts a session, while the sessions it holds go on stepping until they end."""
 
     def __init__(self, name: str, *, chain: GreedyChain, collectors: Collectors, trace: StepTrace | None,
-                 draining: threading.Event, deployment: Deployment) -> None:
+                 draining: threading.Event, deployment: Deployment, meter: StageMetrics | None = None) -> None:
         self.name = name  # "layers A:B @ host:port", used in error messages
         self._deployment = deployment  # the addresses a step may go on to
         self._chain = chain
         self._collectors = collectors
         self._trace = trace  # per-micro-batch timestamps (--trace-steps), until a write fails
+        self._meter = meter if meter is not None else Unmetered()  # --metrics-port (stage_server/metrics.py)
         self._draining = draining
         self.served: ServedSlice | None = None
         self.micro_batches_served = 0
+        self.compute_seconds = 0.0  # the forwards' time, for Info
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: compute steps from now on."""
@@ -96,7 +99,7 @@ class StepRunner:
         With a trace (--trace-steps), the step's stamps are written once it is sent on or answered;
         a forwarded step's `sent` is stamped as it is handed to the link (over a same-machine socket
         the next stage may have it before the write returns)."""
-        started, computed, handed, outcome = now_ns(), 0, 0, "failed"
+        started, computed, handed, outcome, sent_bytes = now_ns(), 0, 0, "failed", 0
         try:
             output, positions, mask = self._compute(request, caller, received_ns)
             computed = now_ns()
@@ -142,6 +145,7 @@ class StepRunner:
         except Exception as err:
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
+        self._meter.step(request, outcome, started, computed, sent_bytes, now_ns())
         if self._trace is not None:
             self._write_trace(request, outcome, received_ns, started, computed, handed if outcome == "forwarded" else 0)
 
@@ -244,6 +248,7 @@ class StepRunner:
                     if served.threads is not None:
                         served.threads.record(time.perf_counter() - started)
                 self.micro_batches_served += 1
+                self.compute_seconds += time.perf_counter() - started
         except Exception:
             if request.start_session:
                 sessions.end(request.session_id)  # never leave a half-made session behind

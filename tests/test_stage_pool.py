@@ -111,7 +111,9 @@ def test_a_draining_refusal_keeps_new_sessions_away_without_failing_the_server()
     pool.subscribe(lambda address, state: heard.append((address, state)))
     route = routes.new_route(lambda address: {"a2:1": 1}.get(address, 0))
     assert route.addresses == ["a1:1", "b1:1"]
-    refusal = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stage a1:1 {DRAINING_REFUSAL}; try a replica", "a1:1")
+    # A stage names itself in its own refusals ("layers A:B @ its host:port"): its span on the route tells which.
+    refusal = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stage {DRAINING_REFUSAL}; try a replica",
+                             "layers 0:2 @ 0.0.0.0:1")
     assert routes.failover(route, refusal)
     assert pool.state("a1:1") == DRAINING and heard == [("a1:1", DRAINING)]
     assert routes.new_route(lambda address: 0).addresses == ["a2:1", "b1:1"]
