@@ -74,12 +74,15 @@ def namespace_hosts(prefix: str, subnet: str, count: int) -> Iterator[list[Host]
 
 
 class ServerProcess:
-    """`python -m MODULE ARGS` inside `namespace` (None: this one); `ready` is the text of its ready
-    line. `start` waits for it (bounded) and raises with the process's last lines if it never comes."""
+    """`python -m MODULE ARGS` (or `command`, a whole argv) inside `namespace` (None: this one), with
+    `env` added to this process's environment; `ready` is the text of its ready line. `start` waits
+    for it (bounded) and raises with the process's last lines if it never comes."""
 
-    def __init__(self, namespace: str | None, module: str, *args: str, ready: str) -> None:
+    def __init__(self, namespace: str | None, module: str | None, *args: str, ready: str,
+                 command: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         prefix = ["ip", "netns", "exec", namespace] if namespace else []
-        self.command = [*prefix, sys.executable, "-m", module, *args]
+        self.command = [*prefix, *(command or [sys.executable, "-m", module, *args])]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.ready_text = ready
         self.lines: list[str] = []
         self.ready = threading.Event()
@@ -87,7 +90,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                        env=self.env)
         threading.Thread(target=self._follow, daemon=True).start()
         return self
 
