@@ -28,6 +28,7 @@ from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
+from coordinator.http_server import add_http_port_argument, http_port_from_args
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(serve)
+    add_http_port_argument(serve)
     _add_request_limit(serve)
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(launch)
+    add_http_port_argument(launch)
     _add_request_limit(launch)
     _add_pipeline_arguments(launch)
     add_mixed_versions_argument(launch)
@@ -253,7 +256,8 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              max_new_tokens_limit=getattr(args, "max_new_tokens_limit", 4096),
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
                              allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
-                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays, **tls)
+                             stall_timeout_s=args.stall_timeout, max_replays=args.max_replays,
+                             http_port=http_port_from_args(args), **tls)
 
 
 def cmd_serve(args) -> int:

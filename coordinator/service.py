@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 import grpc
 
@@ -31,6 +32,17 @@ FINISH_REASONS = {
     "stop": coordinator_pb2.FINISH_REASON_STOP,
 }
 _DONE = object()
+
+
+def failure_status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and one-line message a generation that raised `err` ends with (both APIs)."""
+    if isinstance(err, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+    if isinstance(err, StageCallError):
+        where = f" (stage {err.failed_stage})" if err.failed_stage else ""
+        return err.code, f"pipeline error{where}: {err}"
+    log.error("generation failed", exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -52,6 +64,16 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
     def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None) -> SequenceResult:
+        def keep_going() -> bool:
+            remaining = context.time_remaining()
+            return context.is_active() and (remaining is None or remaining > 0)
+
+        return self.generate_one(prepared, text, keep_going, on_token)
+
+    def generate_one(self, prepared: PreparedRequest, text: TextStream, keep_going: Callable[[], bool],
+                     on_token: Callable[[int], None] | None = None) -> SequenceResult:
+        """Run one prepared request to its end (either API); each token goes through `text` first,
+        then to `on_token`. Raises GenerationCancelled once `keep_going` answers False."""
         def token_seen(token_id: int) -> bool:
             stopped = text.add(token_id)
             if on_token is not None:
@@ -61,11 +83,6 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
                                   frozenset() if prepared.ignore_eos else self.tokenization.eos_token_ids,
                                   on_token=token_seen)
-
-        def keep_going() -> bool:
-            remaining = context.time_remaining()
-            return context.is_active() and (remaining is None or remaining > 0)
-
         return self.engine.generate([request], keep_going=keep_going)[0]
 
     @staticmethod
@@ -80,13 +97,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @staticmethod
     def _abort_for(err: Exception, context) -> None:
-        if isinstance(err, CapacityError):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        if isinstance(err, StageCallError):
-            where = f" (stage {err.failed_stage})" if err.failed_stage else ""
-            context.abort(err.code, f"pipeline error{where}: {err}")
-        log.exception("generation failed")
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        context.abort(*failure_status(err))
 
     # ---- RPCs ----------------------------------------------------------------------------
 
