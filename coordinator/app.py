@@ -244,8 +244,13 @@ class CoordinatorServer:
         if self.http is not None:  # bound first: a taken HTTP port stops the start before gRPC serves
             self.http_server = HttpServer(self.http.app, listen(self.config.host, self.config.http_port), api_tls)
             self.http_server.start()
-        self.port = bind(self.grpc_server, self.config.host, self.config.port,
-                         server_credentials(api_tls) if api_tls else None)
+        try:
+            self.port = bind(self.grpc_server, self.config.host, self.config.port,
+                             server_credentials(api_tls) if api_tls else None)
+        except BaseException:
+            if self.http_server is not None:
+                self.http_server.stop(0.0)
+            raise
         self.grpc_server.start()
         for service in ("", COORDINATOR_SERVICE):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)

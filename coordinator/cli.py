@@ -28,7 +28,7 @@ from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
-from coordinator.http_server import add_http_port_argument, http_port_from_args
+from coordinator.http_server import add_http_port_argument, http_note, http_port_from_args
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.planner import PlanError, plan_partition
@@ -269,7 +269,8 @@ def cmd_serve(args) -> int:
     reload_on_sighup(keys)
     port = server.start()
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} spans "
-          f"(compression {args.compression}); Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"(compression {args.compression}){http_note(server.http_server)}; Ctrl-C to stop", file=sys.stderr,
+          flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
     server.stop()
@@ -302,7 +303,8 @@ def cmd_launch_local(args) -> int:
             if one_shot:
                 return run_generation(f"127.0.0.1:{port}", args, api_key=keys.own_key() if keys else None)
             print(f"layerline: coordinator on {args.host}:{port}, {len(addresses)} stages "
-                  f"({', '.join(f'{a}:{b}' for a, b in ranges)}); Ctrl-C to stop", file=sys.stderr, flush=True)
+                  f"({', '.join(f'{a}:{b}' for a, b in ranges)}){http_note(server.http_server)}; Ctrl-C to stop",
+                  file=sys.stderr, flush=True)
             _wait_for_signal()
             return 0
         finally:

@@ -45,6 +45,11 @@ def http_port_from_args(args: argparse.Namespace) -> int | None:
     return port or None
 
 
+def http_note(server: HttpServer | None) -> str:
+    """What the start-up line adds about the HTTP API ("" without one)."""
+    return "" if server is None else f"; OpenAI-compatible HTTP API on port {server.port}"
+
+
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket on host:port (port 0: any free one); OSError naming both when it cannot."""
     host = host.strip("[]")
