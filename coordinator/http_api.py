@@ -74,8 +74,10 @@ class Generation:
     """One request run on an engine thread; its tokens' text deltas and its end arrive on `events`
     in the event loop as ("token", delta), then ("done", result) or ("error", exception)."""
 
-    def __init__(self, service: CoordinatorService, prepared: PreparedRequest, stopping: threading.Event) -> None:
+    def __init__(self, service: CoordinatorService, prepared: PreparedRequest, stopping: threading.Event,
+                 stream: bool) -> None:
         self.loop = asyncio.get_running_loop()
+        self.stream = stream  # an answer in one piece needs no token events
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.text = TextStream(service.tokenization, prepared.stop)
@@ -92,8 +94,8 @@ class Generation:
             return not (self.cancelled.is_set() or self._stopping.is_set())
 
         try:
-            result = self._service.generate_one(self._prepared, self.text, keep_going,
-                                                on_token=lambda _: self._put(("token", self.text.release())))
+            on_token = (lambda _: self._put(("token", self.text.release()))) if self.stream else None
+            result = self._service.generate_one(self._prepared, self.text, keep_going, on_token)
         except Exception as err:  # every failure reaches the client, mapped as the gRPC API maps it
             self._put(("error", err))
         else:
@@ -149,9 +151,9 @@ class HttpApi:
         try:
             digest = self._authenticate(request)
             asked = openai_requests.read_request(await self._json(request), chat=chat, model_id=self.model_id)
-            prepared = self._prepare(asked)
+            prepared = await asyncio.to_thread(self._prepare, asked)  # tokenizing a long prompt takes a while
             release = self._take_slot(digest)
-            generation = self._start(prepared)
+            generation = self._start(prepared, asked.stream)
             if asked.stream:
                 response = await self._stream(request, asked, prepared, generation, release)
                 streaming = True
@@ -166,8 +168,8 @@ class HttpApi:
             if release is not None and not streaming:  # a stream frees its slot when it ends
                 release()
 
-    def _start(self, prepared: PreparedRequest) -> Generation:
-        generation = Generation(self.service, prepared, self.stopping)
+    def _start(self, prepared: PreparedRequest, stream: bool) -> Generation:
+        generation = Generation(self.service, prepared, self.stopping, stream)
         try:
             done = asyncio.get_running_loop().run_in_executor(self._executor, generation.run)
         except RuntimeError:  # the executor has shut down
@@ -234,7 +236,7 @@ class HttpApi:
             watcher.cancel()
             generation.cancelled.set()  # a no-op once it has ended; stops it when this task is cancelled
         if kind == "error":
-            raise _failure(value)
+            raise _failure(value, self.stopping.is_set())
         return JSONResponse(openai_requests.answer(asked.chat, openai_requests.new_id(asked.chat), self.model_id,
                                                    generation.text.text, value.finish_reason,
                                                    len(prepared.prompt_ids), len(value.token_ids)))
@@ -254,7 +256,7 @@ class HttpApi:
             watcher.cancel()
         if first[0] == "error":
             release()
-            raise _failure(first[1])
+            raise _failure(first[1], self.stopping.is_set())
 
         def ended() -> None:
             generation.cancelled.set()
@@ -278,7 +280,7 @@ class HttpApi:
                     yield chunk(value)
                 kind, value = await generation.events.get()
             if kind == "error":
-                err = _failure(value)
+                err = _failure(value, self.stopping.is_set())
                 yield _sse(error_body(str(err), "server_error" if err.status >= 500 else "invalid_request_error",
                                       None, err.code))
                 return
@@ -308,7 +310,10 @@ class EventStream(StreamingResponse):
             self._ended()
 
 
-def _failure(err: Exception) -> HttpError:
+def _failure(err: Exception, stopping: bool = False) -> HttpError:
+    """The answer for a generation that raised `err`; `stopping`: the server is shutting down."""
+    if isinstance(err, GenerationCancelled) and stopping:
+        return HttpError(503, "the coordinator is stopping; the work stopped", code="unavailable")
     if isinstance(err, GenerationCancelled):
         return HttpError(499, "the request was cancelled; the work stopped", code="cancelled")
     code, message = failure_status(err)

@@ -15,6 +15,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,6 +29,7 @@ from transformers import AutoTokenizer
 from waiting import eventually, stage_sessions
 
 from coordinator.api_keys import ApiKeys
+from coordinator.app import CoordinatorConfig, CoordinatorServer
 from coordinator.certs import make_certificates
 from coordinator.client import CoordinatorClient
 from coordinator.http_server import listen
@@ -198,6 +200,24 @@ def test_unsupported_fields_get_a_400_in_openais_shape(api, extra, param):
     assert error["type"] == "invalid_request_error" and error["message"]
 
 
+@pytest.mark.parametrize("extra, param", [
+    ({"echo": True}, "echo"), ({"suffix": "!"}, "suffix"), ({"best_of": 2}, "best_of"), ({"logprobs": 1}, "logprobs"),
+    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"messages": CHAT}, "messages"), ({"n": 2}, "n"),
+])
+def test_unsupported_completion_fields_get_a_400(api, extra, param):
+    reply = httpx.post(f"{api.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **extra},
+                       headers={"Authorization": f"Bearer {KEY}"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+def test_neutral_values_are_taken(api):
+    """Values that ask for nothing beyond what the server does are not refused: clients send them."""
+    reply = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 2, "n": 1, "logprobs": False, "presence_penalty": 0,
+        "frequency_penalty": 0.0, "tools": None, "user": None, "response_format": {"type": "text"}})
+    assert reply.status_code == 200, reply.text
+
+
 def test_the_openai_package_gets_its_errors(api):
     with pytest.raises(openai.BadRequestError) as refused:
         client(api).chat.completions.create(model=MODEL, messages=CHAT, n=2)
@@ -332,3 +352,32 @@ def test_https_with_the_apis_tls_files(tiny_model, tmp_path):
                 assert https.get(url).json() == {"status": "serving"}
             with pytest.raises(httpx.HTTPError):
                 httpx.get(url.replace("https", "http"), timeout=5).raise_for_status()
+
+
+def test_stopping_ends_open_streams_within_the_grace(tiny_model):
+    """A coordinator stopped while an HTTP stream runs cancels it, ends the stream with an error
+    event, frees the stages' sessions and returns within its grace plus a little, not after the
+    whole answer (240 tokens at over 40 ms each)."""
+    model_dir = tiny_model("llama")
+    with running_stages(model_dir, 2) as (stages, stage_servers):
+        with slowed_forward(stage_servers[0], 0.02), slowed_forward(stage_servers[1], 0.02):
+            server = CoordinatorServer(CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), port=0,
+                                                         stage_wait_s=30, http_port=0))
+            server.start()
+            stopped = False
+            try:
+                url = f"http://127.0.0.1:{server.http_server.port}/v1/completions"
+                body = {"prompt": "hi", "max_tokens": 240, "ignore_eos": True, "stream": True}
+                with httpx.stream("POST", url, json=body, timeout=TIMEOUT_S) as reply:
+                    lines = reply.iter_lines()
+                    next(lines)
+                    started = time.monotonic()
+                    server.stop(grace_s=1.0)
+                    stopped = True
+                    assert time.monotonic() - started < 4.0
+                    rest = "".join(lines)
+                assert "[DONE]" not in rest and "the coordinator is stopping" in rest, rest[-500:]
+            finally:
+                if not stopped:
+                    server.stop(grace_s=1.0)
+            assert eventually(lambda: stage_sessions(stages), [0, 0], timeout_s=5) == [0, 0]
