@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import resource
 import statistics
 import sys
 import time
@@ -35,11 +36,21 @@ import httpx2 as httpx  # noqa: E402
 from interleaved_rounds import interleaved, quartiles  # noqa: E402
 from local_pipeline import cpu_seconds, free_port, log, pipeline  # noqa: E402
 
-from coordinator.client import AsyncCoordinatorClient  # noqa: E402
+from coordinator.client import AsyncCoordinatorClient, CoordinatorClient  # noqa: E402
 from protos.model_files.resolve import resolve_model  # noqa: E402
 
 BASE_PROMPT = [1, 504, 3458, 314, 260, 1345, 282, 253, 1167, 30, 657, 3123, 314, 260, 1345, 282]
 TIMEOUT_S = 600.0
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _prefills(address: str) -> int:
+    with CoordinatorClient(address) as client:
+        return client.model_info().batching.prefills
 
 
 def prompts(clients: int, vocab: int) -> list[list[int]]:
@@ -115,17 +126,23 @@ def main() -> None:
     url = f"http://127.0.0.1:{http_port}"
     texts: dict[str, list[str]] = {}
     cpu_ms: dict[str, list[float]] = {}  # the coordinator process's CPU time per generated token
+    client_cpu_ms: dict[str, list[float]] = {}  # this process's (the clients') CPU time per generated token
     with pipeline(Path(model_dir), args.stages, "auto", coordinator_args=("--http-port", str(http_port))) as address:
         def measure(api: str, mode: str):
             def run() -> float:
                 call = grpc_clients(address, batch, args.new_tokens, mode == "stream") if api == "grpc" else \
                     http_clients(url, batch, args.new_tokens, mode == "stream")
-                before = cpu_seconds(address)[0]
+                before, client_before, prefills_before = cpu_seconds(address)[0], _own_cpu_s(), _prefills(address)
                 answers, rate = asyncio.run(call)
-                per_token = 1000 * (cpu_seconds(address)[0] - before) / (args.clients * args.new_tokens)
+                tokens = args.clients * args.new_tokens
+                per_token = 1000 * (cpu_seconds(address)[0] - before) / tokens
+                client_ms = 1000 * (_own_cpu_s() - client_before) / tokens
+                prefills = _prefills(address) - prefills_before
                 texts.setdefault(f"{api}-{mode}", answers)
                 cpu_ms.setdefault(f"{api}-{mode}", []).append(per_token)
-                log(f"{api:4} {mode:6} {rate:8.1f} tokens/s, coordinator {per_token:.2f} ms CPU a token")
+                client_cpu_ms.setdefault(f"{api}-{mode}", []).append(client_ms)
+                log(f"{api:4} {mode:6} {rate:8.1f} tokens/s, CPU a token: coordinator {per_token:.2f} ms, "
+                    f"clients {client_ms:.2f} ms; {prefills} prefills")
                 return rate
             return run
 
@@ -134,6 +151,7 @@ def main() -> None:
         measure("http", "unary")()
         texts.clear()
         cpu_ms.clear()
+        client_cpu_ms.clear()
         samples = interleaved({f"{api}-{mode}": measure(api, mode) for mode in modes for api in ("grpc", "http")},
                               args.rounds)
     report = {"model": args.model, "stages": args.stages, "clients": args.clients, "new_tokens": args.new_tokens,
@@ -147,7 +165,9 @@ def main() -> None:
             "grpc_median": statistics.median(grpc_rates), "http_median": statistics.median(http_rates),
             "http_over_grpc_median": statistics.median(ratios), "http_over_grpc_quartiles": quartiles(ratios),
             "same_text": same, "coordinator_cpu_ms_per_token": {
-                "grpc": statistics.median(cpu_ms[f"grpc-{mode}"]), "http": statistics.median(cpu_ms[f"http-{mode}"])}}
+                "grpc": statistics.median(cpu_ms[f"grpc-{mode}"]), "http": statistics.median(cpu_ms[f"http-{mode}"])},
+            "client_cpu_ms_per_token": {"grpc": statistics.median(client_cpu_ms[f"grpc-{mode}"]),
+                                        "http": statistics.median(client_cpu_ms[f"http-{mode}"])}}
         print(f"{mode}: HTTP/gRPC tokens/s = {statistics.median(ratios):.3f} (median of {args.rounds} rounds; "
               f"quartiles {quartiles(ratios)[0]:.3f}-{quartiles(ratios)[1]:.3f}); gRPC "
               f"{statistics.median(grpc_rates):.1f}, HTTP {statistics.median(http_rates):.1f} tokens/s; "

@@ -29,9 +29,9 @@ from starlette.routing import Route
 from coordinator import openai_requests
 from coordinator.api_keys import ApiKeys
 from coordinator.engine import GenerationCancelled
+from coordinator.http_generation import EventPump, Generation
 from coordinator.openai_requests import OpenAiRequest, RequestRefused
 from coordinator.service import CoordinatorService, failure_status
-from coordinator.text import TextStream
 from coordinator.validation import ApiError, PreparedRequest, prepare
 
 log = logging.getLogger(__name__)
@@ -70,38 +70,6 @@ def _sse(body: dict | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-class Generation:
-    """One request run on an engine thread; its tokens' text deltas and its end arrive on `events`
-    in the event loop as ("token", delta), then ("done", result) or ("error", exception)."""
-
-    def __init__(self, service: CoordinatorService, prepared: PreparedRequest, stopping: threading.Event,
-                 stream: bool) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.stream = stream  # an answer in one piece needs no token events
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.text = TextStream(service.tokenization, prepared.stop)
-        self._service, self._prepared, self._stopping = service, prepared, stopping
-
-    def _put(self, event: tuple) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop has closed: the server stopped and nobody reads
-            self.cancelled.set()
-
-    def run(self) -> None:
-        def keep_going() -> bool:
-            return not (self.cancelled.is_set() or self._stopping.is_set())
-
-        try:
-            on_token = (lambda _: self._put(("token", self.text.release()))) if self.stream else None
-            result = self._service.generate_one(self._prepared, self.text, keep_going, on_token)
-        except Exception as err:  # every failure reaches the client, mapped as the gRPC API maps it
-            self._put(("error", err))
-        else:
-            self._put(("done", result))
-
-
 class HttpApi:
     """The app and what its routes share: the service, the keys, and the threads generations run on."""
 
@@ -112,6 +80,7 @@ class HttpApi:
         self.model_id = service.model_info.model_name
         self.stopping = threading.Event()
         self._running = 0  # generations holding a thread; only the event loop's thread changes it
+        self._pump: EventPump | None = None
         self._executor = ThreadPoolExecutor(max_workers=max_running, thread_name_prefix="http-generate")
         routes = [Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"]),
@@ -169,9 +138,12 @@ class HttpApi:
                 release()
 
     def _start(self, prepared: PreparedRequest, stream: bool) -> Generation:
-        generation = Generation(self.service, prepared, self.stopping, stream)
+        loop = asyncio.get_running_loop()
+        if self._pump is None:  # made here: the loop is uvicorn's, started after this object
+            self._pump = EventPump(loop)
+        generation = Generation(self.service, prepared, self.stopping, stream, self._pump)
         try:
-            done = asyncio.get_running_loop().run_in_executor(self._executor, generation.run)
+            done = loop.run_in_executor(self._executor, generation.run)
         except RuntimeError:  # the executor has shut down
             raise HttpError(503, "the coordinator is stopping", code="unavailable") from None
         self._running += 1

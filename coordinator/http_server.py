@@ -29,9 +29,15 @@ START_TIMEOUT_S = 10.0
 BACKLOG = 1024
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535 (0: off), got {text!r}")
+    return int(text)
+
+
 def add_http_port_argument(parser: argparse.ArgumentParser) -> None:
     """`--http-port` for the commands that serve the public API (serve, launch-local)."""
-    parser.add_argument("--http-port", type=int, default=0, metavar="PORT",
+    parser.add_argument("--http-port", type=_port, default=0, metavar="PORT",
                         help="also serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
                              "/v1/models, /health, /metrics) on this port of --host, with the same API keys and "
                              "--api-tls-* files (default 0: off)")
@@ -39,10 +45,7 @@ def add_http_port_argument(parser: argparse.ArgumentParser) -> None:
 
 def http_port_from_args(args: argparse.Namespace) -> int | None:
     """CoordinatorConfig.http_port from the flag: None (off) for 0."""
-    port = getattr(args, "http_port", 0)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--http-port must lie in 1..65535 (0: off), got {port}")
-    return port or None
+    return getattr(args, "http_port", 0) or None
 
 
 def http_note(server: HttpServer | None) -> str:
