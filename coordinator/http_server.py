@@ -19,10 +19,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import uvicorn
-
-from protos.tls import TlsFiles
+if TYPE_CHECKING:
+    from protos.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 START_TIMEOUT_S = 10.0
@@ -92,6 +92,8 @@ class HttpServer:
     """uvicorn serving `app` on an already bound socket, in its own thread and event loop."""
 
     def __init__(self, app, sock: socket.socket, tls: TlsFiles | None = None) -> None:
+        import uvicorn  # here: the command line adds --http-port without loading the server
+
         self.sock = sock
         self.port = sock.getsockname()[1]
         with tempfile.TemporaryDirectory(prefix="layerline-http-") as directory:
