@@ -40,15 +40,18 @@ def free_port() -> int:
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
              compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
              max_batch_rows: int | None = None, chain: str = "auto", balance_for: tuple[int, int] | None = None,
-             stage_args: tuple[str, ...] = (), coordinator_args: tuple[str, ...] = ()):
+             stage_args: tuple[str, ...] = (), ranges: list[tuple[int, int]] | None = None,
+             coordinator_args: tuple[str, ...] = ()):
     """Stage server processes plus a coordinator process; yields the coordinator's address.
     `balance_for` (prompt tokens, new tokens) splits the layers for that workload (as
-    `launch-local --balance-for`) instead of for decode alone. `stage_args`, `coordinator_args`: more
-    stage-server and coordinator serve options."""
+    `launch-local --balance-for`) instead of for decode alone; `ranges` gives the split itself.
+    `stage_args`, `coordinator_args`: more stage-server and coordinator serve options."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
-    ranges = plan_partition(config.num_hidden_layers, num_stages, head_cost=head_cost_in_layers(config, balance_for))
+    if ranges is None:
+        config = AutoConfig.from_pretrained(model_dir)
+        ranges = plan_partition(config.num_hidden_layers, num_stages,
+                                head_cost=head_cost_in_layers(config, balance_for))
     with LocalStages(str(model_dir), ranges, dtype=dtype, threads=threads, cpu_sets=cpu_sets, echo=False,
                      extra_args=stage_args) as stages:
         addresses = stages.start()
@@ -78,6 +81,11 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
 
 _PROCESSES: dict[str, list[int]] = {}  # coordinator address → pids of (coordinator, stage 0, stage 1, ...)
 _STAGES: dict[str, list[str]] = {}  # coordinator address → its stages' addresses
+
+
+def stage_pids(address: str) -> list[int]:
+    """The process ids of a pipeline's stages, in layer order."""
+    return _PROCESSES[address][1:]
 
 
 def small_step_threads(address: str) -> list[int]:

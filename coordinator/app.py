@@ -1,11 +1,11 @@
 """Assembling a coordinator process: connect to the stages, check them, serve the public API.
 
 Owns: the coordinator's one frozen config, waiting for the given stage servers (every replica of
-every span) and checking that they form at least one complete route, and the gRPC server with
-health and reflection. Does not own: request handling (service), generation (engine), the
-servers' states and routes once serving (stage_pool, routes), what --chain auto resolves to
-(chain_policy), or whether the stages agree on model, weights, protocol and versions
-(stage_agreement).
+every span), or with no stages given for joined ones (registry), and checking that they form at
+least one complete route, and the gRPC server with health and reflection. Does not own: request
+handling (service), generation (engine), the servers' states and routes once serving (stage_pool,
+routes), what --chain auto resolves to (chain_policy), or whether the stages agree on model,
+weights, protocol and versions (stage_agreement).
 """
 
 from __future__ import annotations
@@ -24,18 +24,21 @@ from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
 from coordinator.http_api import HttpApi
 from coordinator.http_server import HttpServer, listen, serving_from
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
+from coordinator.registry import JoinServer, Registry, joined_route
 from coordinator.route_choice import NoRoute
 from coordinator.routes import Routes
 from coordinator.scheduler import BatchLimits, per_sequence_stages
 from coordinator.service import CoordinatorService
-from coordinator.stage_agreement import chain_refusal
+from coordinator.stage_agreement import PipelineSetupError, chain_refusal
 from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S, ServerView, StagePool
 from coordinator.text import Tokenization
 from coordinator.validation import Limits
 from protos import codec, coordinator_pb2, stage_pb2
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB, api_server_options, bind
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import stop_server
@@ -44,10 +47,6 @@ from protos.tls import TlsFiles, server_credentials
 log = logging.getLogger(__name__)
 COORDINATOR_SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name
 CONTROL_THREADS = 16  # server threads kept for health checks and GetModelInfo beyond every generation
-
-
-class PipelineSetupError(RuntimeError):
-    """The stages cannot serve together; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,8 @@ class CoordinatorConfig:
     allow_mixed_versions: bool = False  # serve stages of different torch/transformers versions (stage_agreement)
     stage_tls: TlsFiles | None = None  # --tls-*: mutual TLS towards the stages (protos/tls.py)
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
+    join_port: int | None = None  # serve the Registry (stage-server --join) on host:join_port (0: a free one)
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics on a port (coordinator/metrics.py)
     http_port: int | None = None  # the OpenAI-compatible HTTP API (http_server); None: off, 0: any free port
 
 
@@ -150,7 +151,8 @@ def stage_infos_to_api(views: list[ServerView], rows: dict[str, int]) -> list[co
                 layer_start=i.layer_start, layer_end=i.layer_end, dtype=i.dtype, device=i.device,
                 active_sessions=i.active_sessions, attention=i.attention, compute_threads=i.compute_threads,
                 small_step_threads=i.small_step_threads, colocated_stages=i.colocated_stages,
-                versions=dict(i.versions)))
+                versions=dict(i.versions), rss_bytes=i.rss_bytes, cache_bytes=i.cache_bytes,
+                micro_batches_served=i.micro_batches_served, compute_seconds=i.compute_seconds))
         stages.append(stage)
     return stages
 
@@ -179,30 +181,35 @@ class CoordinatorServer:
         self.config = config
         self.api_keys = api_keys  # None: every call is let in
         wire = codec.codec_from_name(config.compression)
-        addresses = stage_addresses(config.stages)
-        infos = wait_for_stages(addresses, config.stage_wait_s, config.stage_tls)
-        refusal = chain_refusal(addresses, infos, allow_mixed_versions=config.allow_mixed_versions)
+        addresses = stage_addresses(config.stages) if config.stages or config.join_port is None else ()
+        infos = wait_for_stages(addresses, config.stage_wait_s, config.stage_tls) if addresses else []
+        refusal = addresses and chain_refusal(addresses, infos, allow_mixed_versions=config.allow_mixed_versions)
         if refusal:
             raise PipelineSetupError(refusal)
-        if len(addresses) == len(config.stages):  # one server a span: the order given must be the layers'
+        if addresses and len(addresses) == len(config.stages):  # one server a span: the order must be the layers'
             check_route(addresses, infos)
         self.tokenization = Tokenization.from_model_dir(config.model_dir)
         self.pool = StagePool(addresses, tls=config.stage_tls, stall_timeout_s=config.stall_timeout_s,
                               allow_mixed_versions=config.allow_mixed_versions)
+        self.registry: JoinServer | None = None  # the Registry, with a join port
+        if not addresses:  # every stage joins: serve once they form a route
+            self.registry = self._start_registry(())
+            addresses, infos = self._wait_for_joined()
         self.pool.seed(zip(addresses, infos))
         try:
             self.pool.choose()
-            refused = self.pool.tell_deployment(raise_errors=True)
+            refused = self.pool.tell_deployment(raise_errors=bool(config.stages))
         except NoRoute as err:
-            self.pool.close()
+            self._abandon()
             raise PipelineSetupError(str(err)) from None
         except grpc.RpcError as err:
-            self.pool.close()
+            self._abandon()
             raise PipelineSetupError(f"could not tell the stages their deployment (SetDeployment): "
                                      f"{err.code().name}: {err.details()}") from None
         for address in refused:
             log.warning("stage %s refused SetDeployment (plaintext from another machine): it sends only to the "
                         "stages its --peers name", address)
+        self.registry = self.registry or self._start_registry(addresses)  # stages join beside the given ones
         max_context = _max_context(config.model_dir)
         limits = Limits(max_new_tokens=min(config.max_new_tokens_limit, max_context), max_context=max_context,
                         vocab_size=infos[-1].vocab_size)
@@ -221,7 +228,9 @@ class CoordinatorServer:
         self.engine = Engine(self.routes, pad_token_id=self.tokenization.pad_token_id,
                              micro_batches=groups, limits=config.batch_limits, chain=chain,
                              prefill_alone=per_sequence_stages(infos), max_replays=config.max_replays)
-        self.pool.start()
+        if config.stages:  # joined stages are probed from the start (_wait_for_joined)
+            self.pool.start()
+        self.metrics = CoordinatorMetrics(self.engine, self.pool, config.metrics)
         self.service = CoordinatorService(
             self.engine, self.tokenization, limits, info,
             refresh_stage_info=lambda: stage_infos_to_api(self.pool.views(), self.engine.route_loads()),
@@ -238,6 +247,34 @@ class CoordinatorServer:
             max_body_bytes=config.max_request_bytes, max_running=server_threads(config.batch_limits))
         self.http_server: HttpServer | None = None
         self.port = 0
+        self._stopping = False
+
+    def _start_registry(self, static: tuple[str, ...]) -> JoinServer | None:
+        config = self.config
+        if config.join_port is None:
+            return None
+        registry = JoinServer(Registry(self.pool, static=static, allow_mixed_versions=config.allow_mixed_versions),
+                              config.host, config.join_port, config.stage_tls)
+        try:
+            registry.start()
+        except OSError:
+            self.pool.close()
+            raise
+        return registry
+
+    def _wait_for_joined(self) -> tuple[tuple[str, ...], list[stage_pb2.InfoResponse]]:
+        self.pool.start()  # joined servers become serving through its probes
+        try:
+            return joined_route(self.pool, self.config.stage_wait_s, f"{self.config.host}:{self.registry.port}")
+        except NoRoute as err:
+            self._abandon()
+            raise PipelineSetupError(str(err)) from None
+
+    def _abandon(self) -> None:
+        """Close what setup opened, when the stages cannot serve."""
+        if self.registry is not None:
+            self.registry.stop()
+        self.pool.close()
 
     def start(self) -> int:
         api_tls = self.config.api_tls
@@ -247,24 +284,39 @@ class CoordinatorServer:
         try:
             self.port = bind(self.grpc_server, self.config.host, self.config.port,
                              server_credentials(api_tls) if api_tls else None)
+            self.metrics.start(self.config.host)  # before serving: a taken metrics port fails the start
         except BaseException:
             if self.http_server is not None:
                 self.http_server.stop(0.0)
             raise
         self.grpc_server.start()
-        for service in ("", COORDINATOR_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.pool.subscribe(lambda address, state: self._report_health())
+        self._report_health()
         return self.port
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def _report_health(self) -> None:
+        """SERVING while the stage servers form a route, NOT_SERVING when a span has none (or stopping)."""
+        try:
+            serving = not self._stopping and bool(self.pool.choose())
+        except NoRoute as missing:
+            serving = False
+            log.warning("not serving: %s", missing)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", COORDINATOR_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.health.set(service, status)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        self._report_health()
         if self.http_server is not None:
             self.http.close()
             self.http_server.stop(grace_s)
         stop_server(self.grpc_server, grace_s)
-        self.pool.close()
+        if self.registry is not None:
+            self.registry.stop()
+        self.metrics.close()
         self.routes.close()
+        self.pool.close()
 
 
 def _max_context(model_dir: str) -> int:

@@ -10,11 +10,11 @@ split (planner) or the --chain policy (chain_policy).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
 import json
-import logging
 import signal
 import sys
 import threading
@@ -23,7 +23,7 @@ import time
 import grpc
 
 from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
-from coordinator.app import CoordinatorConfig, CoordinatorServer, PipelineSetupError
+from coordinator.batch_limits import BatchLimits
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
@@ -31,14 +31,18 @@ from coordinator.failover import add_failover_arguments
 from coordinator.http_server import add_http_port_argument, http_note, http_port_from_args
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
+from coordinator.metrics import add_metrics_arguments, metrics_endpoint
+from coordinator.plan_command import add_plan_command, cmd_plan
 from coordinator.planner import PlanError, plan_partition
-from coordinator.scheduler import BatchLimits
-from coordinator.split_costs import head_cost_in_layers
-from coordinator.stage_agreement import add_mixed_versions_argument
-from protos import codec, coordinator_pb2, tls_arguments
+from coordinator.registry import add_join_arguments, join_settings
+from coordinator.stage_agreement import PipelineSetupError, add_mixed_versions_argument
+from coordinator.top import add_top_command, cmd_top
+from protos import coordinator_pb2, tls_arguments
 from protos.channel_options import DEFAULT_MAX_REQUEST_MB
+from protos.codec_names import CODEC_NAMES
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
 from protos.model_files.catalog import KNOWN_MODELS, ModelNotFoundError
-from protos.model_files.fetch import ensure_model, fetch_model
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now
 from protos.software_versions import add_version_argument
 
@@ -73,7 +77,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser, required: bool) -
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_failover_arguments(parser)
-    parser.add_argument("--compression", default="none", choices=list(codec.CODEC_NAMES),
+    parser.add_argument("--compression", default="none", choices=list(CODEC_NAMES),
                         help="codec of activations between stages (default none)")
     parser.add_argument("--micro-batches", type=int, default=0,
                         help="groups of sequences in flight at once so stages overlap (default 0 = one per "
@@ -116,7 +120,7 @@ def _add_request_limit(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="layerline coordinator")
-    parser.add_argument("--log-level", default="WARNING")
+    add_log_arguments(parser, "WARNING")
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -125,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if cached")
 
     serve = commands.add_parser("serve", help="serve the public API over running stage servers")
-    serve.add_argument("--stages", required=True,
+    serve.add_argument("--stages",
                        help="HOST:PORT of each stage, in layer order, comma separated; replicas of a span "
-                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051")
+                            "joined by '|', e.g. A1:50051|A2:50051,B1:50051|B2:50051 (optional with --join-port)")
     serve.add_argument("--model", required=True, help="model directory or known name (for the tokenizer)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50050)
@@ -138,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
     tls_arguments.add_server_tls_arguments(serve)
+    add_join_arguments(serve)
+    add_metrics_arguments(serve)
 
     launch = commands.add_parser("launch-local", help="start N local stages and the public API in one command")
     launch.add_argument("--model", required=True, help="model directory or known name, e.g. smollm2-135m")
@@ -184,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_api_key_argument(info)
     tls_arguments.add_client_tls_arguments(info)
     add_certs_command(commands)
+    add_top_command(commands)
+    add_plan_command(commands)
+    for subcommand in commands.choices.values():
+        add_log_arguments(subcommand, "WARNING", after=True)
     return parser
 
 
@@ -242,12 +252,17 @@ def _wait_for_signal() -> None:
 
 
 def cmd_fetch(args) -> int:
+    from protos.model_files.fetch import fetch_model
+
     path = fetch_model(args.name, force=args.force)
     print(path)
     return 0
 
 
-def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls) -> CoordinatorConfig:
+def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tls):
+    """The CoordinatorConfig the arguments ask for (app, and with it torch, is imported only here)."""
+    from coordinator.app import CoordinatorConfig
+
     return CoordinatorConfig(stages=tuple(stages), model_dir=str(model_dir), model_name=args.model, host=host,
                              port=port, compression=args.compression, micro_batches=args.micro_batches,
                              chain=args.chain, local_hops=args.local_hops == "on", batch_limits=BatchLimits(
@@ -257,20 +272,26 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
                              allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
                              stall_timeout_s=args.stall_timeout, max_replays=args.max_replays,
-                             http_port=http_port_from_args(args), **tls)
+                             metrics=metrics_endpoint(args), http_port=http_port_from_args(args), **tls)
 
 
 def cmd_serve(args) -> int:
     tls = tls_arguments.serving_tls(args, stages_listen=False)
+    joins = join_settings(args, tls)
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    stages = [s.strip() for s in (args.stages or "").split(",") if s.strip()]
     keys = api_keys_from_args(args)
-    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls), api_keys=keys)
+    server = CoordinatorServer(_serve_config(args, stages, model_dir, args.host, args.port, **tls, **joins),
+                               api_keys=keys)
     reload_on_sighup(keys)
     port = server.start()
-    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages)} spans "
-          f"(compression {args.compression}){http_note(server.http_server)}; Ctrl-C to stop", file=sys.stderr,
-          flush=True)
+    joins_at = f"; stages join at {args.host}:{server.registry.port}" if server.registry else ""
+    print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages) or 'joined'} spans "
+          f"(compression {args.compression}){joins_at}{http_note(server.http_server)}; Ctrl-C to stop",
+          file=sys.stderr, flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
     server.stop()
@@ -281,8 +302,13 @@ def cmd_launch_local(args) -> int:
     keys = api_keys_from_args(args)
     one_shot = args.prompt is not None or args.chat is not None
     tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
-    model_dir = ensure_model(args.model)
     from transformers import AutoConfig
+
+    from coordinator.app import CoordinatorServer
+    from coordinator.split_costs import head_cost_in_layers
+    from protos.model_files.fetch import ensure_model
+
+    model_dir = ensure_model(args.model)
 
     config = AutoConfig.from_pretrained(model_dir)
     weights = [float(w) for w in args.layer_weights.split(",")] if args.layer_weights else None
@@ -317,6 +343,9 @@ def cmd_generate(args) -> int:
         return run_generation(args.address, args, tls=tls)
     if not args.model:
         raise SystemExit("coordinator generate: --stages needs --model (where the tokenizer is read from)")
+    from coordinator.app import CoordinatorServer
+    from protos.model_files.fetch import ensure_model
+
     model_dir = ensure_model(args.model)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     server = CoordinatorServer(_serve_config(args, stages, model_dir, "127.0.0.1", 0, stage_tls=tls))
@@ -337,12 +366,12 @@ def cmd_info(args) -> int:
 
 
 COMMANDS = {"fetch-model": cmd_fetch, "serve": cmd_serve, "launch-local": cmd_launch_local,
-            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs}
+            "generate": cmd_generate, "info": cmd_info, "certs": cmd_certs, "top": cmd_top, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return COMMANDS[args.command](args)
     except (ModelNotFoundError, PipelineSetupError, PlanError, LaunchError, CertificateError, OSError,
@@ -352,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as err:
         print(f"coordinator: error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except BaseException:
+        if not quiet_interrupt.interrupted():
+            raise
+        # Ctrl-C before serving (while loading torch or waiting for stages): one line, no traceback
+        print("coordinator: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown (stage processes are already stopped by then)
 
 
 if __name__ == "__main__":

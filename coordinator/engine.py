@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
-from coordinator import scheduler
+from coordinator import metrics, scheduler
 from coordinator.failover import MAX_REPLAYS, Failover
 from coordinator.group_routes import GroupRoutes
 from coordinator.pipeline_client import logits_of
@@ -208,11 +208,9 @@ class Engine:
                 futures.append(prefill.route.submit(
                     prefill.session_id, prefill.input_ids[:, start:end], prefill.positions[:, start:end],
                     prefill.sent_mask(end), start_session=i == 0, end_session=last and prefill.ends_with_last_chunk,
-                    logits_top_k=scheduler.top_k_needed(sequences) if last else 1))
-        except Exception as err:
-            if futures:
-                end_session(prefill.route, prefill.session_id)
-            cancel_all(sequences, err)
+                    logits_top_k=scheduler.top_k_needed(sequences) if last else 1, request_ids=prefill.request_ids))
+        except Exception as err:  # the route's first stage is gone, say
+            self.failover.call_failed(sequences, err, prefill.route, prefill.session_id if futures else "")
             return
         prefill.futures = futures
         self._prefills_started += 1
@@ -304,12 +302,7 @@ class Engine:
                 logits_of(earlier.result())
             logits = logits_of(future.result())
         except Exception as err:
-            if self.routes.failover(prefill.route, err):
-                self.routes.free_session(prefill.route, prefill.session_id)
-                self.failover.requeue(prefill.sequences, err, prefill.route)
-            else:
-                cancel_all(prefill.sequences, err)
-                end_session(prefill.route, prefill.session_id)
+            self.failover.call_failed(prefill.sequences, err, prefill.route, prefill.session_id)
             return
         finished = [s for row, s in enumerate(prefill.sequences) if s.sample(logits, row) and s.notify()]
         if all(s.finish is not None for s in prefill.sequences):
@@ -331,6 +324,7 @@ class Engine:
             self._group_failed(group, err)
             return
         self._decode_steps += 1
+        metrics.decode_step(len(group.rows))
         sampled = [s for row, s in enumerate(group.rows) if s.sample(logits, row)]
         chained = getattr(future, "next_in_chain", None)
         if chained is not None:  # the last stage sent the next step itself: mirror it and wait for it

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator.running_batch import Group
-from coordinator.scheduler import BatchState
-from coordinator.sequence import LiveSequence
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DEFAULT_STALL_TIMEOUT_S
+
+if TYPE_CHECKING:  # imported for their names only: the command line takes this module's flags without torch
+    from coordinator.running_batch import Group
+    from coordinator.scheduler import BatchState
+    from coordinator.sequence import LiveSequence
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class Failover:
         self.routes = routes
         self.max_replays = max_replays
         self.replayed = 0  # sequences restarted on a new route, over every run
+        self.failovers = 0  # times a lost route's sequences restarted on another, over every run
 
     def group_lost(self, group: Group, error: Exception) -> None:
         """`group`'s route is lost: its rows, its joining prefills and the prefills on their way to it
@@ -97,7 +101,24 @@ class Failover:
             where = " -> ".join(route.addresses) if route is not None else "its route"
             log.warning("route %s lost (%s): replaying %d sequence(s) on another route", where, error, len(again))
             self.replayed += len(again)
+            self.failovers += 1
             self.state.waiting.extendleft(reversed(again))
+
+    def call_failed(self, sequences: list[LiveSequence], error: Exception, route, session_id: str = "") -> None:
+        """A call for `sequences` on `route` failed: they restart elsewhere if it lost the route (a
+        server went away), else they fail; either way `session_id` is freed on the route's stages."""
+        from coordinator.routes import end_session  # (it loads torch; the flags above must not)
+
+        if self.routes.failover(route, error):
+            if session_id:
+                self.routes.free_session(route, session_id)
+            self.requeue(sequences, error, route)
+            return
+        for sequence in sequences:
+            if sequence.finish is None:
+                sequence.cancel(error)
+        if session_id:
+            end_session(route, session_id)
 
     def server_lost(self, address: str) -> None:
         """The pool reports `address` down: every group whose route holds it is lost now, even while its

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import grpc
 import numpy as np
@@ -165,8 +166,8 @@ class PipelineClient:
     def submit(self, session_id: str, activations: torch.Tensor | np.ndarray, position_ids: torch.Tensor | np.ndarray,
                attention_mask: torch.Tensor | None, *, start_session: bool = False,
                end_session: bool = False, cache_edit: stage_pb2.CacheEdit | None = None,
-               logits_top_k: int = 0, chain_steps: int = 0, chain_stop_ids: frozenset[int] = frozenset()
-               ) -> StepFuture:
+               logits_top_k: int = 0, chain_steps: int = 0, chain_stop_ids: frozenset[int] = frozenset(),
+               request_ids: Sequence[str] = ()) -> StepFuture:
         """Queue one micro-batch; the future resolves to the last stage's ForwardResponse. Token ids and
         positions may come as int64 numpy arrays (a decode step's; encoded without torch).
 
@@ -180,6 +181,8 @@ class PipelineClient:
             in_flight=self._pending.count() + 1)
         if attention_mask is not None:
             request.attention_mask.CopyFrom(codec.encode(attention_mask))
+        if request_ids and start_session:  # for the stages' log lines about the session
+            request.request_ids.extend(request_ids)
         if cache_edit is not None:
             request.cache_edit.CopyFrom(cache_edit)
         if chain_steps:

@@ -17,6 +17,7 @@ replaying (engine).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from coordinator.pipeline_client import PipelineClient
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, SERVING, StagePool
 from protos import stage_pb2, stage_pb2_grpc
+from protos.protocol import DRAINING_REFUSAL
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +110,24 @@ class Routes:
             return False
         if chained and self.chain_failed(route, error):
             return True
-        if error.failed_stage in route.addresses:
-            self.pool.failed(error.failed_stage, f"{error.code.name}: {error}")
+        failed = self._server_named(route, error.failed_stage)
+        if failed is not None and DRAINING_REFUSAL in str(error):
+            self.pool.draining(failed)  # its sessions finish there; new ones go elsewhere
+        elif failed is not None:
+            self.pool.failed(failed, f"{error.code.name}: {error}")
         return True
+
+    def _server_named(self, route: PipelineClient, failed_stage: str) -> str | None:
+        """The server of `route` that an error's failed_stage names: its address (a hop's failure), or the
+        stage's own name, "layers A:B @ HOST:PORT" (a stage's refusal), whose span names it on the route."""
+        if failed_stage in route.addresses:
+            return failed_stage
+        named = re.match(r"layers (\d+):(\d+) @", failed_stage)
+        if named is None:
+            return None
+        span = (int(named[1]), int(named[2]))
+        return next((view.address for view in self.pool.views() if view.address in route.addresses
+                     and view.info is not None and (view.info.layer_start, view.info.layer_end) == span), None)
 
     def free_session(self, route: PipelineClient, session_id: str) -> None:
         """End `session_id` on every server of a lost route, each on its own (not along the broken route),

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
+from coordinator import metrics
 from coordinator.sequence import LiveSequence
 from protos import stage_pb2
 
@@ -78,14 +79,18 @@ class Prefill:
         self.input_ids, self.mask = left_padded([s.prompt_ids for s in sequences], pad_token_id)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)
         self.padded = _has_padding(self.mask)  # see Group.padded
+        route = tuple(getattr(target.route, "addresses", ()))
         for sequence in sequences:
             sequence.last_position = len(sequence.prompt_ids) - 1
+            sequence.route = route
         rows, length = self.input_ids.shape
         step = max(1, chunk_tokens // rows) if chunk_tokens > 0 else length
         self.chunks = [(start, min(start + step, length)) for start in range(0, length, step)]
+        metrics.prefill_chunks(len(self.chunks))
         self.futures: list[Future] = []  # one answer per chunk; the last one holds the logits
         self.target = target  # the group these sequences join once prefilled
         self.route = target.route  # the stages it is sent to: its group's
+        self.request_ids = [sequence.request_id for sequence in sequences]  # for the stages' logs
         # Every row wants one token: the last chunk frees the session on the stages as it passes,
         # instead of an EndSession round trip between the answer and the caller (~2.4 ms).
         self.ends_with_last_chunk = all(sequence.max_new_tokens <= 1 for sequence in sequences)

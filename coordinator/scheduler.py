@@ -1,7 +1,7 @@
 """The batching decisions, as pure functions over the batching state.
 
 Owns: `BatchState` (the queue of sequences waiting for admission, the prefills on their way, the
-running groups), its bounds (`BatchLimits`) and counts (`batching_stats`), and every decision the
+running groups), its bounds (`BatchLimits`, batch_limits) and counts (`batching_stats`), and every decision the
 engine's loop takes from it: whether a request may queue (`refusal`), whom to admit (`admit`: in
 queue order, within the row and cache-position bounds, one admission round at a time), which
 group each newcomer joins (`spread`: the least loaded), how they are cut into prefills and how
@@ -20,29 +20,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coordinator.batch_limits import BatchLimits
 from coordinator.running_batch import Group, Prefill, prefill_batches
 from coordinator.sequence import LiveSequence
 
 # Prefills (stage sessions) one admission round may open; a stage's --max-sessions (default 64)
 # must leave room for these beside the running groups' sessions.
 MAX_PREFILLS_PER_ROUND = 8
-
-
-@dataclass(frozen=True)
-class BatchLimits:
-    """Bounds on what the coordinator runs at once; beyond them requests wait in a queue."""
-
-    max_batch_rows: int = 64  # sequences generating at once, over every group and prefill
-    max_cache_positions: int = 1 << 16  # Σ (prompt + max_new_tokens) over those sequences
-    max_queue: int = 1024  # sequences waiting for admission
-    prefill_chunk_tokens: int = 512  # rows × longest prompt per prefill (longer: alone, in chunks); 0 = no bound
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_rows", "max_cache_positions", "max_queue"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.prefill_chunk_tokens < 0:
-            raise ValueError(f"prefill_chunk_tokens must be 0 (no chunks) or more, got {self.prefill_chunk_tokens}")
 
 
 @dataclass

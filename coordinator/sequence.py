@@ -44,12 +44,15 @@ class SequenceRequest:
     eos_token_ids: frozenset[int] = frozenset()
     #: Called with each new token; returning True stops the sequence (e.g. a stop string appeared).
     on_token: Callable[[int], bool] | None = None
+    request_id: str = ""  # the public request's id, passed to the stages for their logs
 
 
 @dataclass
 class SequenceResult:
     token_ids: list[int]
     finish_reason: str
+    route: tuple[str, ...] = ()  # the stage servers that produced its last tokens
+    replays: int = 0  # routes it restarted on after losing a server
 
 
 @dataclass
@@ -68,12 +71,14 @@ class LiveSequence:
     last_position: int = 0  # position of the newest token (the input of the next decode step)
     rebuilt: int | None = None  # replaying: how many of `output` the new route's caches have produced
     replays: int = 0  # routes it restarted on
+    request_id: str = ""
+    route: tuple[str, ...] = ()  # the stage servers of its session (set when its prefill is sent)
 
     @classmethod
     def from_request(cls, request: SequenceRequest, keep_going: Callable[[], bool], result: Future) -> LiveSequence:
         return cls(prompt_ids=list(request.prompt_ids), max_new_tokens=request.max_new_tokens,
                    eos_token_ids=request.eos_token_ids, sampler=Sampler(request.sampling),
-                   on_token=request.on_token, keep_going=keep_going, result=result)
+                   on_token=request.on_token, keep_going=keep_going, result=result, request_id=request.request_id)
 
     @property
     def cache_positions(self) -> int:
@@ -165,7 +170,7 @@ class LiveSequence:
         if error is not None:
             self.result.set_exception(error)
         else:
-            self.result.set_result(SequenceResult(list(self.output), self.finish))
+            self.result.set_result(SequenceResult(list(self.output), self.finish, self.route, self.replays))
 
 
 def resolve_all(finished: list[LiveSequence]) -> None:

@@ -3,9 +3,11 @@
 Owns: turning API requests into engine runs and engine results into API replies,
 mapping every failure to a gRPC status (validation → INVALID_ARGUMENT/OUT_OF_RANGE,
 stage failures → their own code with the failing stage named), and stopping the
-work on every stage when the client cancels or its deadline passes.
+work on every stage when the client cancels or its deadline passes; each call's status,
+tokens and times go to a RequestMeter.
 
-Does not own: validation rules (validation), generation (engine), text (text).
+Does not own: validation rules (validation), generation (engine), text (text), the metrics
+(metrics).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from collections.abc import Callable
 import grpc
 
 from coordinator.engine import CapacityError, Engine, GenerationCancelled
+from coordinator.metrics import RequestMeter, grpc_request
+from coordinator.request_log import RequestLog
 from coordinator.sequence import SequenceRequest, SequenceResult
 from coordinator.stage_errors import StageCallError
 from coordinator.text import TextStream, Tokenization
@@ -54,6 +58,8 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         self.model_info = model_info
         self._refresh_stage_info = refresh_stage_info
         self._batching_state = batching_state
+        self._tokens = 0  # sent to callers since start (GetModelInfo's batching.tokens)
+        self._tokens_lock = threading.Lock()
 
     # ---- helpers -------------------------------------------------------------------------
 
@@ -63,27 +69,40 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
         except ApiError as err:
             context.abort(getattr(grpc.StatusCode, err.code), str(err))
 
-    def _run(self, prepared: PreparedRequest, text: TextStream, context, on_token=None) -> SequenceResult:
+    def _run(self, prepared: PreparedRequest, text: TextStream, context, record: RequestLog,
+             on_token=None, meter: RequestMeter | None = None) -> SequenceResult:
         def keep_going() -> bool:
             remaining = context.time_remaining()
             return context.is_active() and (remaining is None or remaining > 0)
 
-        return self.generate_one(prepared, text, keep_going, on_token)
+        return self.generate_one(prepared, text, keep_going, on_token, record=record, meter=meter)
 
     def generate_one(self, prepared: PreparedRequest, text: TextStream, keep_going: Callable[[], bool],
-                     on_token: Callable[[int], None] | None = None) -> SequenceResult:
+                     on_token: Callable[[int], None] | None = None, *, record: RequestLog | None = None,
+                     meter: RequestMeter | None = None) -> SequenceResult:
         """Run one prepared request to its end (either API); each token goes through `text` first,
         then to `on_token`. Raises GenerationCancelled once `keep_going` answers False."""
         def token_seen(token_id: int) -> bool:
+            if meter is not None:
+                meter.token()
             stopped = text.add(token_id)
+            if record is not None:
+                record.token()
+            with self._tokens_lock:
+                self._tokens += 1
             if on_token is not None:
                 on_token(token_id)
             return stopped
 
+        if record is not None:
+            record.prompt_tokens = len(prepared.prompt_ids)
         request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
                                   frozenset() if prepared.ignore_eos else self.tokenization.eos_token_ids,
-                                  on_token=token_seen)
-        return self.engine.generate([request], keep_going=keep_going)[0]
+                                  on_token=token_seen, request_id=record.request_id if record else "")
+        result = self.engine.generate([request], keep_going=keep_going)[0]
+        if record is not None:
+            record.finished(result)
+        return result
 
     @staticmethod
     def _abort_stopped(context) -> None:
@@ -102,10 +121,15 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- RPCs ----------------------------------------------------------------------------
 
     def Generate(self, request, context):
+        with RequestLog(context, "grpc", "Generate") as record, grpc_request(context) as meter:
+            return self._generate(request, context, record, meter)
+
+    def _generate(self, request, context, record: RequestLog, meter: RequestMeter):
         prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         try:
-            result = self._run(prepared, text, context)
+            result = self._run(prepared, text, context, record, meter=meter)
         except GenerationCancelled:
             self._abort_stopped(context)
         except Exception as err:
@@ -115,14 +139,19 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
             prompt_tokens=len(prepared.prompt_ids), completion_tokens=len(result.token_ids))
 
     def GenerateStream(self, request, context):
+        with RequestLog(context, "grpc", "GenerateStream") as record, grpc_request(context) as meter:
+            yield from self._generate_stream(request, context, record, meter)
+
+    def _generate_stream(self, request, context, record: RequestLog, meter: RequestMeter):
         prepared = self._prepare(request, context)
+        meter.prompt(len(prepared.prompt_ids))
         text = TextStream(self.tokenization, prepared.stop)
         events: queue.Queue = queue.Queue()
         outcome: dict[str, object] = {}
 
         def work() -> None:
             try:
-                outcome["result"] = self._run(prepared, text, context, on_token=events.put)
+                outcome["result"] = self._run(prepared, text, context, record, on_token=events.put, meter=meter)
             except Exception as err:
                 outcome["error"] = err
             finally:
@@ -157,4 +186,5 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
                 info.CopyFrom(self.model_info)
         if self._batching_state is not None:
             info.batching.CopyFrom(self._batching_state())
+        info.batching.tokens = self._tokens
         return info

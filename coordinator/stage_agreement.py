@@ -1,11 +1,12 @@
 """Whether the stages of a chain agree on what decides their numbers, before the coordinator serves them.
 
-Owns: refusing a chain whose stages speak another protocol than this coordinator, or differ in model
-fingerprint (config and tensor layout) or weights manifest id (the tensors' contents, digested on
-each stage's own machine); refusing one whose stages run other torch or transformers versions
-unless `--allow-mixed-versions` (then one warning naming the stages); reporting a chain that mixes
-CPU and GPU stages (served, with one warning); and the `--allow-mixed-versions` flag. Each refusal
-is one line naming the stages (address and layers) and the values that differ.
+Owns: `PipelineSetupError` (the stages cannot serve together); refusing a chain whose stages speak
+another protocol than this coordinator, or differ in model fingerprint (config and tensor layout)
+or weights manifest id (the tensors' contents, digested on each stage's own machine); refusing one
+whose stages run other torch or transformers versions unless `--allow-mixed-versions` (then one
+warning naming the stages); reporting a chain that mixes CPU and GPU stages (served, with one
+warning); and the `--allow-mixed-versions` flag. Each refusal is one line naming the stages
+(address and layers) and the values that differ.
 
 Does not own: waiting for the stages or checking that their layers form one route (app), nor
 what the stages report (stage_server/servicer.py, stage_server/weights_manifest.py).
@@ -21,6 +22,10 @@ from protos import stage_pb2
 from protos.protocol import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
+
+
+class PipelineSetupError(RuntimeError):
+    """The stages cannot serve together; the message says what to fix."""
 
 # Libraries whose versions change a stage's numbers (kernels, layer code); a chain must share them.
 NUMERIC_LIBRARIES = ("torch", "transformers")

@@ -1,22 +1,16 @@
 """The stage servers a coordinator may route through, and which of them can serve now.
 
-Owns: `StagePool`, every known stage server (given with `--stages`, replicas of a span joined by
-`|`, or announced through the Registry with `stage-server --join`) with its span, its state
-(serving, draining, down, joining) and its last Info; the health probe that keeps the states
-true (an Info call to each server every PROBE_EVERY_S; a server silent for `stall_timeout_s`, a
-frozen process included, is down); marking a server down when a call to it fails, with backoff
-before it is probed again; choosing a route (`choose`): one serving server per span, the spans
-tiling every layer exactly once, fewest hops first, then least load; telling servers the
-deployment's addresses (SetDeployment) whenever one comes (back) into service; and the
-listeners told of a server that went down or started draining. The choice itself is
-route_choice's.
-
-Why probes rather than waiting for calls to fail: a frozen stage keeps its TCP connections, so
-no call to it fails until gRPC's keepalive gives up (40 s), and a request's own deadline may be
-later still.
+Owns: `StagePool`, every known stage server (`--stages`, replicas joined by `|`, or announced with
+`stage-server --join`) with its span, last Info and state (serving, draining, down, joining); the
+health probe that keeps states true (an Info call every PROBE_EVERY_S; a server silent for
+`stall_timeout_s`, frozen or not, is down); marking servers down on failed calls, with backoff
+before the next probe; routes over the serving ones (`choose`, by route_choice); telling servers
+the deployment (SetDeployment) when one comes (back) into service; and telling listeners of a
+server that went down, drains or serves again. Why probes rather than failed calls: a frozen
+stage keeps its TCP connections, so no call fails until gRPC's keepalive gives up (40 s).
 
 Does not own: the calls a route carries (pipeline_client), what happens to the sessions of a
-lost server (routes, engine), or whether servers agree on the model (stage_agreement, asked here).
+lost server (routes, failover), or whether servers agree on the model (stage_agreement).
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ log = logging.getLogger(__name__)
 SERVING, DRAINING, DOWN, JOINING = "serving", "draining", "down", "joining"
 PROBE_EVERY_S = 1.0  # Info to each serving server this often
 WATCH_EVERY_S = 0.2  # how often the watcher looks at probe times and silences
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 10.0  # a down server is probed again after these, doubling
+FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.5, 2.0  # a down server is probed again after these, doubling (cheap)
 DEFAULT_STALL_TIMEOUT_S = 5.0
 FORGET_JOINED_AFTER_S = 30.0  # a joined server neither renewing nor answering this long is forgotten
 
@@ -89,14 +83,13 @@ class StagePool:
     """Known stage servers, their states, and routes over them."""
 
     def __init__(self, addresses: Sequence[str], *, tls=None, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
-                 allow_mixed_versions: bool = False, channels: ChannelPool | None = None) -> None:
+                 allow_mixed_versions: bool = False) -> None:
         """`addresses`: every server given on the command line (any order; spans come from their Info)."""
         if stall_timeout_s <= 0:
             raise ValueError(f"the stall timeout must be positive, got {stall_timeout_s}")
         self.stall_timeout_s = stall_timeout_s
         self.allow_mixed_versions = allow_mixed_versions
-        self.channels = channels or ChannelPool(tls)
-        self._own_channels = channels is None
+        self.channels = ChannelPool(tls)  # routes' calls go over these too
         self._servers: dict[str, Server] = {a: Server(a) for a in dict.fromkeys(addresses)}
         self._reference: tuple[str, stage_pb2.InfoResponse] | None = None  # the first server that served
         self._listeners: list[Listener] = []
@@ -106,6 +99,10 @@ class StagePool:
         self._watcher: threading.Thread | None = None
 
     # ---- what the pool holds -------------------------------------------------------------
+
+    def addresses(self) -> list[str]:
+        with self._lock:
+            return list(self._servers)
 
     def views(self) -> list[ServerView]:
         """Every server, in layer order (servers whose span is unknown last)."""
@@ -162,6 +159,15 @@ class StagePool:
             self._set_down_locked(server, reason, time.monotonic())
         self._tell(address, DOWN)
 
+    def draining(self, address: str) -> None:
+        """`address` refused a new session because it drains: no new sessions go to it (the probe keeps it so)."""
+        with self._lock:
+            server = self._servers.get(address)
+            if server is None or server.state != SERVING:
+                return
+            server.state = DRAINING
+        self._tell(address, DRAINING)
+
     def _set_down_locked(self, server: Server, reason: str, now: float) -> None:
         log.warning("stage %s is down: %s", server.describe(), reason)
         server.state, server.down_reason = DOWN, reason
@@ -188,17 +194,12 @@ class StagePool:
                 server = self._servers[address] = Server(address, joined=True)
                 log.info("stage %s joined; probing it", address)
             server.renewed_at = now
-            if draining and server.state == SERVING:
-                server.state = DRAINING
-                tell = True
-            else:
-                tell = False
-                if server.state == DOWN and server.probe_at > now:
-                    server.probe_at = now  # it says it is back: look now
+            if server.state == DOWN and server.probe_at > now and not draining:
+                server.probe_at = now  # it says it is back: look now
             state = server.state
-        if tell:
-            self._tell(address, DRAINING)
-        return state
+        if draining:
+            self.draining(address)
+        return DRAINING if draining and state == SERVING else state
 
     # ---- probes ----------------------------------------------------------------------------
 
@@ -228,9 +229,8 @@ class StagePool:
             try:
                 return self.choose()
             except NoRoute as missing:
-                now = time.monotonic()
-                waiting = "; ".join(f"{v.address}: {v.down_reason or v.state}" for v in self.views()
-                                    if v.state != SERVING)
+                now, views = time.monotonic(), self.views()
+                waiting = "; ".join(f"{v.address}: {v.down_reason or v.state}" for v in views if v.state != SERVING)
                 if now - started > timeout_s:
                     raise NoRoute(f"stages not ready after {timeout_s:.0f}s ({waiting or missing}): are they running, "
                                   "and reachable at these addresses?") from None
@@ -396,5 +396,4 @@ class StagePool:
         self._stopped.set()
         if self._watcher is not None:
             self._watcher.join(timeout=2.0)
-        if self._own_channels:
-            self.channels.close()
+        self.channels.close()

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from protos import stage_pb2
+from protos.codec_names import CODEC_NAMES, codec_from_name
 from protos.int8_codec import (
     INT8_ROW_ELEMENTS_PER_OUTLIER,
     INT8_STEP_FRACTION,
@@ -67,26 +68,12 @@ __all__ = [
     "payload_bytes",
 ]
 
-CODEC_NAMES: dict[str, int] = {
-    "none": stage_pb2.CODEC_NONE,
-    "fp16": stage_pb2.CODEC_FP16,
-    "bf16": stage_pb2.CODEC_BF16,
-    "int8": stage_pb2.CODEC_INT8,
-}
 
 # Deepest tensor shape accepted on decode (a sanity bound, far above anything layerline sends).
 MAX_NDIM = 16
 
 _LOSSY_CODECS = (stage_pb2.CODEC_FP16, stage_pb2.CODEC_BF16, stage_pb2.CODEC_INT8)
 _KNOWN_CODECS = (stage_pb2.CODEC_UNSPECIFIED, stage_pb2.CODEC_NONE, *_LOSSY_CODECS)
-
-
-def codec_from_name(name: str) -> int:
-    """The `stage_pb2.Codec` value for a name such as "int8" (case-insensitive)."""
-    key = str(name).strip().lower()
-    if key not in CODEC_NAMES:
-        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
-    return CODEC_NAMES[key]
 
 
 def payload_bytes(message: stage_pb2.Tensor) -> int:

@@ -111,7 +111,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_type: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_context: _Optional[int] = ..., max_new_tokens_limit: _Optional[int] = ..., compression: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., has_chat_template: _Optional[bool] = ..., batching: _Optional[_Union[BatchingState, _Mapping]] = ..., weights_manifest_id: _Optional[str] = ...) -> None: ...
 
 class BatchingState(_message.Message):
-    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes", "prefills")
+    __slots__ = ("queued", "running", "prefilling", "reserved_positions", "max_batch_rows", "max_cache_positions", "max_queue", "micro_batches", "decode_steps", "hop_bytes", "prefills", "tokens")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PREFILLING_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class BatchingState(_message.Message):
     DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     queued: int
     running: int
     prefilling: int
@@ -134,10 +135,11 @@ class BatchingState(_message.Message):
     decode_steps: int
     hop_bytes: int
     prefills: int
-    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ...) -> None: ...
+    tokens: int
+    def __init__(self, queued: _Optional[int] = ..., running: _Optional[int] = ..., prefilling: _Optional[int] = ..., reserved_positions: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_cache_positions: _Optional[int] = ..., max_queue: _Optional[int] = ..., micro_batches: _Optional[int] = ..., decode_steps: _Optional[int] = ..., hop_bytes: _Optional[int] = ..., prefills: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages", "versions", "state", "rows", "seen_seconds_ago", "down_reason")
+    __slots__ = ("address", "layer_start", "layer_end", "dtype", "device", "active_sessions", "attention", "compute_threads", "small_step_threads", "colocated_stages", "versions", "state", "rows", "seen_seconds_ago", "down_reason", "rss_bytes", "cache_bytes", "micro_batches_served", "compute_seconds")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +162,10 @@ class StageInfo(_message.Message):
     ROWS_FIELD_NUMBER: _ClassVar[int]
     SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
     DOWN_REASON_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     address: str
     layer_start: int
     layer_end: int
@@ -175,7 +181,11 @@ class StageInfo(_message.Message):
     rows: int
     seen_seconds_ago: float
     down_reason: str
-    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., rows: _Optional[int] = ..., seen_seconds_ago: _Optional[float] = ..., down_reason: _Optional[str] = ...) -> None: ...
+    rss_bytes: int
+    cache_bytes: int
+    micro_batches_served: int
+    compute_seconds: float
+    def __init__(self, address: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., active_sessions: _Optional[int] = ..., attention: _Optional[str] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., colocated_stages: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ..., state: _Optional[str] = ..., rows: _Optional[int] = ..., seen_seconds_ago: _Optional[float] = ..., down_reason: _Optional[str] = ..., rss_bytes: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("address", "layer_start", "layer_end", "model_fingerprint", "weights_manifest_id", "protocol_version", "versions", "max_sessions", "draining")

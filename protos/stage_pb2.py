@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/stage.proto\x12\x0clayerline.v1\"\xde\x02\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.layerline.v1.DType\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.layerline.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x17\n\x0foutlier_indices\x18\x06 \x01(\x0c\x12\x16\n\x0eoutlier_values\x18\x07 \x01(\x0c\x12\x18\n\x10outliers_per_row\x18\x08 \x01(\r\x12(\n\x0bscale_dtype\x18\n \x01(\x0e\x32\x13.layerline.v1.DType\x12-\n\x0bint8_layout\x18\x0b \x01(\x0e\x32\x18.layerline.v1.Int8Layout\x12\x17\n\x0frice_parameters\x18\x0c \x01(\x0c\x12\x10\n\x08low_bits\x18\r \x01(\x0cJ\x04\x08\t\x10\nR\nblock_size\"\xfd\x03\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12\r\n\x05route\x18\x03 \x03(\t\x12)\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\'\n\nwire_codec\x18\x07 \x01(\x0e\x32\x13.layerline.v1.Codec\x12\x15\n\rstart_session\x18\x08 \x01(\x08\x12\x13\n\x0b\x65nd_session\x18\t \x01(\x08\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12+\n\ncache_edit\x18\x0b \x01(\x0b\x32\x17.layerline.v1.CacheEdit\x12\x14\n\x0clogits_top_k\x18\x0c \x01(\r\x12\x10\n\x08reply_to\x18\r \x01(\t\x12\x13\n\x0b\x63hain_steps\x18\x0e \x01(\r\x12\x13\n\x0b\x63hain_route\x18\x0f \x03(\t\x12\x16\n\x0e\x63hain_stop_ids\x18\x10 \x03(\x03\x12\x11\n\thop_bytes\x18\x11 \x03(\x04\x12\x11\n\tin_flight\x18\x12 \x01(\r\"&\n\x0eResultsRequest\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\"O\n\tCacheEdit\x12\x11\n\tkeep_rows\x18\x01 \x03(\r\x12\x16\n\x0ekeep_positions\x18\x02 \x01(\r\x12\x17\n\x0f\x61ppend_sessions\x18\x03 \x03(\t\"\x8f\x02\n\x0f\x46orwardResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12$\n\x06logits\x18\x03 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x14\n\x0c\x66\x61iled_stage\x18\x06 \x01(\t\x12\x11\n\thop_bytes\x18\x07 \x03(\x04\x12+\n\rtop_token_ids\x18\x08 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0f\n\x07\x63hained\x18\n \x01(\x08J\x04\x08\t\x10\nR\x11\x61nswered_directly\"&\n\x10StopChainRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11StopChainResponse\"6\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x03(\t\"*\n\x12\x45ndSessionResponse\x12\x14\n\x0cstages_freed\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xaa\x05\n\x0cInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0ehas_embeddings\x18\x06 \x01(\x08\x12\x10\n\x08has_head\x18\x07 \x01(\x08\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12:\n\x08versions\x18\n \x03(\x0b\x32(.layerline.v1.InfoResponse.VersionsEntry\x12\x11\n\trss_bytes\x18\x0b \x01(\x04\x12\x17\n\x0fparameter_bytes\x18\x0c \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\r \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bhidden_size\x18\x0f \x01(\r\x12\x12\n\nvocab_size\x18\x10 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x11 \x01(\r\x12\x17\n\x0fmax_cache_bytes\x18\x12 \x01(\x04\x12\x1c\n\x14micro_batches_served\x18\x13 \x01(\x04\x12\x17\n\x0f\x63ompute_threads\x18\x14 \x01(\r\x12\x1a\n\x12small_step_threads\x18\x15 \x01(\r\x12\x11\n\tattention\x18\x16 \x01(\t\x12\x18\n\x10\x63olocated_stages\x18\x17 \x01(\r\x12\x18\n\x10protocol_version\x18\x18 \x01(\r\x12\x1b\n\x13weights_manifest_id\x18\x19 \x01(\t\x12\x10\n\x08\x64raining\x18\x1a \x01(\x08\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x14SetDeploymentRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\"&\n\x15SetDeploymentResponse\x12\r\n\x05peers\x18\x01 \x01(\r*^\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04*S\n\nInt8Layout\x12\x1b\n\x17INT8_LAYOUT_UNSPECIFIED\x10\x00\x12\x14\n\x10INT8_LAYOUT_RICE\x10\x01*\x12INT8_LAYOUT_BLOCKS*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08\x32\xd5\x03\n\x05Stage\x12J\n\x07\x46orward\x12\x1c.layerline.v1.ForwardRequest\x1a\x1d.layerline.v1.ForwardResponse(\x01\x30\x01\x12O\n\nEndSession\x12\x1f.layerline.v1.EndSessionRequest\x1a .layerline.v1.EndSessionResponse\x12=\n\x04Info\x12\x19.layerline.v1.InfoRequest\x1a\x1a.layerline.v1.InfoResponse\x12H\n\x07Results\x12\x1c.layerline.v1.ResultsRequest\x1a\x1d.layerline.v1.ForwardResponse0\x01\x12L\n\tStopChain\x12\x1e.layerline.v1.StopChainRequest\x1a\x1f.layerline.v1.StopChainResponse\x12X\n\rSetDeployment\x12\".layerline.v1.SetDeploymentRequest\x1a#.layerline.v1.SetDeploymentResponseB\x1aZ\x18layerline/v1;layerlinev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/stage.proto\x12\x0clayerline.v1\"\xde\x02\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\"\n\x05\x64type\x18\x02 \x01(\x0e\x32\x13.layerline.v1.DType\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.layerline.v1.Codec\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\x17\n\x0foutlier_indices\x18\x06 \x01(\x0c\x12\x16\n\x0eoutlier_values\x18\x07 \x01(\x0c\x12\x18\n\x10outliers_per_row\x18\x08 \x01(\r\x12(\n\x0bscale_dtype\x18\n \x01(\x0e\x32\x13.layerline.v1.DType\x12-\n\x0bint8_layout\x18\x0b \x01(\x0e\x32\x18.layerline.v1.Int8Layout\x12\x17\n\x0frice_parameters\x18\x0c \x01(\x0c\x12\x10\n\x08low_bits\x18\r \x01(\x0cJ\x04\x08\t\x10\nR\nblock_size\"\x92\x04\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12\r\n\x05route\x18\x03 \x03(\t\x12)\n\x0b\x61\x63tivations\x18\x04 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\'\n\nwire_codec\x18\x07 \x01(\x0e\x32\x13.layerline.v1.Codec\x12\x15\n\rstart_session\x18\x08 \x01(\x08\x12\x13\n\x0b\x65nd_session\x18\t \x01(\x08\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12+\n\ncache_edit\x18\x0b \x01(\x0b\x32\x17.layerline.v1.CacheEdit\x12\x14\n\x0clogits_top_k\x18\x0c \x01(\r\x12\x10\n\x08reply_to\x18\r \x01(\t\x12\x13\n\x0b\x63hain_steps\x18\x0e \x01(\r\x12\x13\n\x0b\x63hain_route\x18\x0f \x03(\t\x12\x16\n\x0e\x63hain_stop_ids\x18\x10 \x03(\x03\x12\x11\n\thop_bytes\x18\x11 \x03(\x04\x12\x11\n\tin_flight\x18\x12 \x01(\r\x12\x13\n\x0brequest_ids\x18\x13 \x03(\t\"&\n\x0eResultsRequest\x12\x14\n\x0c\x63ollector_id\x18\x01 \x01(\t\"O\n\tCacheEdit\x12\x11\n\tkeep_rows\x18\x01 \x03(\r\x12\x16\n\x0ekeep_positions\x18\x02 \x01(\r\x12\x17\n\x0f\x61ppend_sessions\x18\x03 \x03(\t\"\x8f\x02\n\x0f\x46orwardResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0emicro_batch_id\x18\x02 \x01(\x04\x12$\n\x06logits\x18\x03 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x13\n\x0bstatus_code\x18\x04 \x01(\x05\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x14\n\x0c\x66\x61iled_stage\x18\x06 \x01(\t\x12\x11\n\thop_bytes\x18\x07 \x03(\x04\x12+\n\rtop_token_ids\x18\x08 \x01(\x0b\x32\x14.layerline.v1.Tensor\x12\x0f\n\x07\x63hained\x18\n \x01(\x08J\x04\x08\t\x10\nR\x11\x61nswered_directly\"&\n\x10StopChainRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x13\n\x11StopChainResponse\"6\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05route\x18\x02 \x03(\t\"*\n\x12\x45ndSessionResponse\x12\x14\n\x0cstages_freed\x18\x01 \x01(\r\"\r\n\x0bInfoRequest\"\xc3\x05\n\x0cInfoResponse\x12\x19\n\x11model_fingerprint\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x16\n\x0ehas_embeddings\x18\x06 \x01(\x08\x12\x10\n\x08has_head\x18\x07 \x01(\x08\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12:\n\x08versions\x18\n \x03(\x0b\x32(.layerline.v1.InfoResponse.VersionsEntry\x12\x11\n\trss_bytes\x18\x0b \x01(\x04\x12\x17\n\x0fparameter_bytes\x18\x0c \x01(\x04\x12\x17\n\x0f\x61\x63tive_sessions\x18\r \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x0e \x01(\x04\x12\x13\n\x0bhidden_size\x18\x0f \x01(\r\x12\x12\n\nvocab_size\x18\x10 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x11 \x01(\r\x12\x17\n\x0fmax_cache_bytes\x18\x12 \x01(\x04\x12\x1c\n\x14micro_batches_served\x18\x13 \x01(\x04\x12\x17\n\x0f\x63ompute_threads\x18\x14 \x01(\r\x12\x1a\n\x12small_step_threads\x18\x15 \x01(\r\x12\x11\n\tattention\x18\x16 \x01(\t\x12\x18\n\x10\x63olocated_stages\x18\x17 \x01(\r\x12\x18\n\x10protocol_version\x18\x18 \x01(\r\x12\x1b\n\x13weights_manifest_id\x18\x19 \x01(\t\x12\x10\n\x08\x64raining\x18\x1a \x01(\x08\x12\x17\n\x0f\x63ompute_seconds\x18\x1b \x01(\x01\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x14SetDeploymentRequest\x12\x0e\n\x06stages\x18\x01 \x03(\t\"&\n\x15SetDeploymentResponse\x12\r\n\x05peers\x18\x01 \x01(\r*^\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x0e\n\nCODEC_NONE\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_BF16\x10\x03\x12\x0e\n\nCODEC_INT8\x10\x04*S\n\nInt8Layout\x12\x1b\n\x17INT8_LAYOUT_UNSPECIFIED\x10\x00\x12\x14\n\x10INT8_LAYOUT_RICE\x10\x01*\x12INT8_LAYOUT_BLOCKS*\xab\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT64\x10\x04\x12\x0f\n\x0b\x44TYPE_INT32\x10\x05\x12\x0e\n\nDTYPE_INT8\x10\x06\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x07\x12\x0e\n\nDTYPE_BOOL\x10\x08\x32\xd5\x03\n\x05Stage\x12J\n\x07\x46orward\x12\x1c.layerline.v1.ForwardRequest\x1a\x1d.layerline.v1.ForwardResponse(\x01\x30\x01\x12O\n\nEndSession\x12\x1f.layerline.v1.EndSessionRequest\x1a .layerline.v1.EndSessionResponse\x12=\n\x04Info\x12\x19.layerline.v1.InfoRequest\x1a\x1a.layerline.v1.InfoResponse\x12H\n\x07Results\x12\x1c.layerline.v1.ResultsRequest\x1a\x1d.layerline.v1.ForwardResponse0\x01\x12L\n\tStopChain\x12\x1e.layerline.v1.StopChainRequest\x1a\x1f.layerline.v1.StopChainResponse\x12X\n\rSetDeployment\x12\".layerline.v1.SetDeploymentRequest\x1a#.layerline.v1.SetDeploymentResponseB\x1aZ\x18layerline/v1;layerlinev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'Z\030layerline/v1;layerlinev1'
   _globals['_INFORESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_CODEC']._serialized_start=2237
-  _globals['_CODEC']._serialized_end=2331
-  _globals['_INT8LAYOUT']._serialized_start=2333
-  _globals['_INT8LAYOUT']._serialized_end=2416
-  _globals['_DTYPE']._serialized_start=2419
-  _globals['_DTYPE']._serialized_end=2590
+  _globals['_CODEC']._serialized_start=2283
+  _globals['_CODEC']._serialized_end=2377
+  _globals['_INT8LAYOUT']._serialized_start=2379
+  _globals['_INT8LAYOUT']._serialized_end=2462
+  _globals['_DTYPE']._serialized_start=2465
+  _globals['_DTYPE']._serialized_end=2636
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=387
   _globals['_FORWARDREQUEST']._serialized_start=390
-  _globals['_FORWARDREQUEST']._serialized_end=899
-  _globals['_RESULTSREQUEST']._serialized_start=901
-  _globals['_RESULTSREQUEST']._serialized_end=939
-  _globals['_CACHEEDIT']._serialized_start=941
-  _globals['_CACHEEDIT']._serialized_end=1020
-  _globals['_FORWARDRESPONSE']._serialized_start=1023
-  _globals['_FORWARDRESPONSE']._serialized_end=1294
-  _globals['_STOPCHAINREQUEST']._serialized_start=1296
-  _globals['_STOPCHAINREQUEST']._serialized_end=1334
-  _globals['_STOPCHAINRESPONSE']._serialized_start=1336
-  _globals['_STOPCHAINRESPONSE']._serialized_end=1355
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1357
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1411
-  _globals['_ENDSESSIONRESPONSE']._serialized_start=1413
-  _globals['_ENDSESSIONRESPONSE']._serialized_end=1455
-  _globals['_INFOREQUEST']._serialized_start=1457
-  _globals['_INFOREQUEST']._serialized_end=1470
-  _globals['_INFORESPONSE']._serialized_start=1473
-  _globals['_INFORESPONSE']._serialized_end=2155
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=2108
-  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=2155
-  _globals['_SETDEPLOYMENTREQUEST']._serialized_start=2157
-  _globals['_SETDEPLOYMENTREQUEST']._serialized_end=2195
-  _globals['_SETDEPLOYMENTRESPONSE']._serialized_start=2197
-  _globals['_SETDEPLOYMENTRESPONSE']._serialized_end=2235
-  _globals['_STAGE']._serialized_start=2593
-  _globals['_STAGE']._serialized_end=3062
+  _globals['_FORWARDREQUEST']._serialized_end=920
+  _globals['_RESULTSREQUEST']._serialized_start=922
+  _globals['_RESULTSREQUEST']._serialized_end=960
+  _globals['_CACHEEDIT']._serialized_start=962
+  _globals['_CACHEEDIT']._serialized_end=1041
+  _globals['_FORWARDRESPONSE']._serialized_start=1044
+  _globals['_FORWARDRESPONSE']._serialized_end=1315
+  _globals['_STOPCHAINREQUEST']._serialized_start=1317
+  _globals['_STOPCHAINREQUEST']._serialized_end=1355
+  _globals['_STOPCHAINRESPONSE']._serialized_start=1357
+  _globals['_STOPCHAINRESPONSE']._serialized_end=1376
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1378
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1432
+  _globals['_ENDSESSIONRESPONSE']._serialized_start=1434
+  _globals['_ENDSESSIONRESPONSE']._serialized_end=1476
+  _globals['_INFOREQUEST']._serialized_start=1478
+  _globals['_INFOREQUEST']._serialized_end=1491
+  _globals['_INFORESPONSE']._serialized_start=1494
+  _globals['_INFORESPONSE']._serialized_end=2201
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_start=2154
+  _globals['_INFORESPONSE_VERSIONSENTRY']._serialized_end=2201
+  _globals['_SETDEPLOYMENTREQUEST']._serialized_start=2203
+  _globals['_SETDEPLOYMENTREQUEST']._serialized_end=2241
+  _globals['_SETDEPLOYMENTRESPONSE']._serialized_start=2243
+  _globals['_SETDEPLOYMENTRESPONSE']._serialized_end=2281
+  _globals['_STAGE']._serialized_start=2639
+  _globals['_STAGE']._serialized_end=3108
 # @@protoc_insertion_point(module_scope)

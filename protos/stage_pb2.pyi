@@ -77,7 +77,7 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., outlier_indices: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ..., outliers_per_row: _Optional[int] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., int8_layout: _Optional[_Union[Int8Layout, str]] = ..., rice_parameters: _Optional[bytes] = ..., low_bits: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to", "chain_steps", "chain_route", "chain_stop_ids", "hop_bytes", "in_flight")
+    __slots__ = ("session_id", "micro_batch_id", "route", "activations", "position_ids", "attention_mask", "wire_codec", "start_session", "end_session", "model_fingerprint", "cache_edit", "logits_top_k", "reply_to", "chain_steps", "chain_route", "chain_stop_ids", "hop_bytes", "in_flight", "request_ids")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     ROUTE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class ForwardRequest(_message.Message):
     CHAIN_STOP_IDS_FIELD_NUMBER: _ClassVar[int]
     HOP_BYTES_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     micro_batch_id: int
     route: _containers.RepeatedScalarFieldContainer[str]
@@ -114,7 +115,8 @@ class ForwardRequest(_message.Message):
     chain_stop_ids: _containers.RepeatedScalarFieldContainer[int]
     hop_bytes: _containers.RepeatedScalarFieldContainer[int]
     in_flight: int
-    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ..., reply_to: _Optional[str] = ..., chain_steps: _Optional[int] = ..., chain_route: _Optional[_Iterable[str]] = ..., chain_stop_ids: _Optional[_Iterable[int]] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., micro_batch_id: _Optional[int] = ..., route: _Optional[_Iterable[str]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., wire_codec: _Optional[_Union[Codec, str]] = ..., start_session: _Optional[bool] = ..., end_session: _Optional[bool] = ..., model_fingerprint: _Optional[str] = ..., cache_edit: _Optional[_Union[CacheEdit, _Mapping]] = ..., logits_top_k: _Optional[int] = ..., reply_to: _Optional[str] = ..., chain_steps: _Optional[int] = ..., chain_route: _Optional[_Iterable[str]] = ..., chain_stop_ids: _Optional[_Iterable[int]] = ..., hop_bytes: _Optional[_Iterable[int]] = ..., in_flight: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("collector_id",)
@@ -183,7 +185,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_fingerprint", "model_type", "layer_start", "layer_end", "num_layers", "has_embeddings", "has_head", "dtype", "device", "versions", "rss_bytes", "parameter_bytes", "active_sessions", "cache_bytes", "hidden_size", "vocab_size", "max_sessions", "max_cache_bytes", "micro_batches_served", "compute_threads", "small_step_threads", "attention", "colocated_stages", "protocol_version", "weights_manifest_id", "draining")
+    __slots__ = ("model_fingerprint", "model_type", "layer_start", "layer_end", "num_layers", "has_embeddings", "has_head", "dtype", "device", "versions", "rss_bytes", "parameter_bytes", "active_sessions", "cache_bytes", "hidden_size", "vocab_size", "max_sessions", "max_cache_bytes", "micro_batches_served", "compute_threads", "small_step_threads", "attention", "colocated_stages", "protocol_version", "weights_manifest_id", "draining", "compute_seconds")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +219,7 @@ class InfoResponse(_message.Message):
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     model_fingerprint: str
     model_type: str
     layer_start: int
@@ -243,7 +246,8 @@ class InfoResponse(_message.Message):
     protocol_version: int
     weights_manifest_id: str
     draining: bool
-    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_head: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., rss_bytes: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., attention: _Optional[str] = ..., colocated_stages: _Optional[int] = ..., protocol_version: _Optional[int] = ..., weights_manifest_id: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, model_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., has_embeddings: _Optional[bool] = ..., has_head: _Optional[bool] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., versions: _Optional[_Mapping[str, str]] = ..., rss_bytes: _Optional[int] = ..., parameter_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_cache_bytes: _Optional[int] = ..., micro_batches_served: _Optional[int] = ..., compute_threads: _Optional[int] = ..., small_step_threads: _Optional[int] = ..., attention: _Optional[str] = ..., colocated_stages: _Optional[int] = ..., protocol_version: _Optional[int] = ..., weights_manifest_id: _Optional[str] = ..., draining: _Optional[bool] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class SetDeploymentRequest(_message.Message):
     __slots__ = ("stages",)

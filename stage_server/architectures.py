@@ -14,12 +14,14 @@ batches (the mask helpers measure past length from cache layer 0).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from stage_server.errors import check_stop
 from stage_server.lean_layers import lean_layers_for
 
 
@@ -48,8 +50,9 @@ class Architecture:
         raise NotImplementedError
 
     def run_layers(self, hidden: torch.Tensor, position_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None, cache) -> torch.Tensor:
-        """Run the slice's decoder layers, appending this step's keys/values to `cache`."""
+                   attention_mask: torch.Tensor | None, cache, stop: Callable[[], bool] | None = None) -> torch.Tensor:
+        """Run the slice's decoder layers, appending this step's keys/values to `cache`. `stop()` is asked
+        before each layer where the layers run one by one here: True abandons the step (StepAbandoned)."""
         raise NotImplementedError
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,11 +85,11 @@ class LlamaLike(Architecture):
     def embed(self, input_ids, position_ids):
         return self.model.model.embed_tokens(input_ids)
 
-    def run_layers(self, hidden, position_ids, attention_mask, cache):
+    def run_layers(self, hidden, position_ids, attention_mask, cache, stop=None):
         if self.config.num_hidden_layers == 0:
             return hidden
         if self.lean is not None:
-            return self.lean.run(hidden, position_ids, attention_mask, cache)
+            return self.lean.run(hidden, position_ids, attention_mask, cache, stop)
         return self._stock_layers(hidden, position_ids, attention_mask, cache)
 
     def _stock_layers(self, hidden, position_ids, attention_mask, cache):
@@ -112,10 +115,11 @@ class GPT2(Architecture):
         body = self.model.transformer
         return body.wte(input_ids) + body.wpe(position_ids)
 
-    def run_layers(self, hidden, position_ids, attention_mask, cache):
+    def run_layers(self, hidden, position_ids, attention_mask, cache, stop=None):
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache, position_ids=position_ids)
         for block in self.model.transformer.h:
+            check_stop(stop)
             hidden = block(hidden, cache, mask, None, use_cache=True, position_ids=position_ids)
         return hidden
 
@@ -143,10 +147,11 @@ class OPT(Architecture):
         positions = decoder.embed_positions(None, 0, position_ids=position_ids)
         return hidden + positions
 
-    def run_layers(self, hidden, position_ids, attention_mask, cache):
+    def run_layers(self, hidden, position_ids, attention_mask, cache, stop=None):
         mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
                                   cache=cache)
         for layer in self.model.model.decoder.layers:
+            check_stop(stop)
             hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
         return hidden
 

@@ -8,18 +8,24 @@ do next. Does not own: the stage itself (server.py starts, serves and stops it).
 from __future__ import annotations
 
 import protos.grpc_transport  # noqa: F401  (first: picks gRPC's TCP path before anything loads gRPC)
+from protos import quiet_interrupt  # first too: Ctrl-C while starting prints one line
 
 # isort: split
 import argparse
-import logging
 import sys
 
+from protos.log_setup import add_log_arguments
+from protos.log_setup import configure as configure_logging
+from protos.shutdown import exit_now
 from protos.software_versions import add_version_argument
 from protos.tls_arguments import add_insecure_argument, add_tls_arguments, check_server_listen, hop_tls
 from stage_server.compute_thread import set_openmp_spin
 from stage_server.deployment import add_peers_argument
 from stage_server.heap_reuse import DEFAULT_KEEP_MB, keep_freed_memory
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import add_metrics_arguments, metrics_endpoint
+from stage_server.probe import add_probe_argument, main_probe
+from stage_server.registration import add_join_arguments, check_join_arguments
 from stage_server.step_bounds import add_step_bound_arguments
 from stage_server.stream_slots import add_stream_slot_arguments
 
@@ -46,6 +52,16 @@ def _at_least_zero(text: str) -> int:
     return _whole_number(text, 0, "a whole number >= 0")
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 86400, got {text!r}")
+    return value
+
+
 def _head_threads(text: str) -> int | str:
     return text if text == "auto" else _at_least_one(text)
 
@@ -55,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_version_argument(parser)
     parser.add_argument("--model", required=True,
                         help="a local Hugging Face model directory, or a known name such as smollm2-135m")
-    parser.add_argument("--layers", required=True, help="layer range START:END (END exclusive), e.g. 0:10")
+    parser.add_argument("--layers", help="layer range START:END (END exclusive), e.g. 0:10 (required unless --probe)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1); a non-loopback one needs --tls-* or --insecure")
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
@@ -71,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_step_bound_arguments(parser, _at_least_one)
     parser.add_argument("--session-timeout", type=float, default=300.0,
                         help="seconds before an idle session's cache is freed (default 300)")
+    parser.add_argument("--drain-timeout", type=_seconds, default=30.0,
+                        help="on SIGTERM, seconds to let the sessions held end before stopping (default 30); "
+                             "meanwhile the stage takes no new session; a second SIGTERM stops at once")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads, fixed (default: the usable cores, shared step by step with the "
                              "other stages of this machine)")
@@ -102,20 +121,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(parser)
     add_insecure_argument(parser)
     add_peers_argument(parser)
+    add_join_arguments(parser)
+    add_metrics_arguments(parser)
+    add_probe_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_arguments(parser, "INFO")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except BaseException:  # Ctrl-C while starting (later, the server's own handler drains and stops)
+        if not quiet_interrupt.interrupted():
+            raise
+        print("stage-server: interrupted", file=sys.stderr)
+        exit_now(130)  # without the interpreter's teardown: threads and libraries half started say nothing
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.probe and not args.layers:
+        parser.error("the following arguments are required: --layers (or --probe)")
+    if args.probe:  # measures this host and exits: listens on nothing, so no TLS check
+        set_openmp_spin()
+        return main_probe(args)
     try:  # before anything loads: a stage that may not listen says so at once
         tls = hop_tls(args)
         check_server_listen(args, hops=tls is not None)
-    except OSError as err:
+        check_join_arguments(args)
+    except (OSError, ValueError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # Held shared through the heavy imports and the weight load, so that a stage starting beside
     # this one does not time its threads while this one keeps a core busy (stage_server/machine_lock.py).
     startup_lock = MachineLock()
@@ -136,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype, device=args.device, max_sessions=args.max_sessions, max_streams=args.max_streams,
             stream_idle_timeout_s=args.stream_idle_timeout,
             max_cache_bytes=args.max_cache_mb << 20, max_step_tokens=args.max_step_tokens,
-            session_timeout_s=args.session_timeout,
+            session_timeout_s=args.session_timeout, drain_timeout_s=args.drain_timeout,
             threads=args.threads, small_step_threads=args.small_step_threads,
             head_threads=args.head_threads, attention=args.attention, trace_steps=args.trace_steps,
-            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls)
+            local_hops=args.local_hops == "on", peers=args.peers, progress=not args.quiet, tls=tls,
+            join=args.join, advertise=args.advertise,
+            metrics=metrics_endpoint(args))
         run_until_signalled(StageServer(config, startup_lock))
     except (SliceLoadError, UnsupportedArchitectureError, ModelNotFoundError, OSError) as err:
         print(f"stage-server: error: {err}", file=sys.stderr)

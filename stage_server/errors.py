@@ -1,6 +1,7 @@
 """Request errors a stage raises, each tagged with the gRPC status code it maps to.
 
-Owns: the error vocabulary of the stage (code names only). Does not own: turning them into
+Owns: the error vocabulary of the stage (code names only), and `check_stop`, which a step's layer
+loop asks before each layer so that a session ended mid-step stops computing there. Does not own: turning them into
 gRPC statuses (the step runner answers them in-band through answers.error_response); nothing
 here imports grpc.
 """
@@ -25,6 +26,17 @@ class InvalidRequest(StageRequestError):
 
 class SessionNotFound(StageRequestError):
     code = "NOT_FOUND"
+
+
+class StepAbandoned(SessionNotFound):
+    """The step's session was ended while the step computed: its remaining layers are not computed."""
+
+
+def check_stop(stop) -> None:
+    """Raise StepAbandoned when `stop` (None, or a callable) says the step's session has ended."""
+    if stop is not None and stop():
+        raise StepAbandoned("the session was ended (EndSession) while this step computed; the rest of it is "
+                            "not computed")
 
 
 class OutOfRange(StageRequestError):

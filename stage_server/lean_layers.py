@@ -31,6 +31,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from stage_server.errors import check_stop
+
 log = logging.getLogger(__name__)
 
 # The decoder layer classes whose forward this module reproduces (transformers 5.x).
@@ -99,7 +101,7 @@ class LeanLayers:
         self.needs_sliding = any(layer.window is not None for layer in self.layers)
 
     def run(self, hidden: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            cache) -> torch.Tensor:
+            cache, stop=None) -> torch.Tensor:
         mask_kwargs = {"config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
                        "cache": cache, "position_ids": position_ids}
         full = create_causal_mask(**mask_kwargs) if self.needs_full else None
@@ -108,6 +110,7 @@ class LeanLayers:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         attend = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         for layer in self.layers:
+            check_stop(stop)
             hidden = layer.run(hidden, cos, sin, full if layer.window is None else sliding, cache, attend)
         return hidden
 

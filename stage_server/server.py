@@ -3,7 +3,9 @@
 Owns: the gRPC server object, the health service (NOT_SERVING while the weights load, and
 again while draining), reflection, the same-machine listener, the compute thread and what
 loads on it (the slice, its split head and row chunks, the thread-count calibration), the
-session store, the step trace file, the idle-session reaper and SIGTERM handling; it builds
+session store, the step trace file, the metrics port, the idle-session reaper, the registration with a coordinator
+(--join, registration.py), and SIGTERM handling: a drain that takes no new session and waits for the
+sessions held to end, up to drain_timeout_s; it builds
 the stage's service once the port is bound and hands it the slice once loaded.
 Does not own: request handling (servicer and the modules it builds) or argument parsing (cli).
 """
@@ -23,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from protos import stage_pb2, unix_socket
 from protos.channel_options import bind, server_options
+from protos.metrics_endpoint import MetricsEndpoint
 from protos.raw_parsing import add_servicer
 from protos.reflection import enable_reflection
 from protos.shutdown import EXIT_DEADLINE_S, exit_deadline, exit_now, stop_server
@@ -31,6 +34,8 @@ from stage_server.compute_thread import ComputeThread
 from stage_server.core_share import CoreShare, usable_cores
 from stage_server.deployment import Deployment
 from stage_server.machine_lock import MachineLock
+from stage_server.metrics import StageMetrics
+from stage_server.registration import Registration, announcement
 from stage_server.row_chunks import install_row_chunks
 from stage_server.servicer import StageService
 from stage_server.sessions import SessionStore
@@ -78,6 +83,9 @@ class StageServerConfig:
     peers: tuple[str, ...] = ()  # addresses of the deployment's other stages (--peers; stage_server/deployment.py)
     progress: bool = True
     tls: TlsFiles | None = None  # --tls-*: mutual TLS on the port and towards next hops (protos/tls.py)
+    join: str = ""  # --join: the coordinator whose registry this stage announces itself to (registration.py)
+    advertise: str = ""  # --advertise: the address announced; "" = host:port as bound
+    metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics (stage_server/metrics.py)
 
 
 class StageServer:
@@ -100,13 +108,16 @@ class StageServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.compute = ComputeThread()  # all torch work runs on it: load, calibration, steps
         self.service: StageService | None = None  # built in start, once the port (part of its name) is bound
+        self.metrics = StageMetrics(lambda: self.service, config.metrics) if config.metrics is not None else None
         self.port = 0
         self.local_hops: UnixListener | None = None  # the same-machine socket, when listening
         self.split_head: SplitHead | None = None  # the last stage's LM head, when split
         self._trace: StepTrace | None = None
         self.core_share: CoreShare | None = None  # this stage's slot in the machine's core share
+        self.registration: Registration | None = None  # with --join, once serving
         self._stopped = threading.Event()
         self._finished = threading.Event()  # stop() is done
+        self.ready = threading.Event()  # loaded and serving
 
     def _set_health(self, status) -> None:
         for service in ("", STAGE_SERVICE):
@@ -122,8 +133,10 @@ class StageServer:
                                     max_streams=cfg.max_streams, stream_idle_timeout_s=cfg.stream_idle_timeout_s,
                                     trace=self._trace,
                                     use_local_hops=cfg.local_hops and unix_socket.SUPPORTED, tls=cfg.tls,
-                                    deployment=Deployment(cfg.peers))
+                                    deployment=Deployment(cfg.peers), meter=self.metrics)
         add_servicer(self.service, self.grpc_server, stage_pb2.DESCRIPTOR.services_by_name["Stage"])
+        if self.metrics is not None:  # before serving: a taken metrics port fails the start
+            self.metrics.start(cfg.host)
         self.grpc_server.start()
         self._listen_for_local_hops(port)
         self.port = port  # set once the server accepts connections
@@ -159,6 +172,11 @@ class StageServer:
         threading.Thread(target=self._reap_idle_sessions, args=(sessions,), name="session-reaper",
                          daemon=True).start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        if cfg.join:
+            address = cfg.advertise or f"{cfg.host}:{port}"
+            self.registration = Registration(cfg.join, lambda: announcement(self.service, address), cfg.tls)
+            self.registration.start()
         log.info("ready: %s, %s on %s, %.1f MiB of weights, %s attention, %s, fingerprint %s, weights manifest %s",
                  self.service.name, loaded.dtype, loaded.device, loaded.parameter_bytes / 2**20, loaded.attention,
                  "lean layers" if getattr(loaded.architecture, "lean", None) is not None
@@ -209,16 +227,28 @@ class StageServer:
                 log.info("expired idle sessions")
 
     def stop(self) -> None:
-        """Refuse new micro-batches, let those in flight finish (up to drain_timeout_s), stop."""
+        """Drain, then stop: health NOT_SERVING, Info and the registration say draining, steps that start
+        a session are refused while the sessions held go on; once none is held and nothing is in flight,
+        or drain_timeout_s has passed, the server stops (the coordinator replays what is left elsewhere)."""
         if self._stopped.is_set():
             return
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.service is not None:
             self.service.draining = True
-            if not self.service.wait_idle(self.config.drain_timeout_s):
-                log.warning("drain timed out after %.0fs; stopping anyway", self.config.drain_timeout_s)
+            if self.registration is not None:
+                self.registration.announce()
+            timeout = self.config.drain_timeout_s
+            log.info("draining: %d session(s) held; waiting up to %.0fs for them to end", self.service.sessions_held(),
+                     timeout)
+            if self.service.wait_drained(timeout):
+                log.info("drained: no session held, nothing in flight")
+            else:
+                log.warning("drain timed out after %.0fs with %d session(s) held; stopping", timeout,
+                            self.service.sessions_held())
         self._stopped.set()
         try:
+            if self.registration is not None:
+                self.registration.stop()
             if self.local_hops is not None:
                 self.local_hops.close()
             stop_server(self.grpc_server, grace_s=1.0)
@@ -231,6 +261,8 @@ class StageServer:
                 self._trace.close()
             if self.split_head is not None:
                 self.split_head.close()
+            if self.metrics is not None:
+                self.metrics.close()
         finally:
             self._finished.set()
 
@@ -245,6 +277,9 @@ def run_until_signalled(server: StageServer) -> None:
     stopping = threading.Event()
 
     def on_signal(signum, _frame):
+        if not server.ready.is_set():  # still loading: nothing to drain
+            print(f"stage-server: {signal.Signals(signum).name} while starting; exiting", file=sys.stderr, flush=True)
+            exit_now(130)
         if stopping.is_set():
             log.info("received %s again: exiting now", signal.Signals(signum).name)
             exit_now(1)

@@ -2,10 +2,10 @@
 
 Owns: the stage's RPCs and the same-machine handlers that mirror Forward and Results
 (`forward_stream`, `results_stream`, handed to unix_listener); the max_streams stream slots every
-stream holds (stream_slots); the stage-wide count of micro-batches in flight and the draining flag, so that a
-shutdown refuses new work and waits for what is in flight; the links to next hops (`open_link`,
-with the stage's gRPC channels, only to addresses of its deployment); and the parts a stage serves
-with, built here: the collector registry, the greedy chain and the step runner.
+stream holds (stream_slots); the stage-wide count of micro-batches in flight and the draining flag, so
+that a shutdown takes no new session and waits for the sessions it holds and what is in flight; the
+links to next hops (`open_link`, with the stage's gRPC channels, only to addresses of its deployment);
+and the parts a stage serves with, built here: the collector registry, the greedy chain and the step runner.
 
 Does not own: one stream's reading and answering (forward_stream), what a step does
 (step_runner), answers' encoding (answers), the subscriptions (collectors), the math
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -34,6 +35,7 @@ from stage_server.deployment import Deployment
 from stage_server.errors import StageRequestError
 from stage_server.forward_stream import ForwardStream
 from stage_server.greedy_chain import GreedyChain
+from stage_server.metrics import StageMetrics
 from stage_server.next_hop import open_next_hop
 from stage_server.peer_identity import peer_of
 from stage_server.sessions import check_session_id
@@ -52,14 +54,14 @@ class StageService(stage_pb2_grpc.StageServicer):
     def __init__(self, name: str, compute: ComputeThread, *, max_streams: int = 64,
                  stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S, trace: StepTrace | None = None,
                  use_local_hops: bool = unix_socket.SUPPORTED, tls: TlsFiles | None = None,
-                 deployment: Deployment | None = None) -> None:
+                 deployment: Deployment | None = None, meter: StageMetrics | None = None) -> None:
         """`name`: "layers A:B @ host:port", for error messages; `compute`: the thread every step runs
         on (compute_thread); `stream_idle_timeout_s`: how long a stream may stay silent before a new
         stream may take its slot (stream_slots); `trace`: where step stamps go (--trace-steps);
         `use_local_hops`: whether next hops on this machine are reached over their Unix socket (next_hop);
         `tls`: the stage's certificate, key and CA, with which it dials its next hops over gRPC (None:
         plaintext); `deployment`: the addresses this stage may send to (none but those SetDeployment
-        names when not given)."""
+        names when not given); `meter`: the stage's metrics (--metrics-port; stage_server/metrics.py)."""
         self.name = name
         self.max_streams = max_streams
         self.stream_slots = StreamSlots(max_streams, stream_idle_timeout_s)  # Forward and Results streams open now
@@ -73,7 +75,7 @@ class StageService(stage_pb2_grpc.StageServicer):
         self.collectors = Collectors()
         self._chain = GreedyChain(self.open_link, self.collectors.get)
         self.steps = StepRunner(name, chain=self._chain, collectors=self.collectors, trace=trace,
-                                draining=self._draining, deployment=self.deployment)
+                                draining=self._draining, deployment=self.deployment, meter=meter)
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: Forward computes from now on."""
@@ -86,7 +88,8 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     @property
     def draining(self) -> bool:
-        """Set when the stage shuts down: every step from then on is refused UNAVAILABLE."""
+        """Set when the stage shuts down: a step that starts a session is refused UNAVAILABLE from then on,
+        while the sessions it holds go on stepping (step_runner); Info reports it."""
         return self._draining.is_set()
 
     @draining.setter
@@ -178,6 +181,25 @@ class StageService(stage_pb2_grpc.StageServicer):
         with self._inflight_changed:
             return self._inflight_changed.wait_for(lambda: self._inflight <= 0, timeout=timeout_s)
 
+    def wait_drained(self, timeout_s: float, poll_s: float = 0.05) -> bool:
+        """Block until this stage holds no session and no micro-batch is in flight (True), or the
+        timeout passes (False). Sessions end by EndSession, by a step's end_session or by idle expiry,
+        none of which signals here: the session count is polled."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._inflight_changed:
+                idle = self._inflight <= 0
+            if idle and self.sessions_held() == 0:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(poll_s, left))
+
+    def sessions_held(self) -> int:
+        served = self.steps.served
+        return served.sessions.stats()[0] if served is not None else 0
+
     # ---- EndSession and Info ---------------------------------------------------------------
 
     def EndSession(self, request, context):
@@ -189,7 +211,8 @@ class StageService(stage_pb2_grpc.StageServicer):
         _refuse_bad(context, self.deployment.check_addresses, request.route, "route")
         caller = self.deployment.caller(peer_of(context))
         served = self.steps.served
-        freed = 1 if served is not None and _refuse_bad(context, served.sessions.end, request.session_id, caller) else 0
+        freed = 1 if served is not None and _refuse_bad(context, served.sessions.abandon, request.session_id, caller) \
+            else 0
         if request.route and (freed or caller.trusted):
             stub = stage_pb2_grpc.StageStub(self._channels.get(request.route[0]))
             try:
@@ -203,7 +226,7 @@ class StageService(stage_pb2_grpc.StageServicer):
 
     def Info(self, request, context):
         reply = stage_pb2.InfoResponse(versions=software_versions(), protocol_version=PROTOCOL_VERSION,
-                                       rss_bytes=psutil.Process().memory_info().rss)
+                                       rss_bytes=psutil.Process().memory_info().rss, draining=self.draining)
         served = self.steps.served
         if served is None:
             return reply
@@ -218,7 +241,8 @@ class StageService(stage_pb2_grpc.StageServicer):
             parameter_bytes=loaded.parameter_bytes, active_sessions=sessions, cache_bytes=cache_bytes,
             hidden_size=model.hidden_size, vocab_size=model.vocab_size,
             max_sessions=store.max_sessions, max_cache_bytes=store.max_cache_bytes,
-            micro_batches_served=self.steps.micro_batches_served, attention=loaded.attention,
+            micro_batches_served=self.steps.micro_batches_served, compute_seconds=self.steps.compute_seconds,
+            attention=loaded.attention,
             weights_manifest_id=loaded.weights_manifest_id))
         if served.threads is not None:
             reply.compute_threads, reply.small_step_threads = served.threads.full, served.threads.small_step

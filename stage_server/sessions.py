@@ -2,7 +2,8 @@
 
 Owns: the table of live sessions, each a compact cache of this stage's layers for a
 fixed batch of rows and owned by the peer that opened it, the limits on how many
-sessions and cache bytes a stage holds.
+sessions and cache bytes a stage holds, and the sessions ended by EndSession lately, so that
+steps of theirs still queued here are not computed (`abandon`, `abandoned`).
 Does not own: what goes into a cache (the stage model writes it), the wire, nor who
 may act on whose session (deployment.Caller decides; a lookup here asks it).
 """
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 
 from stage_server.errors import InvalidRequest, PermissionDenied, ResourceExhausted, SessionNotFound
 from stage_server.step_bounds import check_id
+
+ABANDONED_MEMORY_S = 600.0  # how long an ended session's steps still waiting here are recognised
+MAX_ABANDONED = 4096  # ... or until this many sessions ended after it
 
 
 def check_session_id(session_id: str) -> None:
@@ -46,6 +50,7 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: str = ""  # identity of the peer that opened it (peer_identity)
     answers_to: str = ""  # last stage: the collector its answers go to (whose subscriber may StopChain it)
+    ended: bool = False  # freed (EndSession, expiry): a step computing for it stops at its next layer
 
 
 class SessionStore:
@@ -67,6 +72,8 @@ class SessionStore:
         self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        # session id -> (when EndSession ended it, monotonic ns; its caller), oldest first
+        self._abandoned: dict[str, tuple[int, object]] = {}
 
     def start(self, session_id: str, batch_size: int, caller=None) -> Session:
         """A fresh, empty session owned by `caller` (a deployment.Caller); an existing one with this id
@@ -84,6 +91,8 @@ class SessionStore:
                 raise ResourceExhausted(
                     f"this stage already holds {self.max_sessions} sessions (--max-sessions); "
                     "retry later or end idle sessions")
+            if old is not None:
+                old.ended = True  # a step still computing for the replaced session stops
             session = Session(session_id, self._make_cache(), batch_size, last_used=self._clock(),
                               owner=caller.identity if caller is not None else "")
             self._sessions[session_id] = session
@@ -130,8 +139,34 @@ class SessionStore:
             if session is None:
                 return False
             _check_owner(session, caller)
+            session.ended = True
             del self._sessions[session_id]
             return True
+
+    def abandon(self, session_id: str, caller=None) -> bool:
+        """`end` it, and remember when: a step of it that arrived before now and still waits for the
+        compute thread (the rest of a chunked prefill, say) is then not computed (`abandoned`). Also
+        remembered when the session is not here yet (its first step may be among those waiting)."""
+        ended = self.end(session_id, caller)
+        now = time.monotonic_ns()
+        with self._lock:
+            self._abandoned.pop(session_id, None)
+            self._abandoned[session_id] = (now, caller)
+            oldest = now - int(ABANDONED_MEMORY_S * 1e9)
+            while self._abandoned and (len(self._abandoned) > MAX_ABANDONED
+                                       or next(iter(self._abandoned.values()))[0] < oldest):
+                del self._abandoned[next(iter(self._abandoned))]
+        return ended
+
+    def abandoned(self, session_id: str, received_ns: int, caller=None) -> bool:
+        """Whether EndSession ended `session_id` after a step of it arrived (at monotonic `received_ns`),
+        by a caller that may use the sessions of the step's `caller`: such a step is not computed."""
+        with self._lock:
+            ended = self._abandoned.get(session_id)
+        if ended is None or ended[0] < received_ns:
+            return False
+        by = ended[1]
+        return by is None or caller is None or by.may_use(caller.identity)
 
     def expire_idle(self) -> int:
         """Drop sessions idle longer than the timeout; returns how many went."""

@@ -140,7 +140,7 @@ class StageModel:
             hidden = arch.embed(_as(activations, device, torch.long), position_ids)
         else:
             hidden = _as(activations, device, loaded.dtype)
-        hidden = arch.run_layers(hidden, position_ids, attention_mask, session.cache)
+        hidden = arch.run_layers(hidden, position_ids, attention_mask, session.cache, stop=lambda: session.ended)
         session.tokens_seen += activations.shape[1]
         if loaded.is_last:
             return arch.head(hidden[:, -1, :]).float()  # [B, V]

@@ -21,6 +21,7 @@ from protos import stage_pb2
 from protos.unknown_fields import first_unknown_field
 from stage_server.errors import InvalidRequest, ResourceExhausted
 
+MAX_REQUEST_IDS = 1024  # public request ids one step may carry (one per row of a prefill, for logs)
 MAX_ID_CHARS = 64  # session and collector ids (the coordinator's are 32 hex digits and a suffix)
 MAX_ADDRESS_CHARS = 256  # host:port of a next hop
 MAX_ROUTE_HOPS = 64
@@ -89,6 +90,11 @@ class StepBounds:
         if request.HasField("cache_edit"):
             for name in request.cache_edit.append_sessions:
                 check_id("cache_edit.append_sessions", name)
+        if request.request_ids:
+            if len(request.request_ids) > MAX_REQUEST_IDS:
+                raise InvalidRequest(f"request_ids names {len(request.request_ids)} ids; at most {MAX_REQUEST_IDS}")
+            for name in request.request_ids:
+                check_id("request_ids", name)
         check_route("route", request.route)
         if request.chain_route:
             check_route("chain_route", request.chain_route)

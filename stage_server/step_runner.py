@@ -25,12 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from protos import codec, stage_pb2
+from protos.protocol import DRAINING_REFUSAL
 from stage_server.answers import error_response, greedy_ids, logits_response
 from stage_server.cache_edits import PlannedEdit
 from stage_server.collectors import Collector, Collectors
 from stage_server.deployment import Caller, Deployment
-from stage_server.errors import InvalidRequest, StageRequestError, StageUnavailable, WrongRoute
+from stage_server.errors import InvalidRequest, SessionNotFound, StageRequestError, StageUnavailable, WrongRoute
 from stage_server.greedy_chain import GreedyChain, check_chain_fields, next_step
+from stage_server.metrics import StageMetrics, Unmetered
 from stage_server.next_hop import unreachable
 from stage_server.sessions import Session, SessionStore, check_session_id
 from stage_server.split_head import SplitHead
@@ -57,18 +59,21 @@ class ServedSlice:
 
 class StepRunner:
     """Runs micro-batches for one stage. Until `serve` gives it the loaded slice, every step is
-    refused UNAVAILABLE (the weights are loading); once `draining` is set, so is every new one."""
+    refused UNAVAILABLE (the weights are loading); once `draining` is set, so is every step that
+    starts a session, while the sessions it holds go on stepping until they end."""
 
     def __init__(self, name: str, *, chain: GreedyChain, collectors: Collectors, trace: StepTrace | None,
-                 draining: threading.Event, deployment: Deployment) -> None:
+                 draining: threading.Event, deployment: Deployment, meter: StageMetrics | None = None) -> None:
         self.name = name  # "layers A:B @ host:port", used in error messages
         self._deployment = deployment  # the addresses a step may go on to
         self._chain = chain
         self._collectors = collectors
         self._trace = trace  # per-micro-batch timestamps (--trace-steps), until a write fails
+        self._meter = meter if meter is not None else Unmetered()  # --metrics-port (stage_server/metrics.py)
         self._draining = draining
         self.served: ServedSlice | None = None
         self.micro_batches_served = 0
+        self.compute_seconds = 0.0  # the forwards' time, for Info
 
     def serve(self, served: ServedSlice) -> None:
         """The weights are in: compute steps from now on."""
@@ -94,9 +99,9 @@ class StepRunner:
         With a trace (--trace-steps), the step's stamps are written once it is sent on or answered;
         a forwarded step's `sent` is stamped as it is handed to the link (over a same-machine socket
         the next stage may have it before the write returns)."""
-        started, computed, handed, outcome = now_ns(), 0, 0, "failed"
+        started, computed, handed, outcome, sent_bytes = now_ns(), 0, 0, "failed", 0
         try:
-            output, positions, mask = self._compute(request, caller)
+            output, positions, mask = self._compute(request, caller, received_ns)
             computed = now_ns()
             if request.route:
                 activations = codec.encode(output, request.wire_codec)
@@ -109,7 +114,8 @@ class StepRunner:
                     model_fingerprint=request.model_fingerprint, logits_top_k=request.logits_top_k,
                     reply_to=request.reply_to, chain_steps=request.chain_steps,
                     chain_route=request.chain_route, chain_stop_ids=request.chain_stop_ids,
-                    hop_bytes=[*request.hop_bytes, sent_bytes], in_flight=request.in_flight)
+                    hop_bytes=[*request.hop_bytes, sent_bytes], in_flight=request.in_flight,
+                    request_ids=request.request_ids)
                 if request.HasField("cache_edit"):
                     sent.cache_edit.CopyFrom(request.cache_edit)
                 if request.HasField("attention_mask"):
@@ -139,6 +145,7 @@ class StepRunner:
         except Exception as err:
             log.exception("micro-batch %s of session %s failed", request.micro_batch_id, request.session_id)
             deliver(error_response(request, "INTERNAL", f"{type(err).__name__}: {err}", self.name))
+        self._meter.step(request, outcome, started, computed, sent_bytes, now_ns())
         if self._trace is not None:
             self._write_trace(request, outcome, received_ns, started, computed, handed if outcome == "forwarded" else 0)
 
@@ -173,15 +180,19 @@ class StepRunner:
         answer.hop_bytes.extend(request.hop_bytes)
         collector.put(answer)
 
-    def _compute(self, request: stage_pb2.ForwardRequest, caller: Caller
+    def _compute(self, request: stage_pb2.ForwardRequest, caller: Caller, received_ns: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the request's step; returns (output, its position ids, its attention mask or None)."""
+        """Run the request's step, which arrived at monotonic `received_ns`; returns (output, its position
+        ids, its attention mask or None)."""
         check_session_id(request.session_id)
         served = self.served
         if served is None:
             raise StageUnavailable(f"stage {self.name} is still loading its weights; retry shortly")
-        if self._draining.is_set():
-            raise StageUnavailable(f"stage {self.name} is shutting down")
+        if served.sessions.abandoned(request.session_id, received_ns, caller):  # checked as it would compute
+            raise SessionNotFound(f"session {request.session_id!r} was ended (EndSession) while this step waited "
+                                  "here; it is not computed")
+        if request.start_session and self._draining.is_set():
+            raise StageUnavailable(f"stage {self.name} {DRAINING_REFUSAL}; route it to a replica of this stage")
         model, sessions = served.model, served.sessions
         loaded = model.loaded
         if request.model_fingerprint and request.model_fingerprint != loaded.fingerprint:
@@ -211,6 +222,9 @@ class StepRunner:
             _checked_step(model, sessions, Session(request.session_id, None, batch), request, activations,
                           position_ids, mask, caller)
             session = sessions.start(request.session_id, batch, caller)
+            if request.request_ids:
+                log.info("session %s opened for request(s) %s", request.session_id, ",".join(request.request_ids),
+                         extra={"session_id": request.session_id, "request_ids": list(request.request_ids)})
         else:
             session = sessions.get(request.session_id, caller)
         try:
@@ -234,6 +248,7 @@ class StepRunner:
                     if served.threads is not None:
                         served.threads.record(time.perf_counter() - started)
                 self.micro_batches_served += 1
+                self.compute_seconds += time.perf_counter() - started
         except Exception:
             if request.start_session:
                 sessions.end(request.session_id)  # never leave a half-made session behind

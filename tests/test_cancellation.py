@@ -97,13 +97,22 @@ class _StoppedContext:
     """What the servicer sees of a call whose deadline passed (or that the client cancelled)."""
 
     def __init__(self, remaining: float | None) -> None:
-        self.remaining, self.code = remaining, None
+        self.remaining, self.status = remaining, None
 
     def time_remaining(self):
         return self.remaining
 
+    def code(self):  # as grpc.ServicerContext.code(): the status the handler ended the call with
+        return self.status
+
+    def invocation_metadata(self):
+        return ()
+
+    def send_initial_metadata(self, metadata):
+        pass
+
     def abort(self, code, details):
-        self.code = code
+        self.status = code
         raise _Aborted(details)
 
 
@@ -130,4 +139,4 @@ def test_a_stopped_stream_ends_with_its_reason_not_ok(remaining, code, monkeypat
             result = call(None, context)
             if call == servicer.GenerateStream:
                 list(result)
-        assert context.code == code, call.__name__
+        assert context.status == code, call.__name__

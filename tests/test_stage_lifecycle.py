@@ -57,7 +57,7 @@ def test_draining_refuses_new_work(tiny_model, stages):
     with stages(tiny_model("llama"), 1) as (addresses, servers):
         servers[0].service.draining = True
         response = forward_once(addresses[0], valid_prefill("late", []))
-        assert code_of(response) == grpc.StatusCode.UNAVAILABLE and "shutting down" in response.error_message
+        assert code_of(response) == grpc.StatusCode.UNAVAILABLE and "draining" in response.error_message
         servers[0].service.draining = False
         assert forward_once(addresses[0], valid_prefill("again", [])).status_code == 0
 

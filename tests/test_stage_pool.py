@@ -8,12 +8,16 @@ servers that went down or started draining.
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from coordinator.app import parse_stages
 from coordinator.route_choice import NoRoute
+from coordinator.routes import Routes
+from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, DRAINING, SERVING, StagePool
 from protos import stage_pb2
+from protos.protocol import DRAINING_REFUSAL
 
 
 def info(start: int, end: int, *, layers: int = 4, fingerprint: str = "f1", sessions: int = 0,
@@ -98,3 +102,20 @@ def test_stages_parse_spans_and_replicas(text, spans):
 def test_an_empty_span_is_refused():
     with pytest.raises(ValueError, match="replicas of a span separated by"):
         parse_stages("a:1,,b:1")
+
+
+def test_a_draining_refusal_keeps_new_sessions_away_without_failing_the_server():
+    pool = pool_of({"a1:1": (0, 2), "a2:1": (0, 2), "b1:1": (2, 4)})
+    routes = Routes(pool)
+    heard = []
+    pool.subscribe(lambda address, state: heard.append((address, state)))
+    route = routes.new_route(lambda address: {"a2:1": 1}.get(address, 0))
+    assert route.addresses == ["a1:1", "b1:1"]
+    # A stage names itself in its own refusals ("layers A:B @ its host:port"): its span on the route tells which.
+    refusal = StageCallError(grpc.StatusCode.UNAVAILABLE, f"stage {DRAINING_REFUSAL}; try a replica",
+                             "layers 0:2 @ 0.0.0.0:1")
+    assert routes.failover(route, refusal)
+    assert pool.state("a1:1") == DRAINING and heard == [("a1:1", DRAINING)]
+    assert routes.new_route(lambda address: 0).addresses == ["a2:1", "b1:1"]
+    routes.failover(route, StageCallError(grpc.StatusCode.UNAVAILABLE, "connection reset", "b1:1"))
+    assert pool.state("b1:1") == DOWN
