@@ -20,6 +20,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from coordinator import openai_requests
 from coordinator.api_keys import ApiKeys
 from coordinator.engine import GenerationCancelled
 from coordinator.http_generation import EventPump, Generation
+from coordinator.metrics import REGISTRY, RequestMeter
 from coordinator.openai_requests import OpenAiRequest, RequestRefused
 from coordinator.service import CoordinatorService, failure_status
 from coordinator.validation import ApiError, PreparedRequest, prepare
@@ -116,15 +118,27 @@ class HttpApi:
     # ---- one generation ------------------------------------------------------------------------
 
     async def _generate(self, request: Request, chat: bool) -> Response:
+        """One request, metered as the gRPC API's are once its key is checked: its status (the HTTP
+        one; a stream's when it ends, 499 when its client leaves), tokens and times."""
+        meter = RequestMeter("http")
+        response = await self._respond(request, chat, meter)
+        if response.status_code == 401:
+            return response  # refused before it is a request, as the gRPC API's interceptor refuses
+        if not isinstance(response, EventStream):
+            meter.finish(str(response.status_code))
+        return response
+
+    async def _respond(self, request: Request, chat: bool, meter: RequestMeter) -> Response:
         release, streaming = None, False
         try:
             digest = self._authenticate(request)
             asked = openai_requests.read_request(await self._json(request), chat=chat, model_id=self.model_id)
             prepared = await asyncio.to_thread(self._prepare, asked)  # tokenizing a long prompt takes a while
+            meter.prompt(len(prepared.prompt_ids))
             release = self._take_slot(digest)
-            generation = self._start(prepared, asked.stream)
+            generation = self._start(prepared, asked.stream, meter)
             if asked.stream:
-                response = await self._stream(request, asked, prepared, generation, release)
+                response = await self._stream(request, asked, prepared, generation, release, meter)
                 streaming = True
                 return response
             return await self._answer(request, asked, prepared, generation)
@@ -137,11 +151,11 @@ class HttpApi:
             if release is not None and not streaming:  # a stream frees its slot when it ends
                 release()
 
-    def _start(self, prepared: PreparedRequest, stream: bool) -> Generation:
+    def _start(self, prepared: PreparedRequest, stream: bool, meter: RequestMeter) -> Generation:
         loop = asyncio.get_running_loop()
         if self._pump is None:  # made here: the loop is uvicorn's, started after this object
             self._pump = EventPump(loop)
-        generation = Generation(self.service, prepared, self.stopping, stream, self._pump)
+        generation = Generation(self.service, prepared, self.stopping, stream, self._pump, meter)
         try:
             done = loop.run_in_executor(self._executor, generation.run)
         except RuntimeError:  # the executor has shut down
@@ -214,7 +228,7 @@ class HttpApi:
                                                    len(prepared.prompt_ids), len(value.token_ids)))
 
     async def _stream(self, request: Request, asked: OpenAiRequest, prepared: PreparedRequest,
-                      generation: Generation, release: Callable[[], None]) -> Response:
+                      generation: Generation, release: Callable[[], None], meter: RequestMeter) -> Response:
         """Wait for the first event, so that a refusal (a full queue) still gets its own status; then
         stream. The key's slot goes with the stream, which frees it when it ends in any way; from
         there Starlette watches for the client going away (it cancels the stream)."""
@@ -233,6 +247,7 @@ class HttpApi:
         def ended() -> None:
             generation.cancelled.set()
             release()
+            meter.finish(generation.outcome)
 
         return EventStream(self._events(asked, prepared, generation, first), ended)
 
@@ -253,6 +268,7 @@ class HttpApi:
                 kind, value = await generation.events.get()
             if kind == "error":
                 err = _failure(value, self.stopping.is_set())
+                generation.outcome = str(err.status)
                 yield _sse(error_body(str(err), "server_error" if err.status >= 500 else "invalid_request_error",
                                       None, err.code))
                 return
@@ -262,6 +278,7 @@ class HttpApi:
             yield chunk(finish=value.finish_reason)
             if asked.include_usage:
                 yield chunk(usage_of=(len(prepared.prompt_ids), len(value.token_ids)))
+            generation.outcome = "200"
             yield _sse("[DONE]")
         finally:  # ended, failed, or its client went away: the generation stops and frees its sessions
             generation.cancelled.set()
@@ -326,11 +343,5 @@ async def _http_exception(request: Request, exc: HTTPException) -> Response:
 
 
 async def metrics(request: Request) -> Response:
-    # Prometheus exposition of coordinator/metrics.py's REGISTRY; 404 while that module is absent.
-    try:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        from coordinator.metrics import REGISTRY
-    except ImportError:
-        return HttpError(404, "this coordinator exports no metrics", code="not_found").response()
+    """The coordinator's Prometheus families (coordinator/metrics.py), as --metrics-port serves them."""
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

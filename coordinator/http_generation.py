@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from coordinator.metrics import RequestMeter
 from coordinator.service import CoordinatorService
 from coordinator.text import TextStream
 from coordinator.validation import PreparedRequest
@@ -50,12 +51,14 @@ class Generation:
     in the event loop as ("token", delta), then ("done", result) or ("error", exception)."""
 
     def __init__(self, service: CoordinatorService, prepared: PreparedRequest, stopping: threading.Event,
-                 stream: bool, pump: EventPump) -> None:
+                 stream: bool, pump: EventPump, meter: RequestMeter) -> None:
         self.stream = stream  # an answer in one piece needs no token events
         self.events: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.text = TextStream(service.tokenization, prepared.stop)
         self._service, self._prepared, self._stopping, self._pump = service, prepared, stopping, pump
+        self._meter = meter
+        self.outcome = "499"  # a streamed answer's status for the metrics: its client left unless set
 
     def _put(self, event: tuple) -> None:
         if not self._pump.put(self.events, event):
@@ -67,7 +70,7 @@ class Generation:
 
         try:
             on_token = (lambda _: self._put(("token", self.text.release()))) if self.stream else None
-            result = self._service.generate_one(self._prepared, self.text, keep_going, on_token)
+            result = self._service.generate_one(self._prepared, self.text, keep_going, on_token, meter=self._meter)
         except Exception as err:  # every failure reaches the client, mapped as the gRPC API maps it
             self._put(("error", err))
         else:

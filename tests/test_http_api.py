@@ -23,6 +23,7 @@ import httpx2 as httpx
 import openai
 import pytest
 from conftest import running_coordinator, running_stages
+from prometheus_client.parser import text_string_to_metric_families
 from test_cancellation import slowed_forward
 from tiny_models import save_tiny_model, save_tiny_tokenizer
 from transformers import AutoTokenizer
@@ -135,6 +136,36 @@ def test_models_and_health(api):
     finally:
         server.health.set("", 1)
     assert httpx.get(f"{api.url}/health").status_code == 200
+
+
+def _samples(url: str) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} of the HTTP port's /metrics, read by prometheus_client's parser."""
+    reply = httpx.get(f"{url}/metrics")
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
+
+
+def test_http_requests_show_in_the_metrics_on_the_http_port(api):
+    """/metrics (no key needed) parses; HTTP requests count by status, their tokens and first tokens too."""
+    before = _samples(api.url)
+
+    def count(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    client(api).completions.create(model=MODEL, prompt="hi", max_tokens=5, extra_body={"ignore_eos": True})
+    list(client(api).completions.create(model=MODEL, prompt="hi", max_tokens=7, stream=True,
+                                        extra_body={"ignore_eos": True}))
+    httpx.post(f"{api.url}/v1/completions", json={"prompt": "hi", "n": 2}, headers={"Authorization": f"Bearer {KEY}"})
+    after = eventually(lambda: _samples(api.url), None, timeout_s=0.5)
+    assert count(after, "layerline_requests_total", api="http", code="200") - \
+        count(before, "layerline_requests_total", api="http", code="200") == 2
+    assert count(after, "layerline_requests_total", api="http", code="400") - \
+        count(before, "layerline_requests_total", api="http", code="400") == 1
+    assert count(after, "layerline_completion_tokens_total", api="http") - \
+        count(before, "layerline_completion_tokens_total", api="http") == 12
+    assert count(after, "layerline_time_to_first_token_seconds_count", api="http") - \
+        count(before, "layerline_time_to_first_token_seconds_count", api="http") == 2
 
 
 # ---- the docs' curl examples ---------------------------------------------------------------------------
