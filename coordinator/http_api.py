@@ -30,9 +30,10 @@ from starlette.routing import Route
 from coordinator import openai_requests
 from coordinator.api_keys import ApiKeys
 from coordinator.engine import GenerationCancelled
-from coordinator.http_generation import EventPump, Generation
-from coordinator.metrics import REGISTRY, RequestMeter
+from coordinator.http_generation import EventPump, Generation, HttpCall
+from coordinator.metrics import REGISTRY
 from coordinator.openai_requests import OpenAiRequest, RequestRefused
+from coordinator.request_log import REQUEST_ID_KEY
 from coordinator.service import CoordinatorService, failure_status
 from coordinator.validation import ApiError, PreparedRequest, prepare
 
@@ -118,27 +119,29 @@ class HttpApi:
     # ---- one generation ------------------------------------------------------------------------
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        """One request, metered as the gRPC API's are once its key is checked: its status (the HTTP
-        one; a stream's when it ends, 499 when its client leaves), tokens and times."""
-        meter = RequestMeter("http")
-        response = await self._respond(request, chat, meter)
+        """One request, logged and metered as the gRPC API's are once its key is checked: its id (sent
+        back as X-Request-Id), status (the HTTP one; a stream's when it ends, 499 when its client
+        leaves), tokens and times."""
+        call = HttpCall(request.headers.get(REQUEST_ID_KEY), "chat.completions" if chat else "completions")
+        response = await self._respond(request, chat, call)
+        response.headers[REQUEST_ID_KEY] = call.record.request_id
         if response.status_code == 401:
-            return response  # refused before it is a request, as the gRPC API's interceptor refuses
-        if not isinstance(response, EventStream):
-            meter.finish(str(response.status_code))
+            call.drop()  # refused before it is a request, as the gRPC API's interceptor refuses
+        elif not isinstance(response, EventStream):
+            call.finish(str(response.status_code))
         return response
 
-    async def _respond(self, request: Request, chat: bool, meter: RequestMeter) -> Response:
+    async def _respond(self, request: Request, chat: bool, call: HttpCall) -> Response:
         release, streaming = None, False
         try:
             digest = self._authenticate(request)
             asked = openai_requests.read_request(await self._json(request), chat=chat, model_id=self.model_id)
             prepared = await asyncio.to_thread(self._prepare, asked)  # tokenizing a long prompt takes a while
-            meter.prompt(len(prepared.prompt_ids))
+            call.meter.prompt(len(prepared.prompt_ids))
             release = self._take_slot(digest)
-            generation = self._start(prepared, asked.stream, meter)
+            generation = self._start(prepared, asked.stream, call)
             if asked.stream:
-                response = await self._stream(request, asked, prepared, generation, release, meter)
+                response = await self._stream(request, asked, prepared, generation, release, call)
                 streaming = True
                 return response
             return await self._answer(request, asked, prepared, generation)
@@ -151,11 +154,11 @@ class HttpApi:
             if release is not None and not streaming:  # a stream frees its slot when it ends
                 release()
 
-    def _start(self, prepared: PreparedRequest, stream: bool, meter: RequestMeter) -> Generation:
+    def _start(self, prepared: PreparedRequest, stream: bool, call: HttpCall) -> Generation:
         loop = asyncio.get_running_loop()
         if self._pump is None:  # made here: the loop is uvicorn's, started after this object
             self._pump = EventPump(loop)
-        generation = Generation(self.service, prepared, self.stopping, stream, self._pump, meter)
+        generation = Generation(self.service, prepared, self.stopping, stream, self._pump, call)
         try:
             done = loop.run_in_executor(self._executor, generation.run)
         except RuntimeError:  # the executor has shut down
@@ -228,7 +231,7 @@ class HttpApi:
                                                    len(prepared.prompt_ids), len(value.token_ids)))
 
     async def _stream(self, request: Request, asked: OpenAiRequest, prepared: PreparedRequest,
-                      generation: Generation, release: Callable[[], None], meter: RequestMeter) -> Response:
+                      generation: Generation, release: Callable[[], None], call: HttpCall) -> Response:
         """Wait for the first event, so that a refusal (a full queue) still gets its own status; then
         stream. The key's slot goes with the stream, which frees it when it ends in any way; from
         there Starlette watches for the client going away (it cancels the stream)."""
@@ -247,7 +250,7 @@ class HttpApi:
         def ended() -> None:
             generation.cancelled.set()
             release()
-            meter.finish(generation.outcome)
+            call.finish(generation.outcome)
 
         return EventStream(self._events(asked, prepared, generation, first), ended)
 

@@ -9,6 +9,7 @@ the one the docs' examples name, so they run with only the port changed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 import shutil
@@ -166,6 +167,27 @@ def test_http_requests_show_in_the_metrics_on_the_http_port(api):
         count(before, "layerline_completion_tokens_total", api="http") == 12
     assert count(after, "layerline_time_to_first_token_seconds_count", api="http") - \
         count(before, "layerline_time_to_first_token_seconds_count", api="http") == 2
+
+
+def test_a_request_id_goes_back_and_into_the_request_log(api, caplog):
+    """The caller's X-Request-Id comes back as a header and names the request's one log line (API
+    http, its status and tokens), as for the gRPC API; without one the server makes one."""
+    caplog.set_level(logging.INFO, logger="coordinator.requests")
+    for stream in (False, True):
+        request_id = f"http-request-{int(stream)}"
+        with httpx.stream("POST", f"{api.url}/v1/completions", timeout=TIMEOUT_S, json={
+                "prompt": "hi", "max_tokens": 3, "ignore_eos": True, "stream": stream},
+                headers={"Authorization": f"Bearer {KEY}", "X-Request-Id": request_id}) as reply:
+            reply.read()
+        assert reply.status_code == 200 and reply.headers["x-request-id"] == request_id
+        lines = eventually(lambda rid=request_id: [r for r in caplog.records if getattr(r, "request_id", "") == rid],
+                           None,
+                           timeout_s=1.0)
+        assert len(lines) == 1 and lines[0].api == "http" and lines[0].status == "200", lines
+        assert lines[0].completion_tokens == 3 and lines[0].route
+    made = httpx.post(f"{api.url}/v1/completions", json={"prompt": "hi", "max_tokens": 1},
+                      headers={"Authorization": f"Bearer {KEY}"})
+    assert re.fullmatch(r"[0-9a-f]{16}", made.headers["x-request-id"])
 
 
 # ---- the docs' curl examples ---------------------------------------------------------------------------
