@@ -1,9 +1,9 @@
 """The OpenAI-compatible HTTP API: the official `openai` package against `--http-port`, its answers
-token for token the gRPC API's, the curl examples of docs/api.md as written, refusals in OpenAI's
-error shape, API keys and their slots, a cut stream freeing its sessions, and TLS.
+token for token the gRPC API's, the curl examples of docs/api.md as written, metrics and request
+ids, API keys and their slots, a cut stream freeing its sessions, stopping, and TLS (refusals:
+test_http_refusals.py).
 
-One keyed coordinator over a tiny 2-stage Llama serves both APIs for most tests; its model id is
-the one the docs' examples name, so they run with only the port changed.
+One keyed coordinator over a tiny 2-stage Llama serves both APIs for most tests (http_pipeline.py).
 """
 
 from __future__ import annotations
@@ -18,59 +18,26 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
+import http_pipeline
 import httpx2 as httpx
 import openai
 import pytest
 from conftest import running_coordinator, running_stages
+from http_pipeline import CHAT, KEY, MODEL, ONE_SLOT, TIMEOUT_S, client, decode, grpc_reply
 from prometheus_client.parser import text_string_to_metric_families
 from test_cancellation import slowed_forward
-from tiny_models import save_tiny_model, save_tiny_tokenizer
-from transformers import AutoTokenizer
 from waiting import eventually, stage_sessions
 
-from coordinator.api_keys import ApiKeys
 from coordinator.app import CoordinatorConfig, CoordinatorServer
 from coordinator.certs import make_certificates
-from coordinator.client import CoordinatorClient
 from coordinator.http_server import listen
 from protos.tls import TlsFiles
-
-KEY = "http-key-0123456789abcdef"
-ONE_SLOT = "one-slot-key-0123456789AB"
-MODEL = "smollm2-135m"  # the id the docs' examples send
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
-TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    """url (of the HTTP API), address (gRPC), stages (addresses), stage_servers, model_dir, server."""
-    directory = tmp_path_factory.mktemp("http-llama")
-    save_tiny_model(directory, "llama")
-    save_tiny_tokenizer(directory)
-    keys = directory / "keys"
-    keys.write_text(f"{KEY}\n{ONE_SLOT} max_concurrent=1\n")
-    with running_stages(directory, 2) as (stages, stage_servers):
-        with running_coordinator(directory, stages, api_keys=ApiKeys(keys), model_name=MODEL,
-                                 http_port=0) as (address, server):
-            yield SimpleNamespace(url=f"http://127.0.0.1:{server.http_server.port}", address=address, stages=stages,
-                                  stage_servers=stage_servers, model_dir=directory, server=server)
-
-
-def client(api, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{api.url}/v1", api_key=key, max_retries=0, timeout=TIMEOUT_S)
-
-
-def grpc_reply(api, **kwargs):
-    with CoordinatorClient(api.address, api_key=KEY, timeout_s=TIMEOUT_S) as grpc_client:
-        return grpc_client.generate(**kwargs)
-
-
-def decode(api, token_ids) -> str:
-    return AutoTokenizer.from_pretrained(api.model_dir).decode(list(token_ids), skip_special_tokens=True)
+    yield from http_pipeline.serving(tmp_path_factory)
 
 
 # ---- the answers are the gRPC API's ----------------------------------------------------------------
@@ -192,6 +159,9 @@ def test_a_request_id_goes_back_and_into_the_request_log(api, caplog):
 
 # ---- the docs' curl examples ---------------------------------------------------------------------------
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
 def docs_curl_commands() -> list[str]:
     """Each `curl` command of the OpenAI-compatible HTTP section's bash blocks, lines joined."""
     section = DOCS.read_text().split("## OpenAI-compatible HTTP", 1)[1].split("\n## ", 1)[0]
@@ -232,86 +202,6 @@ def _as_httpx(command: str) -> str:
     data = next((words[i + 1] for i, w in enumerate(words) if w == "-d"), None)
     reply = httpx.request("POST" if data else "GET", url, headers=headers, content=data, timeout=TIMEOUT_S)
     return reply.text
-
-
-# ---- refusals --------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"), ({"logprobs": True}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"functions": [{"name": "f"}]}, "functions"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"user": "me"}, "user"),
-    ({"colour": "blue"}, "colour"), ({"max_tokens": "many"}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
-    ({"stream_options": {"include_usage": True}}, "stream_options"), ({"model": "gpt-4o"}, "model"),
-])
-def test_unsupported_fields_get_a_400_in_openais_shape(api, extra, param):
-    body = {"model": MODEL, "messages": CHAT, **extra}
-    reply = httpx.post(f"{api.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
-    assert reply.status_code == (404 if param == "model" else 400), reply.text
-    error = reply.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
-    assert error["type"] == "invalid_request_error" and error["message"]
-
-
-@pytest.mark.parametrize("extra, param", [
-    ({"echo": True}, "echo"), ({"suffix": "!"}, "suffix"), ({"best_of": 2}, "best_of"), ({"logprobs": 1}, "logprobs"),
-    ({"logit_bias": {"5": 1}}, "logit_bias"), ({"messages": CHAT}, "messages"), ({"n": 2}, "n"),
-])
-def test_unsupported_completion_fields_get_a_400(api, extra, param):
-    reply = httpx.post(f"{api.url}/v1/completions", json={"model": MODEL, "prompt": "hi", **extra},
-                       headers={"Authorization": f"Bearer {KEY}"})
-    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
-
-
-def test_neutral_values_are_taken(api):
-    """Values that ask for nothing beyond what the server does are not refused: clients send them."""
-    reply = httpx.post(f"{api.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json={
-        "model": MODEL, "messages": CHAT, "max_tokens": 2, "n": 1, "logprobs": False, "presence_penalty": 0,
-        "frequency_penalty": 0.0, "tools": None, "user": None, "response_format": {"type": "text"}})
-    assert reply.status_code == 200, reply.text
-
-
-def test_the_openai_package_gets_its_errors(api):
-    with pytest.raises(openai.BadRequestError) as refused:
-        client(api).chat.completions.create(model=MODEL, messages=CHAT, n=2)
-    assert refused.value.body["param"] == "n"
-    with pytest.raises(openai.BadRequestError) as refused:
-        client(api).completions.create(model=MODEL, prompt=["one", "two"])
-    assert "one prompt per request" in refused.value.message
-    with pytest.raises(openai.NotFoundError):
-        client(api).completions.create(model="another-model", prompt="hi")
-
-
-def test_limits_and_messages_are_the_grpc_apis(api):
-    import grpc
-
-    with pytest.raises(grpc.RpcError) as grpc_refusal:
-        grpc_reply(api, prompt="hi", max_new_tokens=100000)
-    with pytest.raises(openai.BadRequestError) as refused:
-        client(api).completions.create(model=MODEL, prompt="hi", max_tokens=100000)
-    assert refused.value.body["message"] == grpc_refusal.value.details()
-    assert refused.value.body["code"] == "out_of_range"
-
-
-@pytest.mark.parametrize("content, says", [
-    (b"{not json", "not valid JSON"), (b"", "not valid JSON"), (b"[1, 2]", "JSON object"),
-    (b'{"messages": "hi"}', "non-empty list"), (b'{"messages": []}', "non-empty list"),
-    (b'{"messages": [{"role": "pirate", "content": "arr"}]}', "is not one of"),
-])
-def test_bad_bodies_get_a_400(api, content, says):
-    reply = httpx.post(f"{api.url}/v1/chat/completions", content=content, headers={"Authorization": f"Bearer {KEY}"})
-    assert reply.status_code == 400 and says in reply.json()["error"]["message"], reply.text
-
-
-def test_a_body_over_the_limit_gets_a_413(api):
-    reply = httpx.post(f"{api.url}/v1/completions", content=b"x" * (api.server.config.max_request_bytes + 1),
-                       headers={"Authorization": f"Bearer {KEY}"})
-    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
-
-
-def test_unknown_paths_and_methods_get_openais_shape(api):
-    assert httpx.get(f"{api.url}/v1/engines").json()["error"]["code"] == "not_found"
-    assert httpx.get(f"{api.url}/v1/completions").status_code == 405
 
 
 # ---- keys ------------------------------------------------------------------------------------------
