@@ -40,11 +40,12 @@ def free_port() -> int:
 def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, cpu_sets=None,
              compression: str = "none", micro_batches: int = 0, prefill_chunk: int | None = None,
              max_batch_rows: int | None = None, chain: str = "auto", balance_for: tuple[int, int] | None = None,
-             stage_args: tuple[str, ...] = (), ranges: list[tuple[int, int]] | None = None):
+             stage_args: tuple[str, ...] = (), ranges: list[tuple[int, int]] | None = None,
+             coordinator_args: tuple[str, ...] = ()):
     """Stage server processes plus a coordinator process; yields the coordinator's address.
     `balance_for` (prompt tokens, new tokens) splits the layers for that workload (as
     `launch-local --balance-for`) instead of for decode alone; `ranges` gives the split itself.
-    `stage_args`: more stage-server options."""
+    `stage_args`, `coordinator_args`: more stage-server and coordinator serve options."""
     from transformers import AutoConfig
 
     if ranges is None:
@@ -62,7 +63,7 @@ def pipeline(model_dir: Path, num_stages: int, dtype: str, *, threads: int = 0, 
             command += ["--prefill-chunk", str(prefill_chunk)]
         if max_batch_rows is not None:
             command += ["--max-batch-rows", str(max_batch_rows)]
-        command += ["--chain", chain]
+        command += ["--chain", chain, *coordinator_args]
         coordinator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         address = f"127.0.0.1:{port}"
         _PROCESSES[address] = [coordinator.pid] + [stage.process.pid for stage in stages.stages]

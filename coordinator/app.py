@@ -22,6 +22,8 @@ from coordinator.api_keys import ApiKeyInterceptor, ApiKeys
 from coordinator.chain_policy import chain_greedy_steps
 from coordinator.engine import Engine
 from coordinator.failover import MAX_REPLAYS
+from coordinator.http_api import HttpApi
+from coordinator.http_server import HttpServer, listen, serving_from
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline_client import PipelineClient
 from coordinator.planner import groups_in_flight
@@ -70,6 +72,7 @@ class CoordinatorConfig:
     api_tls: TlsFiles | None = None  # --api-tls-*: TLS on the public API (client certificates with a CA)
     join_port: int | None = None  # serve the Registry (stage-server --join) on host:join_port (0: a free one)
     metrics: MetricsEndpoint | None = None  # --metrics-port: Prometheus metrics on a port (coordinator/metrics.py)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (http_server); None: off, 0: any free port
 
 
 def _not_ready(addresses: tuple[str, ...], states: list) -> list[str]:
@@ -239,6 +242,10 @@ class CoordinatorServer:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         enable_reflection(self.grpc_server, [COORDINATOR_SERVICE, health.SERVICE_NAME])
+        self.http = None if config.http_port is None else HttpApi(
+            self.service, api_keys=api_keys, serving=lambda: serving_from(self.health),
+            max_body_bytes=config.max_request_bytes, max_running=server_threads(config.batch_limits))
+        self.http_server: HttpServer | None = None
         self.port = 0
         self._stopping = False
 
@@ -271,9 +278,17 @@ class CoordinatorServer:
 
     def start(self) -> int:
         api_tls = self.config.api_tls
-        self.port = bind(self.grpc_server, self.config.host, self.config.port,
-                         server_credentials(api_tls) if api_tls else None)
-        self.metrics.start(self.config.host)  # before serving: a taken metrics port fails the start
+        if self.http is not None:  # bound first: a taken HTTP port stops the start before gRPC serves
+            self.http_server = HttpServer(self.http.app, listen(self.config.host, self.config.http_port), api_tls)
+            self.http_server.start()
+        try:
+            self.port = bind(self.grpc_server, self.config.host, self.config.port,
+                             server_credentials(api_tls) if api_tls else None)
+            self.metrics.start(self.config.host)  # before serving: a taken metrics port fails the start
+        except BaseException:
+            if self.http_server is not None:
+                self.http_server.stop(0.0)
+            raise
         self.grpc_server.start()
         self.pool.subscribe(lambda address, state: self._report_health())
         self._report_health()
@@ -293,6 +308,9 @@ class CoordinatorServer:
     def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
         self._report_health()
+        if self.http_server is not None:
+            self.http.close()
+            self.http_server.stop(grace_s)
         stop_server(self.grpc_server, grace_s)
         if self.registry is not None:
             self.registry.stop()

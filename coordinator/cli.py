@@ -28,6 +28,7 @@ from coordinator.certs import CertificateError, add_certs_command, cmd_certs
 from coordinator.chain_policy import CHAIN_SETTINGS
 from coordinator.client import CoordinatorClient
 from coordinator.failover import add_failover_arguments
+from coordinator.http_server import add_http_port_argument, http_note, http_port_from_args
 from coordinator.info_view import render
 from coordinator.launcher import LaunchError, LocalStages, check_ports_free
 from coordinator.metrics import add_metrics_arguments, metrics_endpoint
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=50050)
     serve.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(serve)
+    add_http_port_argument(serve)
     _add_request_limit(serve)
     _add_pipeline_arguments(serve)
     add_mixed_versions_argument(serve)
@@ -164,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads per stage, fixed (default: the stages share the usable cores step by step)")
     launch.add_argument("--max-new-tokens-limit", type=int, default=4096)
     add_api_keys_argument(launch)
+    add_http_port_argument(launch)
     _add_request_limit(launch)
     _add_pipeline_arguments(launch)
     add_mixed_versions_argument(launch)
@@ -269,7 +272,7 @@ def _serve_config(args, stages: list[str], model_dir, host: str, port: int, **tl
                              max_request_bytes=getattr(args, "max_request_mb", DEFAULT_MAX_REQUEST_MB) << 20,
                              allow_mixed_versions=getattr(args, "allow_mixed_versions", False),
                              stall_timeout_s=args.stall_timeout, max_replays=args.max_replays,
-                             metrics=metrics_endpoint(args), **tls)
+                             metrics=metrics_endpoint(args), http_port=http_port_from_args(args), **tls)
 
 
 def cmd_serve(args) -> int:
@@ -287,7 +290,8 @@ def cmd_serve(args) -> int:
     port = server.start()
     joins_at = f"; stages join at {args.host}:{server.registry.port}" if server.registry else ""
     print(f"coordinator serving layerline.v1.Coordinator on {args.host}:{port} over {len(stages) or 'joined'} spans "
-          f"(compression {args.compression}){joins_at}; Ctrl-C to stop", file=sys.stderr, flush=True)
+          f"(compression {args.compression}){joins_at}{http_note(server.http_server)}; Ctrl-C to stop",
+          file=sys.stderr, flush=True)
     _wait_for_signal()
     exit_deadline(EXIT_DEADLINE_S)
     server.stop()
@@ -325,7 +329,8 @@ def cmd_launch_local(args) -> int:
             if one_shot:
                 return run_generation(f"127.0.0.1:{port}", args, api_key=keys.own_key() if keys else None)
             print(f"layerline: coordinator on {args.host}:{port}, {len(addresses)} stages "
-                  f"({', '.join(f'{a}:{b}' for a, b in ranges)}); Ctrl-C to stop", file=sys.stderr, flush=True)
+                  f"({', '.join(f'{a}:{b}' for a, b in ranges)}){http_note(server.http_server)}; Ctrl-C to stop",
+                  file=sys.stderr, flush=True)
             _wait_for_signal()
             return 0
         finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 
 import grpc
 
@@ -35,6 +36,17 @@ FINISH_REASONS = {
     "stop": coordinator_pb2.FINISH_REASON_STOP,
 }
 _DONE = object()
+
+
+def failure_status(err: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status and one-line message a generation that raised `err` ends with (both APIs)."""
+    if isinstance(err, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+    if isinstance(err, StageCallError):
+        where = f" (stage {err.failed_stage})" if err.failed_stage else ""
+        return err.code, f"pipeline error{where}: {err}"
+    log.error("generation failed", exc_info=err)
+    return grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}"
 
 
 class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
@@ -59,28 +71,37 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     def _run(self, prepared: PreparedRequest, text: TextStream, context, record: RequestLog,
              on_token=None, meter: RequestMeter | None = None) -> SequenceResult:
+        def keep_going() -> bool:
+            remaining = context.time_remaining()
+            return context.is_active() and (remaining is None or remaining > 0)
+
+        return self.generate_one(prepared, text, keep_going, on_token, record=record, meter=meter)
+
+    def generate_one(self, prepared: PreparedRequest, text: TextStream, keep_going: Callable[[], bool],
+                     on_token: Callable[[int], None] | None = None, *, record: RequestLog | None = None,
+                     meter: RequestMeter | None = None) -> SequenceResult:
+        """Run one prepared request to its end (either API); each token goes through `text` first,
+        then to `on_token`. Raises GenerationCancelled once `keep_going` answers False."""
         def token_seen(token_id: int) -> bool:
             if meter is not None:
                 meter.token()
             stopped = text.add(token_id)
-            record.token()
+            if record is not None:
+                record.token()
             with self._tokens_lock:
                 self._tokens += 1
             if on_token is not None:
                 on_token(token_id)
             return stopped
 
-        record.prompt_tokens = len(prepared.prompt_ids)
+        if record is not None:
+            record.prompt_tokens = len(prepared.prompt_ids)
         request = SequenceRequest(prepared.prompt_ids, prepared.max_new_tokens, prepared.sampling,
                                   frozenset() if prepared.ignore_eos else self.tokenization.eos_token_ids,
-                                  on_token=token_seen, request_id=record.request_id)
-
-        def keep_going() -> bool:
-            remaining = context.time_remaining()
-            return context.is_active() and (remaining is None or remaining > 0)
-
+                                  on_token=token_seen, request_id=record.request_id if record else "")
         result = self.engine.generate([request], keep_going=keep_going)[0]
-        record.finished(result)
+        if record is not None:
+            record.finished(result)
         return result
 
     @staticmethod
@@ -95,13 +116,7 @@ class CoordinatorService(coordinator_pb2_grpc.CoordinatorServicer):
 
     @staticmethod
     def _abort_for(err: Exception, context) -> None:
-        if isinstance(err, CapacityError):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
-        if isinstance(err, StageCallError):
-            where = f" (stage {err.failed_stage})" if err.failed_stage else ""
-            context.abort(err.code, f"pipeline error{where}: {err}")
-        log.exception("generation failed")
-        context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+        context.abort(*failure_status(err))
 
     # ---- RPCs ----------------------------------------------------------------------------
 
