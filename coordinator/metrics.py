@@ -24,7 +24,11 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from protos.metrics_endpoint import MetricsEndpoint, MetricsServer, add_metrics_port_argument, serve_metrics
+from protos.metrics_endpoint import (
+    MetricsEndpoint,
+    MetricsPort,
+    add_metrics_port_argument,
+)
 
 REGISTRY = CollectorRegistry()
 
@@ -199,26 +203,15 @@ COLLECTOR = CoordinatorCollector()
 REGISTRY.register(COLLECTOR)
 
 
-class CoordinatorMetrics:
+class CoordinatorMetrics(MetricsPort):
     """One coordinator's part in REGISTRY while it runs, and its --metrics-port when given."""
 
     def __init__(self, engine, pool, endpoint: MetricsEndpoint | None = None) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, REGISTRY)
         self._key = COLLECTOR.watch(engine, pool)
-        self.server: MetricsServer | None = None
-
-    def start(self, host: str) -> None:
-        self.server = serve_metrics(self.endpoint, host, REGISTRY)
-
-    @property
-    def port(self) -> int:
-        """The metrics port once started (0: off)."""
-        return self.server.port if self.server is not None else 0
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
+        super().close()
         COLLECTOR.forget(self._key)
 
 

@@ -86,3 +86,23 @@ def serve_metrics(endpoint: MetricsEndpoint | None, host: str, registry) -> Metr
         return None
     return MetricsServer(endpoint, host, registry)
 
+
+class MetricsPort:
+    """A process's metrics port, as its owner holds it: started on a host, its port, closed."""
+
+    def __init__(self, endpoint: MetricsEndpoint | None, registry) -> None:
+        self.endpoint, self.registry = endpoint, registry
+        self.server: MetricsServer | None = None
+
+    def start(self, host: str) -> None:
+        self.server = serve_metrics(self.endpoint, host, self.registry)
+
+    @property
+    def port(self) -> int:
+        """The metrics port once started (0: off, or not started)."""
+        return self.server.port if self.server is not None else 0
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None

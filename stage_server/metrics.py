@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from protos import stage_pb2
-from protos.metrics_endpoint import MetricsEndpoint, MetricsServer, add_metrics_port_argument, serve_metrics
+from protos.metrics_endpoint import MetricsEndpoint, MetricsPort, add_metrics_port_argument
 
 _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _HOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -37,13 +37,12 @@ def step_kind(request: stage_pb2.ForwardRequest) -> str:
     return "prefill" if request.start_session or (shape and shape[-1] > 1) else "decode"
 
 
-class StageMetrics:
+class StageMetrics(MetricsPort):
     """One stage's families. `service()` returns the stage's StageService (None before it is built);
     the gauges read it at each scrape."""
 
     def __init__(self, service: Callable[[], object], endpoint: MetricsEndpoint) -> None:
-        self.endpoint = endpoint
-        self.registry = CollectorRegistry()
+        super().__init__(endpoint, CollectorRegistry())
         self._service = service
         self.step_seconds = Histogram(
             "layerline_stage_step_seconds", "Seconds from the compute thread taking a micro-batch to its forward "
@@ -64,7 +63,6 @@ class StageMetrics:
                                                                                          "failed")}
         self._bytes_by_codec = {value: self.sent_bytes.labels(name) for value, name in _CODEC_NAMES.items()}
         self.registry.register(_StageGauges(service))
-        self.server: MetricsServer | None = None
 
     def step(self, request: stage_pb2.ForwardRequest, outcome: str, started_ns: int, computed_ns: int,
              sent_bytes: int, now_ns: int) -> None:
@@ -77,18 +75,6 @@ class StageMetrics:
             self.hop_seconds.observe((now_ns - computed_ns) * _NS)
             self._bytes_by_codec[request.wire_codec].inc(sent_bytes)
 
-    def start(self, host: str) -> None:
-        self.server = serve_metrics(self.endpoint, host, self.registry)
-
-    @property
-    def port(self) -> int:
-        """The metrics port once started (0: not started)."""
-        return self.server.port if self.server is not None else 0
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
 
 
 class _StageGauges:

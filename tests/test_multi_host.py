@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 from netns_hosts import netns_available
 from shaped_hosts import shaped_deployment
+from tiny_models import greedy_alone
 
 from coordinator.client import CoordinatorClient
 from coordinator.text import Tokenization
@@ -33,21 +33,11 @@ ROUTE_LOST = " lost ("  # a failover: a step failed on the route and its sequenc
 @pytest.fixture(scope="module")
 def unsplit():
     """The model's directory, the chat prompts and the unsplit model's greedy tokens for them."""
-    from transformers import AutoModelForCausalLM
-
     model_dir = ensure_model("smollm2-135m", progress=False)
     tokenization = Tokenization.from_model_dir(model_dir)
     prompts = [tokenization.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=sorted(tokenization.eos_token_ids),
-                                 pad_token_id=tokenization.pad_token_id)
-            expected.append(out[0, len(ids):].tolist())
-    del model
+    expected = greedy_alone(model_dir, prompts, NEW_TOKENS, eos_token_ids=tokenization.eos_token_ids,
+                            pad_token_id=tokenization.pad_token_id)
     return model_dir, prompts, expected
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import greedy_alone
 from transformers import AutoModelForCausalLM
 
 from coordinator.engine import Engine, SequenceRequest
@@ -33,16 +34,8 @@ def smollm2():
     model_dir = ensure_model("smollm2-135m", progress=False)
     tokenization = Tokenization.from_model_dir(model_dir)
     prompts = [tokenization.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    expected = []
-    with torch.inference_mode():
-        for ids in prompts:
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=NEW_TOKENS, do_sample=False,
-                                 eos_token_id=sorted(tokenization.eos_token_ids),
-                                 pad_token_id=tokenization.pad_token_id)
-            expected.append(out[0, len(ids):].tolist())
-    del model
+    expected = greedy_alone(model_dir, prompts, NEW_TOKENS, eos_token_ids=tokenization.eos_token_ids,
+                            pad_token_id=tokenization.pad_token_id)
     return model_dir, tokenization, prompts, expected
 
 

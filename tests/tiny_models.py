@@ -75,6 +75,20 @@ def reference_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: 
     return [row[longest:].tolist() for row in out]
 
 
+def greedy_alone(model_dir: Path, prompts: list[list[int]], max_new_tokens: int, *,
+                 eos_token_ids: frozenset[int] = frozenset(), pad_token_id: int = 0) -> list[list[int]]:
+    """Greedy continuations of the unsplit model, each prompt alone (no padding), ending at an EOS token."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=sorted(eos_token_ids) or None, pad_token_id=pad_token_id)
+            expected.append(out[0, len(ids):].tolist())
+    return expected
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: match the tiny configs
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
