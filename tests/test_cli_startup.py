@@ -50,11 +50,13 @@ def test_both_packages_run_with_python_m():
 
 def test_ctrl_c_while_starting_prints_one_line(tiny_model):
     """SIGINT while importing, loading or waiting for stages: exit status 130, no traceback."""
-    commands = [("stage_server", "--model", str(tiny_model("llama")), "--layers", "0:2", "--port", "0"),
-                ("coordinator", "serve", "--stages", "127.0.0.1:1", "--model", str(tiny_model("llama")),
-                 "--port", "0")]
-    for command in commands:
-        for delay in (0.6, 1.5):
+    # The stage while it imports torch and while it loads; the coordinator while it waits for its stages
+    # (its own imports take well under a second).
+    commands = [(("stage_server", "--model", str(tiny_model("llama")), "--layers", "0:2", "--port", "0"), (0.6, 1.5)),
+                (("coordinator", "serve", "--stages", "127.0.0.1:1", "--model", str(tiny_model("llama")),
+                  "--port", "0"), (2.0, 3.0))]
+    for command, delays in commands:
+        for delay in delays:
             process = subprocess.Popen([sys.executable, "-m", *command], cwd=ROOT, stderr=subprocess.PIPE, text=True)
             time.sleep(delay)
             process.send_signal(signal.SIGINT)
