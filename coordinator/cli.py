@@ -15,6 +15,7 @@ from protos import quiet_interrupt  # first too: Ctrl-C while starting prints on
 # isort: split
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ import time
 
 import grpc
 
+from coordinator import request_log
 from coordinator.api_keys import add_api_key_argument, add_api_keys_argument, api_keys_from_args, reload_on_sighup
 from coordinator.batch_limits import BatchLimits
 from coordinator.certs import CertificateError, add_certs_command, cmd_certs
@@ -301,6 +303,8 @@ def cmd_serve(args) -> int:
 def cmd_launch_local(args) -> int:
     keys = api_keys_from_args(args)
     one_shot = args.prompt is not None or args.chat is not None
+    if one_shot:  # the answer is the output: the request log line only at --log-level INFO or below
+        request_log.log.setLevel(max(logging.INFO, logging.getLogger().level))
     tls = tls_arguments.serving_tls(args, stages_listen=True, api_listens=not one_shot)
     from transformers import AutoConfig
 
