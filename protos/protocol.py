@@ -12,7 +12,7 @@ from __future__ import annotations
 # Raised by one when a change to stage.proto or to what a stage does with its messages would make a
 # stage or coordinator without the change misread or mishandle what one with it sends; a new field
 # that an older peer may ignore keeps it.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # In the message of a draining stage's refusal of a step that starts a session (UNAVAILABLE).
 DRAINING_REFUSAL = "is draining: it starts no new session"

@@ -17,13 +17,13 @@ from coordinator.routes import Routes
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, DRAINING, SERVING, StagePool
 from protos import stage_pb2
-from protos.protocol import DRAINING_REFUSAL
+from protos.protocol import DRAINING_REFUSAL, PROTOCOL_VERSION
 
 
 def info(start: int, end: int, *, layers: int = 4, fingerprint: str = "f1", sessions: int = 0,
          draining: bool = False) -> stage_pb2.InfoResponse:
     return stage_pb2.InfoResponse(model_fingerprint=fingerprint, layer_start=start, layer_end=end, num_layers=layers,
-                                  active_sessions=sessions, draining=draining, protocol_version=1,
+                                  active_sessions=sessions, draining=draining, protocol_version=PROTOCOL_VERSION,
                                   weights_manifest_id="m1", versions={"torch": "2", "transformers": "5"})
 
 
