@@ -81,6 +81,27 @@ def running_stages(model_dir: Path, num_stages: int, *, tell_deployment: bool = 
             server.stop()
 
 
+REPLICA_SPANS = [(0, 2), (0, 2), (2, 4), (2, 4)]
+
+
+@contextlib.contextmanager
+def running_replicas(model_dir: Path, spans=REPLICA_SPANS):
+    """In-process stage servers, one per span given (by default two spans, two replicas each), gRPC
+    hops only; yields them by address. Each is stopped at once at the end, as a crash would."""
+    servers = {}
+    try:
+        for start, end in spans:
+            server = StageServer(StageServerConfig(model_dir=str(model_dir), layer_start=start, layer_end=end, port=0,
+                                                   progress=False, drain_timeout_s=1.0, local_hops=False))
+            server.start()
+            servers[f"127.0.0.1:{server.port}"] = server
+        yield servers
+    finally:
+        for server in servers.values():
+            server.grpc_server.stop(0)
+            server.stop()
+
+
 def set_deployment(addresses: list[str], tls=None) -> None:
     """Tell each stage its deployment, as a coordinator does (over loopback, accepted without TLS;
     with `tls`, protos.tls.TlsFiles, as a peer with a certificate of the stages' CA)."""

@@ -8,7 +8,6 @@ port needs."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import ssl
@@ -20,7 +19,7 @@ import grpc
 import pytest
 import torch
 import yaml
-from conftest import running_coordinator, running_stages
+from conftest import running_coordinator, running_replicas, running_stages
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_models import save_tiny_model, save_tiny_tokenizer
 from waiting import eventually
@@ -30,7 +29,6 @@ from coordinator.pipeline_client import PipelineClient
 from protos import coordinator_pb2, coordinator_pb2_grpc
 from protos.metrics_endpoint import MetricsEndpoint
 from protos.tls import TlsFiles
-from stage_server.server import StageServer, StageServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12, 13], [20, 21, 22, 23, 24, 25, 26]]
@@ -164,28 +162,8 @@ def test_stage_gauges_follow_live_sessions(model_dir):
             client.close()
 
 
-SPANS = [(0, 2), (0, 2), (2, 4), (2, 4)]
-
-
-@contextlib.contextmanager
-def replicas(model_dir):
-    """Four in-process stage servers: two spans, two replicas each (gRPC hops only)."""
-    servers = {}
-    try:
-        for start, end in SPANS:
-            stage = StageServer(StageServerConfig(model_dir=str(model_dir), layer_start=start, layer_end=end, port=0,
-                                                  progress=False, drain_timeout_s=1.0, local_hops=False))
-            stage.start()
-            servers[f"127.0.0.1:{stage.port}"] = stage
-        yield servers
-    finally:
-        for stage in servers.values():
-            stage.grpc_server.stop(0)
-            stage.stop()
-
-
 def test_a_failover_shows_in_the_failover_counters_and_the_servers_by_state(model_dir):
-    with replicas(model_dir) as servers:
+    with running_replicas(model_dir) as servers:
         spans = ",".join("|".join(a for a, s in servers.items() if s.config.layer_start == start) for start in (0, 2))
         with running_coordinator(model_dir, [spans], metrics=MetricsEndpoint(0), chain="off",
                                  stall_timeout_s=5.0) as (address, server):

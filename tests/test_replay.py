@@ -14,6 +14,7 @@ import threading
 
 import grpc
 import pytest
+from conftest import running_replicas
 from tiny_models import save_tiny_model
 from waiting import eventually
 
@@ -22,9 +23,8 @@ from coordinator.routes import Routes
 from coordinator.sampling import SamplingParams
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import StagePool
-from stage_server.server import StageServer, StageServerConfig
+from stage_server.server import StageServer
 
-SPANS = [(0, 2), (0, 2), (2, 4), (2, 4)]
 PROMPTS = [[5 + i, 6, 7 + i, 8, 9] for i in range(6)]
 NEW_TOKENS = 20
 
@@ -40,13 +40,7 @@ def model_dir(tmp_path_factory):
 def replicated(model_dir):
     """Four in-process stage servers (two spans, two replicas each, gRPC hops only), a pool over them
     and an engine with two groups; yields (engine, pool, servers by address)."""
-    servers = {}
-    try:
-        for start, end in SPANS:
-            server = StageServer(StageServerConfig(model_dir=str(model_dir), layer_start=start, layer_end=end, port=0,
-                                                   progress=False, drain_timeout_s=1.0, local_hops=False))
-            server.start()
-            servers[f"127.0.0.1:{server.port}"] = server
+    with running_replicas(model_dir) as servers:
         pool = StagePool(list(servers), stall_timeout_s=5.0)
         pool.seed((address, server.service.Info(None, None)) for address, server in servers.items())
         pool.tell_deployment(raise_errors=True)
@@ -57,10 +51,6 @@ def replicated(model_dir):
         finally:
             pool.close()
             routes.close()
-    finally:
-        for server in servers.values():
-            server.grpc_server.stop(0)
-            server.stop()
 
 
 def requests(sampled: bool, on_token=None) -> list[SequenceRequest]:
