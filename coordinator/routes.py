@@ -7,7 +7,7 @@ the engine replays the route's sequences elsewhere, or the request's own fault, 
 and marking the failed server down; freeing a lost route's sessions on each of its servers
 directly (`free_session`), since the chain through the lost one is broken; ending a session along
 its route (`end_session`); chaining on a route only once its last stage is seen to reach its first
-(chain_check), and no more after a chained step failed to. And `SingleRoute`, the
+(chain_check), not after a chained step failed to, and again once a later check passes. And `SingleRoute`, the
 same face over one PipelineClient with no failover (tests, benchmarks).
 
 Does not own: the servers' states and route choice (stage_pool), the calls (pipeline_client), or
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import grpc
 
-from coordinator.chain_check import CHECK_TIMEOUT_S, chain_works
+from coordinator.chain_check import Verdict, check_chain
 from coordinator.pipeline_client import PipelineClient
 from coordinator.stage_errors import StageCallError
 from coordinator.stage_pool import DOWN, SERVING, StagePool
@@ -40,6 +40,9 @@ SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCEL
 SESSION_LOST = grpc.StatusCode.NOT_FOUND
 FREE_TIMEOUT_S, FREE_DOWN_TIMEOUT_S = 5.0, 30.0  # EndSession on a live server; on one marked down (may resume)
 LOST_KEPT = 4096  # sessions of routes lost through a down server, freed again when it serves again
+# A route whose chain check did not pass checks again after this, doubling up to the most: a firewall
+# opened later, or a stage that was busy or restarting, gets chaining back without a restart.
+RECHECK_FIRST_S, RECHECK_MOST_S = 30.0, 600.0
 
 
 class Routes:
@@ -48,7 +51,8 @@ class Routes:
     def __init__(self, pool: StagePool, *, wire_codec: int = stage_pb2.CODEC_NONE, model_fingerprint: str = "",
                  direct_results: bool = True, local_hops: bool = True, chain: bool = False) -> None:
         """`chain`: greedy chaining is wanted; each route then checks in the background that its last
-        stage reaches its first (chain_check) and chains only once it does."""
+        stage reaches its first (chain_check) and chains only once it does, checking again from time to
+        time until it does."""
         self.pool = pool
         self.chain = chain
         self._client_options = dict(wire_codec=wire_codec, model_fingerprint=model_fingerprint,
@@ -58,6 +62,7 @@ class Routes:
         # servers after it: such sessions are freed once more when it serves again.
         self._lost: deque[tuple[tuple[str, ...], str]] = deque(maxlen=LOST_KEPT)
         self._lock = threading.Lock()
+        self._closed = threading.Event()  # ends the routes' chain checks
         pool.subscribe(self._server_changed)
 
     def new_route(self, load: Callable[[str], int]) -> PipelineClient:
@@ -70,18 +75,30 @@ class Routes:
             if client is None:
                 client = self._clients[addresses] = PipelineClient(list(addresses), **self._client_options)
                 if self.chain and client.direct_results:
-                    client.chain_reachable = False
-                    threading.Thread(target=self._check_chain, args=(client,), name="chain-check", daemon=True).start()
+                    self._start_chain_check(client)
             return client
 
-    @staticmethod
-    def _check_chain(client: PipelineClient) -> None:
-        if chain_works(client):
-            client.chain_reachable = True
-        else:
-            log.warning("greedy chaining is off on route %s: its last stage did not reach its first within %.0fs "
-                        "(a firewall or routing between them?); every step goes through the coordinator",
-                        " -> ".join(client.addresses), CHECK_TIMEOUT_S)
+    def _start_chain_check(self, client: PipelineClient, *, warned: bool = False) -> None:
+        client.chain_reachable = False
+        threading.Thread(target=self._check_chain, args=(client, warned), name="chain-check", daemon=True).start()
+
+    def _check_chain(self, client: PipelineClient, warned: bool) -> None:
+        """Check `client`'s chaining hop until it works (then chain) or the routes close."""
+        route, wait = " -> ".join(client.addresses), RECHECK_FIRST_S
+        while True:
+            verdict = check_chain(client)
+            if verdict is Verdict.WORKS:
+                client.chain_reachable = True
+                log.info("greedy chaining is on for route %s: its last stage reaches its first", route)
+                return
+            if verdict is Verdict.BLOCKED and not warned:
+                warned = True
+                log.warning("greedy chaining is off on route %s: its last stage did not reach its first (a "
+                            "firewall or routing between them?); every step goes through the coordinator, and "
+                            "the hop is checked again from time to time", route)
+            if self._closed.wait(wait):
+                return
+            wait = min(2 * wait, RECHECK_MOST_S)
 
     def chain_failed(self, route: PipelineClient, error: Exception) -> bool:
         """Whether `error`, ending a step the last stage chained, says the last stage lost its way to the
@@ -89,9 +106,9 @@ class Routes:
         if not (isinstance(error, StageCallError) and error.failed_stage == route.addresses[0]
                 and error.code in SERVER_FAILURES and route.chain_reachable):
             return False
-        route.chain_reachable = False
-        log.warning("greedy chaining is off on route %s: a chained step did not reach the first stage (%s)",
-                    " -> ".join(route.addresses), error)
+        log.warning("greedy chaining is off on route %s: a chained step did not reach the first stage (%s); "
+                    "the hop is checked again from time to time", " -> ".join(route.addresses), error)
+        self._start_chain_check(route, warned=True)
         return True
 
     def accepts(self, route: PipelineClient) -> bool:
@@ -169,6 +186,7 @@ class Routes:
             return sum(client.hop_bytes for client in self._clients.values())
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             clients, self._clients = list(self._clients.values()), {}
         for client in clients:

@@ -27,6 +27,7 @@ SPANS = ["0:10", "10:20", "20:30"]
 CHATS = ["What is the capital of France?", "Write a haiku about the sea."]
 NEW_TOKENS = 16
 CHECK_FAILED = "its last stage did not reach its first"  # the route's chain check, logged by the coordinator
+CHECK_PASSED = "greedy chaining is on for route"  # likewise, at INFO
 ROUTE_LOST = " lost ("  # a failover: a step failed on the route and its sequences were replayed
 
 
@@ -64,10 +65,11 @@ def _wait_for_line(process, text: str, timeout_s: float) -> bool:
 
 def test_three_hosts_generate_the_unsplit_models_tokens(unsplit, deployment):
     _, prompts, expected = unsplit
-    with deployment.coordinator(deployment.through_relays(1.0), "--chain", "on") as (address, coordinator):
+    with deployment.coordinator(deployment.through_relays(1.0), "--chain", "on", "--log-level", "INFO") as (
+            address, coordinator):
         assert _generate(address, deployment.client_tls(), prompts) == expected
-        time.sleep(1.0)  # past the route's chain check: the requests below chain
-        assert _generate(address, deployment.client_tls(), prompts) == expected
+        assert _wait_for_line(coordinator, CHECK_PASSED, 10), "".join(coordinator.lines[-10:])
+        assert _generate(address, deployment.client_tls(), prompts) == expected  # chained
         log = "".join(coordinator.lines)
         assert CHECK_FAILED not in log and ROUTE_LOST not in log, log[-3000:]
 
@@ -78,11 +80,14 @@ def test_with_the_last_to_first_hop_dropped_requests_fall_back_unchained(unsplit
     # dialled anew, and a firewall stops new connections
     stages = deployment.through_relays(2.0)
     deployment.block(deployment.stage_hosts[-1], stages[0])
-    with deployment.coordinator(stages, "--chain", "on") as (address, coordinator):
-        started = time.monotonic()
-        assert _generate(address, deployment.client_tls(), prompts) == expected  # while the route checks
-        assert _wait_for_line(coordinator, CHECK_FAILED, 10), "".join(coordinator.lines[-10:])
-        assert _generate(address, deployment.client_tls(), prompts) == expected  # unchained for good
-        assert time.monotonic() - started < 30
-        log = "".join(coordinator.lines)
-        assert ROUTE_LOST not in log, log[-3000:]  # no step waited for the dropped connection and failed
+    try:
+        with deployment.coordinator(stages, "--chain", "on") as (address, coordinator):
+            started = time.monotonic()
+            assert _generate(address, deployment.client_tls(), prompts) == expected  # while the route checks
+            assert _wait_for_line(coordinator, CHECK_FAILED, 10), "".join(coordinator.lines[-10:])
+            assert _generate(address, deployment.client_tls(), prompts) == expected  # unchained
+            assert time.monotonic() - started < 30
+            log = "".join(coordinator.lines)
+            assert ROUTE_LOST not in log, log[-3000:]  # no step waited for the dropped connection and failed
+    finally:
+        deployment.shape("200mbit")
