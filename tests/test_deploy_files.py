@@ -8,6 +8,7 @@ The entrypoint and the health command run for real here (tests/test_deploy_entry
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -18,6 +19,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from coordinator.placement import HostProbe, stage_memory
+from coordinator.plan_command import DEFAULT_RESERVE_MB
+from protos.model_files.fetch import ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -276,3 +281,52 @@ def test_compose_makes_a_certificate_for_every_file_it_names():
     assert named and named <= hosts, named - hosts
     services = set(yaml.safe_load(text)["services"]) - {"certs"}
     assert services == hosts  # each service is dialled by its name, which its certificate names
+
+
+def _float32_probe(model_dir: Path) -> HostProbe:
+    """The weight sizes `stage-server --probe` reports for `model_dir` in float32 (the stages' dtype on
+    a CPU), from the checkpoint's header: nothing is loaded or timed."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with safe_open(str(next(Path(model_dir).glob("*.safetensors"))), framework="pt") as checkpoint:
+        layer = sum(math.prod(checkpoint.get_slice(name).get_shape()) for name in checkpoint.keys()
+                    if ".layers.0." in name)
+    return HostProbe(name="host", decode_layer_s=1.0, layer_bytes=4 * layer, free_bytes=0,
+                     num_layers=config.num_hidden_layers, embedding_bytes=4 * config.vocab_size * config.hidden_size,
+                     tied_head=bool(config.tie_word_embeddings))
+
+
+@pytest.mark.real_model
+def test_each_stage_requests_the_memory_the_planner_reserves_for_its_span():
+    """A stage's memory request is `coordinator plan`'s estimate for its span (weights, --max-cache-mb
+    and the plan's default reserve), rounded up by less than 16 MiB; its limit leaves a quarter more."""
+    host = _float32_probe(ensure_model("smollm2-135m", progress=False))
+    for path in KUBERNETES.glob("stage-*.yaml"):
+        container = next(d for d in _documents(path) if d["kind"] == "StatefulSet")["spec"]["template"]["spec"][
+            "containers"][0]
+        flags = dict(arg.removeprefix("--").split("=", 1) for arg in container["args"] if arg.startswith("--"))
+        start, end = map(int, flags["layers"].split(":"))
+        need = stage_memory(host, start, end, int(flags["max-cache-mb"]) << 20, DEFAULT_RESERVE_MB << 20) / 2**20
+        memory = {k: int(v["memory"].removesuffix("Mi")) for k, v in container["resources"].items()}
+        assert need <= memory["requests"] < need + 16, (path.name, need)
+        assert memory["limits"] >= 1.25 * need, (path.name, need)
+
+
+def test_compose_makes_the_certificates_once_and_keeps_no_ca_key(tmp_path):
+    """The certs service's command, run here with the entrypoint outside a container."""
+    certs = yaml.safe_load(COMPOSE.read_text())["services"]["certs"]
+    script = certs["command"][0].replace("/var/lib/layerline/certs", str(tmp_path / "certs")).replace(
+        "layerline-entrypoint", f"sh {ENTRYPOINT}")
+    env = {**os.environ, "LAYERLINE_PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+
+    def run() -> dict[str, int]:
+        done = subprocess.run([*certs["entrypoint"], script], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "certs").iterdir()}
+
+    made = run()
+    assert {"ca.pem", "stage-a.pem", "stage-c-key.pem", "client.pem"} <= made.keys()
+    assert "ca-key.pem" not in made
+    assert run() == made  # the second run finds the CA and makes nothing
