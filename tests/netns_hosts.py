@@ -25,7 +25,15 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def netns_available() -> str:
-    """'' when namespaces can be made here, else why not."""
+    """'' when namespaces can be made here, else why not (tests skip then). With LAYERLINE_REQUIRE_NETNS=1
+    (CI, which runs as root) a machine without them is an error instead: the multi-host tests must run."""
+    reason = _why_no_netns()
+    if reason and os.environ.get("LAYERLINE_REQUIRE_NETNS") == "1":
+        raise RuntimeError(f"LAYERLINE_REQUIRE_NETNS=1, but {reason}")
+    return reason
+
+
+def _why_no_netns() -> str:
     if os.geteuid() != 0:
         return "network namespaces need root"
     if shutil.which("ip") is None:

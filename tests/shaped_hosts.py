@@ -18,7 +18,7 @@ which are also the relays'. Bandwidth: tc's tbf on every host's egress (the veth
 namespace), so each host sends at most the rate. A blocked hop: an htb class with a zero-length
 queue on the sending host's egress that a u32 filter steers the hop's packets into, so they are
 dropped and a connection attempt hangs as behind a firewall (the kernel here has neither netem nor
-tc's drop action).
+tc's drop action); the host's other traffic goes through htb's default class at the same rate.
 
 Does not own: making namespaces (netns_hosts) or what runs over the deployment.
 """
@@ -72,6 +72,7 @@ class ShapedDeployment:
         self.processes: list[ServerProcess] = []
         self._stack = contextlib.ExitStack()
         self._relays: dict[float, list[str]] = {}
+        self._rate: str | None = None  # what `shape` set, kept by `block`
 
     @property
     def stage_hosts(self) -> list[Host]:
@@ -144,7 +145,8 @@ class ShapedDeployment:
         return self._relays[one_way_ms]
 
     def shape(self, rate: str | None) -> None:
-        """Every host sends at most `rate` (tc's units, e.g. "1gbit", "20mbit"); None: unshaped."""
+        """Every host sends at most `rate` (tc's units, e.g. "1gbit", "20mbit"); None: unshaped. Undoes `block`."""
+        self._rate = rate
         for host in self.hosts:
             _tc(host, "qdisc", "del", "dev", self._device(host), "root", check=False)
             if rate is None:
@@ -155,13 +157,16 @@ class ShapedDeployment:
                 "latency", "100ms")
 
     def block(self, sender: Host, address: str) -> None:
-        """Drop every packet `sender` sends to `address` ("IP:PORT"): connections to it hang."""
+        """Drop every packet `sender` sends to `address` ("IP:PORT"): connections to it hang. The rest
+        of its traffic keeps the rate `shape` set (htb's default class, in place of tbf)."""
         ip, port = address.rsplit(":", 1)
         device = self._device(sender)
-        _tc(sender, "qdisc", "replace", "dev", device, "root", "handle", "1:", "htb", "default", "10")
-        _tc(sender, "class", "replace", "dev", device, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit")
-        _tc(sender, "class", "replace", "dev", device, "parent", "1:", "classid", "1:20", "htb", "rate", "8bit")
-        _tc(sender, "qdisc", "replace", "dev", device, "parent", "1:20", "handle", "20:", "pfifo", "limit", "0")
+        _tc(sender, "qdisc", "del", "dev", device, "root", check=False)
+        _tc(sender, "qdisc", "add", "dev", device, "root", "handle", "1:", "htb", "default", "10")
+        _tc(sender, "class", "add", "dev", device, "parent", "1:", "classid", "1:10", "htb", "rate",
+            self._rate or "10gbit")
+        _tc(sender, "class", "add", "dev", device, "parent", "1:", "classid", "1:20", "htb", "rate", "8bit")
+        _tc(sender, "qdisc", "add", "dev", device, "parent", "1:20", "handle", "20:", "pfifo", "limit", "0")
         _tc(sender, "filter", "add", "dev", device, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
             "dst", f"{ip}/32", "match", "ip", "dport", port, "0xffff", "flowid", "1:20")
 
