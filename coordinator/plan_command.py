@@ -135,7 +135,8 @@ def render_text(plan: dict, args) -> str:
         lines.append(f"# certificates: coordinator certs --out {shlex.quote(args.certs)} --hosts {hosts}")
     for stage in plan["stages"]:
         lines += [f"# on {stage['host']}:", shlex.join(stage["command"])]
-    lines += ["# the coordinator:", shlex.join(plan["coordinator"])]
+    lines += ["# the coordinator (its API on its own machine only: add --host ADDRESS, --api-tls-cert and "
+              "--api-tls-key for clients elsewhere, docs/deploy.md):", shlex.join(plan["coordinator"])]
     return "\n".join(lines)
 
 
