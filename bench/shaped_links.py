@@ -14,7 +14,10 @@ rounds' ratios reported. Then the issue's three checks where the run covers them
 tokens/s against RTT (matplotlib, from the `bench` extra).
 
     sudo .venv/bin/python bench/shaped_links.py [--hosts 2,3] [--rtt-ms 0,2,10] [--rates 1gbit,20mbit]
-        [--codecs none,fp16,int8] [--rounds 3] [--out bench/results/shaped_links.json]
+        [--codecs none,fp16,int8] [--rounds 3] [--coordinator-flags "--micro-batches 3"]
+        [--out bench/results/shaped_links.json]
+
+Figures of record take no --coordinator-flags: they measure the defaults.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import statistics
 import sys
 import tempfile
@@ -129,8 +133,9 @@ def checks(results: list[dict], rates: list[str]) -> list[dict]:
     return found
 
 
-def plot(results: list[dict], rate: str, clients: int, path: Path) -> bool:
-    """Tokens/s against RTT at `rate`, a line per hosts and codec, the unsplit model dashed."""
+def plot(results: list[dict], rates: list[str], clients: int, path: Path) -> bool:
+    """Tokens/s against RTT, a row of two panels per rate, a line per hosts and codec, the unsplit
+    model dashed."""
     try:
         import matplotlib
 
@@ -139,20 +144,21 @@ def plot(results: list[dict], rate: str, clients: int, path: Path) -> bool:
     except ImportError:
         log("no matplotlib (pip install -e '.[bench]'): no plot")
         return False
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, figure_name, title in ((axes[0], "decode_tokens_per_s", "one request, decode"),
-                                     (axes[1], "clients_tokens_per_s", f"{clients} clients, aggregate")):
+    figure, axes = plt.subplots(len(rates), 2, figsize=(11, 4.2 * len(rates)), squeeze=False)
+    for row, rate in zip(axes, rates, strict=True):
         chosen = [r for r in results if r["rate"] == rate]
-        for hosts, codec in sorted({(r["hosts"], r["codec"]) for r in chosen}):
-            line = sorted((r["rtt_ms"], r[figure_name]["pipeline"]) for r in chosen
-                          if r["hosts"] == hosts and r["codec"] == codec)
-            axis.plot([x for x, _ in line], [y for _, y in line], marker="o", label=f"{hosts} hosts, {codec}")
-        if chosen:
-            axis.axhline(statistics.median(r[figure_name]["unsplit"] for r in chosen), color="black",
-                         linestyle="--", label="unsplit")
-        axis.set(title=f"{title} ({rate})", xlabel="round-trip time per hop (ms)", ylabel="tokens/s")
-        axis.set_ylim(bottom=0)
-        axis.legend(fontsize=8)
+        for axis, figure_name, title in ((row[0], "decode_tokens_per_s", "one request, decode"),
+                                         (row[1], "clients_tokens_per_s", f"{clients} clients, aggregate")):
+            for hosts, codec in sorted({(r["hosts"], r["codec"]) for r in chosen}):
+                line = sorted((r["rtt_ms"], r[figure_name]["pipeline"]) for r in chosen
+                              if r["hosts"] == hosts and r["codec"] == codec)
+                axis.plot([x for x, _ in line], [y for _, y in line], marker="o", label=f"{hosts} hosts, {codec}")
+            if chosen:
+                axis.axhline(statistics.median(r[figure_name]["unsplit"] for r in chosen), color="black",
+                             linestyle="--", label="unsplit")
+            axis.set(title=f"{title} ({rate})", xlabel="round-trip time per hop (ms)", ylabel="tokens/s")
+            axis.set_ylim(bottom=0)
+            axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -167,6 +173,8 @@ def main() -> int:
     parser.add_argument("--rates", type=_csv(str), default=["1gbit", "20mbit"], help="tc rates, fastest first")
     parser.add_argument("--codecs", type=_csv(str), default=["none", "fp16", "int8"])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--coordinator-flags", type=shlex.split, default=[],
+                        help="more `coordinator serve` flags (quoted), to compare with the defaults")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -198,7 +206,8 @@ def main() -> int:
             for rtt in args.rtt_ms:
                 stages = deployment.direct() if rtt == 0 else deployment.through_relays(rtt / 2)
                 for codec in args.codecs:
-                    with deployment.coordinator(stages, "--compression", codec) as (address, _):
+                    with deployment.coordinator(stages, "--compression", codec, *args.coordinator_flags) as (
+                            address, _):
                         for rate in args.rates:
                             deployment.shape(rate)
                             figures = measure(address, tls, unsplit, args, prompts)
@@ -208,8 +217,8 @@ def main() -> int:
                                 f"{name} {v['pipeline']} ({v['vs_unsplit']}x unsplit)" for name, v in figures.items()))
             deployment.shape(None)
     found = checks(results, args.rates)
-    plotted = plot(results, args.rates[0], args.clients, args.plot)
-    report = {"model": args.model, "rounds": args.rounds, "new_tokens": args.new_tokens, "clients": args.clients,
+    plotted = plot(results, args.rates, args.clients, args.plot)
+    report = {"model": args.model, "coordinator_flags": args.coordinator_flags, "rounds": args.rounds, "new_tokens": args.new_tokens, "clients": args.clients,
               "prompt_tokens": args.prompt_tokens, "seconds": round(time.monotonic() - started),
               "plot": str(args.plot) if plotted else None, "results": results, "checks": found}
     args.out.parent.mkdir(parents=True, exist_ok=True)
