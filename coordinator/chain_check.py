@@ -2,8 +2,9 @@
 
 Owns: `check_chain`, one throwaway session of one token whose step asks the last stage to chain one
 more step to the first stage, and its verdict: WORKS when that chained step's answer comes back,
-BLOCKED when the last stage could not open the link or the chained step did not come back in time,
-UNKNOWN when the unchained step itself failed or took too long (a busy or restarting stage says
+BLOCKED when a stage refused the chained route, the last stage could not open the link or the
+chained step did not come back in time, UNKNOWN when the unchained step itself failed for a passing
+reason or took too long (a busy or restarting stage says
 nothing about the hop). Why: the chaining hop (last stage → first stage) is the one connection of a
 route the coordinator never makes itself, and a firewall that drops it makes a chained step wait
 for the connection attempt to time out (about 20 s) before it fails. Routes check before they
@@ -19,9 +20,11 @@ import logging
 import secrets
 import time
 
+import grpc
 import numpy as np
 
 from coordinator.pipeline_client import PipelineClient, logits_of
+from coordinator.stage_errors import StageCallError
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,11 @@ log = logging.getLogger(__name__)
 # more than twice the unchained step's time before the hop is judged blocked.
 CHAINED_SLACK_S = 3.0
 FIRST_STEP_TIMEOUT_S = 60.0  # an unchained step slower than this says the route is busy, not blocked
+# An unchained step failing with these says nothing about the hop; any other refusal (a stage that may
+# not send to the first stage: PERMISSION_DENIED) means the route cannot chain.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.NOT_FOUND})
 
 
 class Verdict(enum.Enum):
@@ -49,7 +57,8 @@ def check_chain(route: PipelineClient, first_step_timeout_s: float = FIRST_STEP_
             logits_of(answer)
         except Exception as err:
             log.debug("chain check on %s: the unchained step failed: %s", route.addresses, err)
-            return Verdict.UNKNOWN
+            refused = isinstance(err, StageCallError) and err.code not in TRANSIENT
+            return Verdict.BLOCKED if refused else Verdict.UNKNOWN
         if not answer.chained:
             return Verdict.BLOCKED  # the last stage could not even open the link
         try:

@@ -11,7 +11,6 @@ answer from a blocked hop.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 
 import grpc
@@ -44,7 +43,7 @@ def chained_routes(addresses, servers):
         pool.close()
 
 
-def test_a_route_whose_last_stage_cannot_reach_its_first_stays_unchained(tiny_model, stages):
+def test_a_route_whose_last_stage_cannot_reach_its_first_stays_unchained(tiny_model, stages, caplog):
     model_dir = tiny_model("llama")
     expected = reference_greedy(model_dir, [PROMPT], NEW_TOKENS)[0]
     with stages(model_dir, 2, local_hops=False) as (addresses, servers), \
@@ -53,7 +52,8 @@ def test_a_route_whose_last_stage_cannot_reach_its_first_stays_unchained(tiny_mo
         servers[1].service.deployment.set([addresses[1]], Peer(THIS_MACHINE, frozenset(), True, False))
         route = routes.new_route(lambda address: 0)
         assert not route.can_chain
-        eventually(lambda: any(t.name == "chain-check" for t in threading.enumerate()), False, 10.0)
+        assert eventually(lambda: any("did not reach its first" in r.getMessage() for r in caplog.records), True,
+                          10.0)  # the check found the hop closed
         sent = []
         submit = route.submit
         route.submit = lambda *args, **kwargs: sent.append(kwargs.get("chain_steps", 0)) or submit(*args, **kwargs)
@@ -123,8 +123,14 @@ def _answer(chained: bool) -> stage_pb2.ForwardResponse:
     return stage_pb2.ForwardResponse(chained=chained)
 
 
+def _failed(code: grpc.StatusCode) -> stage_pb2.ForwardResponse:
+    return stage_pb2.ForwardResponse(status_code=code.value[0], error_message="refused", failed_stage="last:2")
+
+
 @pytest.mark.parametrize(("future", "verdict"), [
     (_Future(None), Verdict.UNKNOWN),  # the unchained step is slow: the route is busy, the hop unknown
+    (_Future(_failed(grpc.StatusCode.UNAVAILABLE)), Verdict.UNKNOWN),  # a stage restarting
+    (_Future(_failed(grpc.StatusCode.PERMISSION_DENIED)), Verdict.BLOCKED),  # may not send to the first stage
     (_Future(_answer(False)), Verdict.BLOCKED),  # the last stage could not open the link
     (_Future(_answer(True), _Future(None)), Verdict.BLOCKED),  # the chained step never came back
     (_Future(_answer(True), _Future(_answer(False))), Verdict.WORKS),
