@@ -218,8 +218,9 @@ def main() -> int:
             deployment.shape(None)
     found = checks(results, args.rates)
     plotted = plot(results, args.rates, args.clients, args.plot)
-    report = {"model": args.model, "coordinator_flags": args.coordinator_flags, "rounds": args.rounds, "new_tokens": args.new_tokens, "clients": args.clients,
-              "prompt_tokens": args.prompt_tokens, "seconds": round(time.monotonic() - started),
+    report = {"model": args.model, "coordinator_flags": args.coordinator_flags, "rounds": args.rounds,
+              "new_tokens": args.new_tokens, "clients": args.clients, "prompt_tokens": args.prompt_tokens,
+              "seconds": round(time.monotonic() - started),
               "plot": str(args.plot) if plotted else None, "results": results, "checks": found}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
