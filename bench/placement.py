@@ -33,6 +33,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Stages start with a preexec_fn (into their cgroup) while this process's gRPC threads run: without
+# this, grpcio's fork handlers can abort a forked child before it runs (tests/conftest.py says more).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from chat_prompts import CHAT_QUESTIONS  # noqa: E402
 from cpu_throttle import CpuThrottle  # noqa: E402

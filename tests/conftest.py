@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
+
+# Some tests start servers with a preexec_fn, which forks this process while its gRPC threads run.
+# grpcio's fork handlers then restart its poller in the child, which aborts there (epoll_wait: bad
+# file descriptor, once the child closes its descriptors) before it runs the server, a few forks
+# in a hundred (tests/test_fork_safety.py). Nothing here needs gRPC in a forked child; set before
+# grpc loads, and inherited by every process the tests start.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 from pathlib import Path
 
 import pytest
