@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from coordinator.certs import make_certificates
 from protos.grpc_transport import (
     OLDER_TCP_PATH,
     TRANSPORT_MEASURED_ON,
@@ -90,3 +92,78 @@ def test_hop_latency_bench_compares_both_paths(tmp_path):
         for variant in ("gRPC default", "layerline"):
             assert len(figures["samples_us"][variant]) == 2 and all(us > 0 for us in figures["samples_us"][variant])
         assert figures["ratio"] == pytest.approx(figures["layerline_us"] / figures["grpc_default_us"])
+
+
+# A TLS client in a process set up as layerline's are (the TCP path chosen before grpc loads): it
+# calls a server that is not there yet, then is started, then killed and started again, calling
+# all along as the coordinator's probes do; it prints how long the same channel took to get through
+# each time. The server runs in its own process, set up the same way.
+_TLS_SERVER = """
+import sys, time
+import protos.grpc_transport
+import grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2_grpc
+certs, port = sys.argv[1], sys.argv[2]
+credentials = grpc.ssl_server_credentials(
+    [(open(f"{certs}/127.0.0.1-key.pem", "rb").read(), open(f"{certs}/127.0.0.1.pem", "rb").read())],
+    root_certificates=open(f"{certs}/ca.pem", "rb").read(), require_client_auth=True)
+server = grpc.server(futures.ThreadPoolExecutor(2))
+health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+server.add_secure_port(f"127.0.0.1:{port}", credentials)
+server.start()
+print("up", flush=True)
+time.sleep(60)
+"""
+_TLS_CLIENT = """
+import subprocess, sys, time
+import protos.grpc_transport
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from protos.tls import TlsFiles, open_channel
+certs, port, server = sys.argv[1], sys.argv[2], sys.argv[3]
+tls = TlsFiles.read(cert=f"{certs}/client.pem", key=f"{certs}/client-key.pem", ca=f"{certs}/ca.pem")
+stub = health_pb2_grpc.HealthStub(open_channel(f"127.0.0.1:{port}", tls))
+
+def calls(seconds):
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            return time.monotonic() - started
+        except grpc.RpcError:
+            time.sleep(0.5)
+    return None
+
+def start():
+    process = subprocess.Popen([sys.executable, "-c", server, certs, port], stdout=subprocess.PIPE)
+    process.stdout.readline()
+    return process
+
+calls(2)  # nobody listens: the channel fails to connect, again and again
+process = start()
+first = calls(10)
+process.kill(); process.wait()
+calls(2)  # gone: failing calls
+process = start()
+again = calls(10)
+process.kill()
+print(first, again)
+"""
+
+
+def test_a_tls_channel_reaches_a_server_that_comes_up_after_it_failed(tmp_path):
+    """In grpcio 1.85, gRPC's older TCP path for clients (the event_engine_client experiment off)
+    never gets a TLS channel through once its connection attempts have failed: a coordinator
+    started before its stages, or probing a stage that restarts, would wait for good."""
+    make_certificates(tmp_path, ["127.0.0.1"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
+    result = subprocess.run([sys.executable, "-c", _TLS_CLIENT, str(tmp_path), str(port), _TLS_SERVER], cwd=ROOT,
+                            env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, again = result.stdout.split()
+    assert first != "None" and float(first) < 5, result.stdout  # came up after failed attempts
+    assert again != "None" and float(again) < 5, result.stdout  # restarted while called
