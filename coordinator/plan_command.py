@@ -123,7 +123,7 @@ def render_text(plan: dict, args) -> str:
              f"balanced for {plan['speed']}"]
     for stage in plan["stages"]:
         lines.append(f"#   {stage['host']}: layers {stage['layers']}, {stage['seconds_per_token'] * 1e3:.2f} ms/token, "
-                     f"{stage['memory_bytes'] / 2**30:.2f} of {stage['free_bytes'] / 2**30:.2f} GiB free")
+                     f"needs {stage['memory_bytes'] / 2**30:.2f} GiB of {stage['free_bytes'] / 2**30:.2f} GiB free")
     for unused in plan["unused_hosts"]:
         lines.append(f"#   {unused['host']}: no layers ({unused['reason']})")
     summary = f"# slowest stage {plan['slowest_stage_s'] * 1e3:.2f} ms/token"
