@@ -13,10 +13,9 @@ import time
 import pytest
 from netns_hosts import netns_available
 from shaped_hosts import shaped_deployment
-from tiny_models import greedy_alone
+from tiny_models import chat_reference
 
 from coordinator.client import CoordinatorClient
-from coordinator.text import Tokenization
 from protos.model_files.fetch import ensure_model
 
 pytestmark = [pytest.mark.skipif(bool(netns_available()), reason=netns_available() or "available"),
@@ -35,10 +34,7 @@ ROUTE_LOST = " lost ("  # a failover: a step failed on the route and its sequenc
 def unsplit():
     """The model's directory, the chat prompts and the unsplit model's greedy tokens for them."""
     model_dir = ensure_model("smollm2-135m", progress=False)
-    tokenization = Tokenization.from_model_dir(model_dir)
-    prompts = [tokenization.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
-    expected = greedy_alone(model_dir, prompts, NEW_TOKENS, eos_token_ids=tokenization.eos_token_ids,
-                            pad_token_id=tokenization.pad_token_id)
+    _, prompts, expected = chat_reference(model_dir, CHATS, NEW_TOKENS)
     return model_dir, prompts, expected
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import greedy_alone
+from tiny_models import chat_reference
 from transformers import AutoModelForCausalLM
 
 from coordinator.engine import Engine, SequenceRequest
 from coordinator.pipeline_client import PipelineClient
-from coordinator.text import Tokenization
 from protos.model_files.fetch import ensure_model
 
 pytestmark = pytest.mark.real_model
@@ -32,11 +31,7 @@ NEW_TOKENS = 32
 @pytest.fixture(scope="module")
 def smollm2():
     model_dir = ensure_model("smollm2-135m", progress=False)
-    tokenization = Tokenization.from_model_dir(model_dir)
-    prompts = [tokenization.encode_chat([{"role": "user", "content": c}]) for c in CHATS]
-    expected = greedy_alone(model_dir, prompts, NEW_TOKENS, eos_token_ids=tokenization.eos_token_ids,
-                            pad_token_id=tokenization.pad_token_id)
-    return model_dir, tokenization, prompts, expected
+    return model_dir, *chat_reference(model_dir, CHATS, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("num_stages", [2, 3])

@@ -89,6 +89,18 @@ def greedy_alone(model_dir: Path, prompts: list[list[int]], max_new_tokens: int,
     return expected
 
 
+def chat_reference(model_dir: Path, chats: list[str], max_new_tokens: int):
+    """The model's Tokenization, each chat message as a one-turn chat prompt, and the unsplit model's
+    greedy tokens for each (greedy_alone, ending at the model's EOS tokens)."""
+    from coordinator.text import Tokenization
+
+    tokenization = Tokenization.from_model_dir(model_dir)
+    prompts = [tokenization.encode_chat([{"role": "user", "content": chat}]) for chat in chats]
+    expected = greedy_alone(model_dir, prompts, max_new_tokens, eos_token_ids=tokenization.eos_token_ids,
+                            pad_token_id=tokenization.pad_token_id)
+    return tokenization, prompts, expected
+
+
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]  # ids 0, 1, 2: match the tiny configs
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
