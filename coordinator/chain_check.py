@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from coordinator.pipeline_client import PipelineClient, logits_of
-from coordinator.stage_errors import StageCallError
+from coordinator.stage_errors import SERVER_FAILURES, SESSION_LOST, StageCallError
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,7 @@ CHAINED_SLACK_S = 3.0
 FIRST_STEP_TIMEOUT_S = 60.0  # an unchained step slower than this says the route is busy, not blocked
 # An unchained step failing with these says nothing about the hop; any other refusal (a stage that may
 # not send to the first stage: PERMISSION_DENIED) means the route cannot chain.
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
-                       grpc.StatusCode.NOT_FOUND})
+TRANSIENT = SERVER_FAILURES | {SESSION_LOST, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class Verdict(enum.Enum):

@@ -22,22 +22,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-import grpc
-
 from coordinator.chain_check import Verdict, check_chain
 from coordinator.pipeline_client import PipelineClient
-from coordinator.stage_errors import StageCallError
+from coordinator.stage_errors import SERVER_FAILURES, SESSION_LOST, StageCallError
 from coordinator.stage_pool import DOWN, SERVING, StagePool
 from protos import stage_pb2, stage_pb2_grpc
 from protos.protocol import DRAINING_REFUSAL
 
 log = logging.getLogger(__name__)
 
-# A call failing with these lost its server (gone, reset, frozen past a deadline): replay elsewhere.
-SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
-                             grpc.StatusCode.UNKNOWN})
-# The session is gone from a server that still serves (it restarted, or expired the session): replay.
-SESSION_LOST = grpc.StatusCode.NOT_FOUND
 FREE_TIMEOUT_S, FREE_DOWN_TIMEOUT_S = 5.0, 30.0  # EndSession on a live server; on one marked down (may resume)
 LOST_KEPT = 4096  # sessions of routes lost through a down server, freed again when it serves again
 # A route whose chain check did not pass checks again after this, doubling up to the most: a firewall

@@ -2,7 +2,8 @@
 
 Owns: `StageCallError` (a micro-batch failed somewhere in the chain of stages, or the stream that
 carried it ended: the gRPC status, and the stage that failed where known) and
-`status_code_from_value` (a status code as the stages send it in-band). Raised by the streams to
+`status_code_from_value` (a status code as the stages send it in-band), and what a failed call's
+status says of its server (`SERVER_FAILURES`, `SESSION_LOST`). Raised by the streams to
 the stages (stage_streams) and by reading an answer (pipeline_client.logits_of); the gRPC service
 (service) turns it into the caller's status.
 
@@ -13,6 +14,12 @@ Does not own: errors in the coordinator's own requests (validation) or the stage
 from __future__ import annotations
 
 import grpc
+
+# A call failing with these lost its server (gone, reset, frozen past a deadline): replay elsewhere.
+SERVER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED,
+                             grpc.StatusCode.UNKNOWN})
+# The session is gone from a server that still serves (it restarted, or expired the session): replay.
+SESSION_LOST = grpc.StatusCode.NOT_FOUND
 
 
 class StageCallError(Exception):
